@@ -1,0 +1,9 @@
+"""cp_attention: exact, LSE-returning attention kernels for context-parallel inference of diffusion
+transformers. Ops live under ``torch.ops.cp_attention``; see ``cp_attention.ops`` for the list."""
+
+from . import ops
+from ._C import build_info
+from .attention import available_backends, flash_attn, merge_attn_states, merge_attn_states_
+
+__all__ = ["available_backends", "build_info", "flash_attn", "merge_attn_states", "merge_attn_states_", "ops"]
+__version__ = "0.1.0"

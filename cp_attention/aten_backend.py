@@ -1,0 +1,107 @@
+"""torch's own LSE-returning attention kernels behind our contract (DESIGN section 1).
+
+They serve as the baseline in benchmarks and as the GPU path until our GPU kernels are built. Each one's
+LSE quirk is normalized here: rows that see no key get out 0 and lse -inf (torch's CPU flash gives lse 0,
+flash-attn 2 +inf), the memory-efficient kernel's LSE padding to a multiple of 32 is cut off, and cuDNN's
+trailing LSE dimension of 1 is dropped. Causal masking is bottom-right aligned, so causal with Sq != Sk
+goes through an explicit mask (torch's own `is_causal` is top-left aligned).
+"""
+
+from __future__ import annotations
+
+import torch
+
+ATEN_KERNELS = ("aten_cpu_flash", "aten_flash", "aten_cudnn", "aten_efficient")
+
+
+def visibility_mask(B: int, Sq: int, Sk: int, causal: bool, kv_mask: torch.Tensor | None,
+                    device: torch.device) -> torch.Tensor | None:
+    """Bool [B, 1, Sq, Sk] (True = attend) for causal (bottom-right) and/or kv_mask; None if all visible."""
+    mask = None
+    if causal:
+        i = torch.arange(Sq, device=device)[:, None]
+        j = torch.arange(Sk, device=device)[None, :]
+        mask = (j <= i + (Sk - Sq))[None, None]
+    if kv_mask is not None:
+        km = kv_mask[:, None, None, :]
+        mask = km if mask is None else mask & km
+    return mask if mask is None else mask.expand(B, 1, Sq, Sk)
+
+
+def _expand_kv_heads(t: torch.Tensor, H: int) -> torch.Tensor:
+    """[B, S, Hkv, D] -> [B, S, H, D] with query head h reading kv head h // (H // Hkv)."""
+    B, S, Hkv, D = t.shape
+    if Hkv == H:
+        return t
+    return t[:, :, :, None, :].expand(B, S, Hkv, H // Hkv, D).reshape(B, S, H, D)
+
+
+def _float_bias(mask: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    return torch.zeros(mask.shape, dtype=dtype, device=mask.device).masked_fill_(~mask, float("-inf"))
+
+
+def pick_kernel(q: torch.Tensor, causal: bool, has_mask: bool) -> str:
+    """The torch kernel that runs these inputs fastest among those that support them."""
+    if q.device.type == "cpu":
+        return "aten_cpu_flash"
+    if q.device.type == "cuda":
+        needs_mask = has_mask or (causal and q.shape[1] != 0)
+        if q.dtype in (torch.float16, torch.bfloat16) and not needs_mask and q.shape[-1] % 8 == 0:
+            return "aten_flash"
+        return "aten_efficient"
+    raise ValueError(f"cp_attention.flash_attn: backend 'aten' has no kernel for device {q.device}")
+
+
+def aten_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float, causal: bool,
+                   kv_mask: torch.Tensor | None, kernel: str = "aten") -> tuple[torch.Tensor, torch.Tensor]:
+    """Runs one of torch's kernels on BSHD inputs; returns (out [B, Sq, H, D], lse [B, H, Sq] float32)."""
+    B, Sq, H, D = q.shape
+    Sk = k.shape[1]
+    if B * Sq * H == 0 or Sk == 0:
+        out = q.new_zeros((B, Sq, H, D))
+        return out, torch.full((B, H, Sq), float("-inf"), dtype=torch.float32, device=q.device)
+    mask = visibility_mask(B, Sq, Sk, causal, kv_mask, q.device)
+    if kernel == "aten":
+        # Square causal needs no explicit mask: top-left and bottom-right alignment coincide.
+        square_causal = causal and Sq == Sk
+        kernel = pick_kernel(q, causal and not square_causal, kv_mask is not None)
+    k = _expand_kv_heads(k, H)
+    v = _expand_kv_heads(v, H)
+    qt, kt, vt = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)  # BHSD views, no copies
+    is_causal_arg = causal and Sq == Sk and kv_mask is None
+    explicit = None if is_causal_arg else mask
+    if kernel == "aten_cpu_flash":
+        bias = None if explicit is None else _float_bias(explicit, q.dtype)
+        out, lse = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu(
+            qt, kt, vt, 0.0, is_causal_arg, attn_mask=bias, scale=scale)
+    elif kernel == "aten_flash":
+        if explicit is not None:
+            mask_state = "set" if kv_mask is not None else None
+            raise ValueError("cp_attention.flash_attn: backend 'aten_flash' supports no kv_mask and causal "
+                             f"only with Sq == Sk (got Sq={Sq}, Sk={Sk}, kv_mask={mask_state})")
+        res = torch.ops.aten._scaled_dot_product_flash_attention(qt, kt, vt, 0.0, is_causal_arg, False,
+                                                                 scale=scale)
+        out, lse = res[0], res[1]
+    elif kernel == "aten_efficient":
+        bias = None if explicit is None else _float_bias(explicit, q.dtype).expand(B, H, Sq, Sk)
+        res = torch.ops.aten._scaled_dot_product_efficient_attention(qt, kt, vt, bias, True, 0.0,
+                                                                     is_causal_arg, scale=scale)
+        out, lse = res[0], res[1][:, :, :Sq]
+    elif kernel == "aten_cudnn":
+        bias = None if explicit is None else _float_bias(explicit, q.dtype).expand(B, H, Sq, Sk)
+        res = torch.ops.aten._scaled_dot_product_cudnn_attention(qt, kt, vt, bias, True, 0.0, is_causal_arg,
+                                                                 False, scale=scale)
+        out, lse = res[0], res[1]
+        if lse.dim() == 4:
+            lse = lse.squeeze(-1)
+    else:
+        raise ValueError(f"cp_attention.flash_attn: unknown aten kernel {kernel!r}; expected one of "
+                         f"{('aten',) + ATEN_KERNELS}")
+    out = out.transpose(1, 2).contiguous()
+    lse = lse.float()
+    if mask is not None:
+        # torch gives lse 0 (CPU) or +inf (flash-attn 2) for rows that see no key: restore the contract.
+        empty = ~mask[:, 0].any(dim=-1)  # [B, Sq]
+        lse = lse.masked_fill(empty[:, None, :], float("-inf"))
+        out = out.masked_fill(empty[:, :, None, None], 0.0)
+    return out, lse.contiguous()

@@ -1,0 +1,97 @@
+"""Public attention API: one entry point over every implementation (backend) of the forward pass."""
+
+from __future__ import annotations
+
+import math
+
+import torch
+
+from . import ops
+from ._checks import check_attn_inputs
+from .aten_backend import ATEN_KERNELS, aten_attention
+
+# Our own kernels, by the device type they run on.
+_OWN_BACKENDS = {"cpu": "cpu"}
+
+
+def _has_kernel(op: torch._ops.OpOverload, device: torch.device) -> bool:
+    key = {"cpu": "CPU", "cuda": "CUDA"}.get(device.type)
+    return key is not None and torch._C._dispatch_has_kernel_for_dispatch_key(op.name(), key)
+
+
+def available_backends(device: torch.device | str = "cpu") -> list[str]:
+    """Backends that can run on `device`, fastest first ("auto" picks the first)."""
+    device = torch.device(device)
+    names = []
+    own = _OWN_BACKENDS.get(device.type)
+    if own is not None and _has_kernel(ops.ALL_OPS[0], device):
+        names.append(own)
+    names.append("aten")
+    if device.type == "cpu":
+        names.append("aten_cpu_flash")
+    elif device.type == "cuda":
+        names += [n for n in ATEN_KERNELS if n != "aten_cpu_flash"]
+    return names
+
+
+def flash_attn(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, scale: float | None = None,
+               causal: bool = False, kv_mask: torch.Tensor | None = None, return_lse: bool = False,
+               backend: str = "auto"):
+    """Exact attention that can return its log-sum-exp, so partial results over key chunks merge exactly.
+
+    Args:
+        q: [B, Sq, H, D] float32, float16 or bfloat16; any strides with the last dimension contiguous.
+        k, v: [B, Sk, Hkv, D], q's dtype and device; H % Hkv == 0 (GQA: query head h reads kv head
+            h // (H // Hkv)). D from 1 to 256.
+        scale: multiplies q.k; defaults to 1 / sqrt(D).
+        causal: query i sees key j iff j <= i + Sk - Sq (bottom-right aligned).
+        kv_mask: bool [B, Sk], True = attend (a key-padding mask).
+        return_lse: also return the LSE.
+        backend: "auto" (fastest available for the device and inputs), "cpu" (our C++ kernel), "aten"
+            (torch's best LSE-returning kernel, normalized to this contract), or one torch kernel:
+            "aten_cpu_flash", "aten_flash", "aten_cudnn", "aten_efficient".
+
+    Returns:
+        out [B, Sq, H, D] in q's dtype, contiguous; with return_lse also lse [B, H, Sq] float32,
+        lse[b, h, i] = log(sum_j exp(scale * <q[b, i, h], k[b, j, h // (H // Hkv)]>)) over the visible keys
+        (natural log). A row that sees no key gets out 0 and lse -inf.
+    """
+    check_attn_inputs("cp_attention.flash_attn", q, k, v, kv_mask)
+    if backend == "auto":
+        backend = available_backends(q.device)[0]
+    if backend in _OWN_BACKENDS.values():
+        if q.device.type != backend:
+            raise ValueError(f"cp_attention.flash_attn: backend {backend!r} runs on {backend} tensors, "
+                             f"got q on {q.device}")
+        out, lse = ops.flash_attn_fwd(q, k, v, scale, causal, kv_mask)
+    elif backend == "aten" or backend in ATEN_KERNELS:
+        s = 1.0 / math.sqrt(q.shape[-1]) if scale is None else float(scale)
+        out, lse = aten_attention(q, k, v, s, causal, kv_mask, kernel=backend)
+    else:
+        raise ValueError(f"cp_attention.flash_attn: unknown backend {backend!r}; expected 'auto' or one of "
+                         f"{sorted(set(_OWN_BACKENDS.values()) | {'aten', *ATEN_KERNELS})}")
+    return (out, lse) if return_lse else out
+
+
+def merge_attn_states(out_a: torch.Tensor, lse_a: torch.Tensor, out_b: torch.Tensor, lse_b: torch.Tensor
+                      ) -> tuple[torch.Tensor, torch.Tensor]:
+    """Merges partial attention states over disjoint key sets A and B into the state over A and B.
+
+    out_a, out_b: [B, S, H, D] float32/float16/bfloat16, any strides; lse_a, lse_b: [B, H, S] float32, any
+    strides. With m = max(lse_a, lse_b): lse = m + log(exp(lse_a - m) + exp(lse_b - m)) and
+    out = out_a * exp(lse_a - lse) + out_b * exp(lse_b - lse), computed in float32. A side with lse -inf
+    contributes nothing (its out is not read into the sum); both -inf gives out 0, lse -inf.
+
+    Returns (out [B, S, H, D] contiguous, dtype promoted from out_a and out_b; lse [B, H, S] float32).
+    """
+    return ops.merge_attn_states(out_a, lse_a, out_b, lse_b)
+
+
+def merge_attn_states_(out: torch.Tensor, lse: torch.Tensor, out_b: torch.Tensor,
+                       lse_b: torch.Tensor) -> None:
+    """In-place merge_attn_states: (out, lse) <- merge((out, lse), (out_b, lse_b)).
+
+    out [B, S, H, D] (a float32 accumulator is recommended for half-precision chunks), lse [B, H, S]
+    float32; out_b/lse_b as in merge_attn_states. Any strides.
+    """
+    ops.merge_attn_states_(out, lse, out_b, lse_b)

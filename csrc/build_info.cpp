@@ -1,0 +1,29 @@
+// The Python module behind cp_attention._C. Ops register through TORCH_LIBRARY in ops.cpp and the kernel
+// files; pybind11 serves only non-op helpers such as the build facts below.
+#include <torch/extension.h>
+
+#include "cp_attention_build_config.h"
+
+namespace {
+
+pybind11::dict build_info() {
+  pybind11::dict info;
+  info["cuda"] = static_cast<bool>(CP_ATTENTION_WITH_CUDA);
+  info["cuda_archs"] = std::string(CP_ATTENTION_CUDA_ARCHS);
+  info["cuda_sources"] = std::string(CP_ATTENTION_CUDA_SOURCES);
+  info["cpu_isa"] = std::string(CP_ATTENTION_CPU_ISA);
+  info["torch_version"] = std::string(CP_ATTENTION_TORCH_VERSION);
+#if CP_ATTENTION_WITH_CUDA
+  info["cuda_version"] = std::to_string(CUDA_VERSION);
+#else
+  info["cuda_version"] = pybind11::none();
+#endif
+  return info;
+}
+
+}  // namespace
+
+PYBIND11_MODULE(_C, m) {
+  m.doc() = "cp_attention compiled kernels (ops live under torch.ops.cp_attention)";
+  m.def("build_info", &build_info, "What this build contains: CUDA on/off, CUDA archs, CPU vector ISA.");
+}

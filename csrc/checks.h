@@ -1,0 +1,96 @@
+// Input validation shared by every kernel file (CPU and CUDA), so all backends reject bad input with the
+// same messages: each names the argument and what was expected.
+#pragma once
+
+#include <ATen/core/Tensor.h>
+#include <c10/util/Exception.h>
+
+#include <optional>
+
+namespace cp_attention {
+
+constexpr int64_t kMaxHeadDim = 256;
+
+struct AttnDims {
+  int64_t B, Sq, Sk, H, Hkv, D;
+};
+
+inline bool is_attn_dtype(at::ScalarType t) {
+  return t == at::kFloat || t == at::kHalf || t == at::kBFloat16;
+}
+
+// q [B, Sq, H, D], k/v [B, Sk, Hkv, D], kv_mask bool [B, Sk]; see DESIGN section 1.
+inline AttnDims check_attn_inputs(const char* op, const at::Tensor& q, const at::Tensor& k,
+                                  const at::Tensor& v, const std::optional<at::Tensor>& kv_mask) {
+  TORCH_CHECK_VALUE(q.dim() == 4, op, ": q must be a 4-D tensor [B, Sq, H, D], got shape ", q.sizes());
+  TORCH_CHECK_VALUE(k.dim() == 4, op, ": k must be a 4-D tensor [B, Sk, Hkv, D], got shape ", k.sizes());
+  TORCH_CHECK_VALUE(v.dim() == 4, op, ": v must be a 4-D tensor [B, Sk, Hkv, D], got shape ", v.sizes());
+  TORCH_CHECK_VALUE(is_attn_dtype(q.scalar_type()), op,
+              ": q must be float32, float16 or bfloat16, got ", q.scalar_type());
+  TORCH_CHECK_VALUE(k.scalar_type() == q.scalar_type() && v.scalar_type() == q.scalar_type(), op,
+              ": q, k and v must share one dtype, got q ", q.scalar_type(), ", k ", k.scalar_type(), ", v ",
+              v.scalar_type());
+  TORCH_CHECK_VALUE(k.device() == q.device() && v.device() == q.device(), op,
+              ": q, k and v must be on one device, got q on ", q.device(), ", k on ", k.device(),
+              ", v on ", v.device());
+  const AttnDims d{q.size(0), q.size(1), k.size(1), q.size(2), k.size(2), q.size(3)};
+  TORCH_CHECK_VALUE(k.size(0) == d.B && v.size(0) == d.B, op, ": k and v must have batch size ", d.B,
+              " (from q), got k ", k.sizes(), ", v ", v.sizes());
+  TORCH_CHECK_VALUE(v.size(1) == d.Sk, op, ": k and v must have the same sequence length, got k ", k.sizes(),
+              ", v ", v.sizes());
+  TORCH_CHECK_VALUE(v.size(2) == d.Hkv, op, ": k and v must have the same number of heads, got k ", k.sizes(),
+              ", v ", v.sizes());
+  TORCH_CHECK_VALUE(k.size(3) == d.D && v.size(3) == d.D, op, ": k and v must have head dim ", d.D,
+              " (from q), got k ", k.sizes(), ", v ", v.sizes());
+  TORCH_CHECK_VALUE(d.D >= 1 && d.D <= kMaxHeadDim, op, ": head dim D must be in [1, ", kMaxHeadDim, "], got ",
+              d.D);
+  TORCH_CHECK_VALUE(d.Hkv >= 1 && d.H % d.Hkv == 0, op,
+              ": the number of query heads must be a multiple of the number of k/v heads (GQA), got H=",
+              d.H, ", Hkv=", d.Hkv);
+  TORCH_CHECK_VALUE(q.stride(3) == 1 || d.D == 1, op,
+              ": q's last dimension must be contiguous (stride 1), got strides ", q.strides());
+  TORCH_CHECK_VALUE(k.stride(3) == 1 || d.D == 1, op,
+              ": k's last dimension must be contiguous (stride 1), got strides ", k.strides());
+  TORCH_CHECK_VALUE(v.stride(3) == 1 || d.D == 1, op,
+              ": v's last dimension must be contiguous (stride 1), got strides ", v.strides());
+  if (kv_mask.has_value()) {
+    const at::Tensor& m = *kv_mask;
+    TORCH_CHECK_VALUE(m.scalar_type() == at::kBool, op, ": kv_mask must be a bool tensor (True = attend), got ",
+                m.scalar_type());
+    TORCH_CHECK_VALUE(m.dim() == 2 && m.size(0) == d.B && m.size(1) == d.Sk, op,
+                ": kv_mask must have shape [B, Sk] = [", d.B, ", ", d.Sk, "], got ", m.sizes());
+    TORCH_CHECK_VALUE(m.device() == q.device(), op, ": kv_mask must be on ", q.device(), " like q, got ",
+                m.device());
+  }
+  return d;
+}
+
+// out [B, S, H, D] (float dtype), lse [B, H, S] float32, for both sides of a merge.
+inline void check_merge_side(const char* op, const char* out_name, const char* lse_name,
+                             const at::Tensor& out, const at::Tensor& lse) {
+  TORCH_CHECK_VALUE(out.dim() == 4, op, ": ", out_name, " must be a 4-D tensor [B, S, H, D], got shape ",
+              out.sizes());
+  TORCH_CHECK_VALUE(is_attn_dtype(out.scalar_type()), op, ": ", out_name,
+              " must be float32, float16 or bfloat16, got ", out.scalar_type());
+  TORCH_CHECK_VALUE(lse.scalar_type() == at::kFloat, op, ": ", lse_name, " must be float32, got ",
+              lse.scalar_type());
+  TORCH_CHECK_VALUE(lse.dim() == 3 && lse.size(0) == out.size(0) && lse.size(1) == out.size(2) &&
+                  lse.size(2) == out.size(1),
+              op, ": ", lse_name, " must have shape [B, H, S] = [", out.size(0), ", ", out.size(2), ", ",
+              out.size(1), "] to match ", out_name, " ", out.sizes(), ", got ", lse.sizes());
+  TORCH_CHECK_VALUE(lse.device() == out.device(), op, ": ", lse_name, " must be on ", out.device(), " like ",
+              out_name, ", got ", lse.device());
+}
+
+inline void check_merge_inputs(const char* op, const char* a_name, const at::Tensor& out_a,
+                               const at::Tensor& lse_a, const at::Tensor& out_b, const at::Tensor& lse_b) {
+  const std::string a_lse = std::string("lse") + (a_name[3] ? a_name + 3 : "");
+  check_merge_side(op, a_name, a_lse.c_str(), out_a, lse_a);
+  check_merge_side(op, "out_b", "lse_b", out_b, lse_b);
+  TORCH_CHECK_VALUE(out_b.sizes() == out_a.sizes(), op, ": out_b must have the shape of ", a_name, " ",
+              out_a.sizes(), ", got ", out_b.sizes());
+  TORCH_CHECK_VALUE(out_b.device() == out_a.device(), op, ": out_b must be on ", out_a.device(), " like ", a_name,
+              ", got ", out_b.device());
+}
+
+}  // namespace cp_attention

@@ -1,0 +1,15 @@
+// Every op schema of the cp_attention library. Kernel files register their own CPU/CUDA implementations.
+// Layouts and the LSE convention: out [B, S, H, D] (BSHD), lse [B, H, S] float32, natural log of the sum of
+// exp(scale * q.k) over the visible keys; a row that sees no key has out 0 and lse -inf.
+#include <torch/library.h>
+
+TORCH_LIBRARY(cp_attention, m) {
+  // Flash-attention forward over one K/V set: returns (out [B,Sq,H,D] in q's dtype, lse [B,H,Sq] float32).
+  m.def(
+      "flash_attn_fwd(Tensor q, Tensor k, Tensor v, float? scale=None, bool causal=False, "
+      "Tensor? kv_mask=None) -> (Tensor out, Tensor lse)");
+  // Merges two partial attention states over disjoint key sets into a new (out, lse); float32 math.
+  m.def("merge_attn_states(Tensor out_a, Tensor lse_a, Tensor out_b, Tensor lse_b) -> (Tensor out, Tensor lse)");
+  // Merges (out_b, lse_b) into the running state (out, lse) in place: the ring-step accumulate.
+  m.def("merge_attn_states_(Tensor(a!) out, Tensor(b!) lse, Tensor out_b, Tensor lse_b) -> ()");
+}

@@ -1,0 +1,130 @@
+"""Builds the single extension ``cp_attention._C``.
+
+C++ (CPU) sources are always compiled. CUDA sources are compiled whenever a CUDA toolkit (nvcc) is found,
+whether or not a GPU is present, so a GPU-less machine still compiles and links the CUDA code.
+
+Environment knobs:
+  CP_ATTENTION_SKIP_CUDA=1        build the CPU kernels only
+  CP_ATTENTION_CUDA_ARCHS="8.0;9.0a"  CUDA architectures to compile for (TORCH_CUDA_ARCH_LIST syntax)
+  CP_ATTENTION_CPU_ISA=avx2       vector ISA of the CPU kernels: avx2 (x86-64 default), avx512 or generic
+  CUDA_HOME                       the CUDA toolkit; found through nvcc when unset
+  MAX_JOBS                        parallel compile jobs (read by torch's build helper)
+"""
+
+import glob
+import os
+import platform
+import re
+import shutil
+import subprocess
+import sys
+import tempfile
+
+from setuptools import setup
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+
+
+def _truthy(name):
+    return os.environ.get(name, "").strip().lower() in ("1", "true", "yes", "on")
+
+
+def find_cuda_home():
+    """The toolkit that the nvcc on the PATH really runs (it may be a wrapper script elsewhere)."""
+    if os.environ.get("CUDA_HOME"):
+        return os.environ["CUDA_HOME"]
+    nvcc = shutil.which("nvcc")
+    if nvcc is None:
+        return None
+    # nvcc's dry run prints the toolkit root it resolved (TOP=...), which a wrapper script cannot hide.
+    with tempfile.TemporaryDirectory() as tmp:
+        src = os.path.join(tmp, "probe.cu")
+        with open(src, "w") as f:
+            f.write("__global__ void probe() {}\n")
+        try:
+            text = subprocess.run([nvcc, "--dryrun", "-c", src, "-o", os.path.join(tmp, "probe.o")],
+                                  capture_output=True, text=True, timeout=60).stderr
+        except (OSError, subprocess.TimeoutExpired):
+            text = ""
+    match = re.search(r"^#\$ TOP=(.+)$", text, re.MULTILINE)
+    if match:
+        return os.path.realpath(match.group(1).strip())
+    return os.path.dirname(os.path.dirname(os.path.realpath(nvcc)))
+
+
+def pip_cuda_include_dirs():
+    """Headers of the CUDA pip packages torch was built against (cusparse.h and friends live there)."""
+    import importlib.util
+
+    spec = importlib.util.find_spec("nvidia")
+    dirs = []
+    for root in (spec.submodule_search_locations or []) if spec else []:
+        dirs += sorted(glob.glob(os.path.join(root, "cu*", "include")))
+    return dirs
+
+
+cuda_home = None if _truthy("CP_ATTENTION_SKIP_CUDA") else find_cuda_home()
+if cuda_home:
+    # torch.utils.cpp_extension reads these when it is imported, so they must be set first.
+    os.environ["CUDA_HOME"] = cuda_home
+    os.environ["TORCH_CUDA_ARCH_LIST"] = os.environ.get("CP_ATTENTION_CUDA_ARCHS", "8.0;9.0a")
+
+import torch  # noqa: E402
+from torch.utils.cpp_extension import BuildExtension, CppExtension, CUDAExtension  # noqa: E402
+
+with_cuda = bool(cuda_home) and torch.version.cuda is not None
+cuda_archs = os.environ["TORCH_CUDA_ARCH_LIST"] if with_cuda else ""
+
+machine = platform.machine().lower()
+cpu_isa = os.environ.get("CP_ATTENTION_CPU_ISA", "avx2" if machine in ("x86_64", "amd64") else "generic")
+isa_flags = {
+    "avx2": ["-mavx2", "-mfma", "-mf16c", "-DCPU_CAPABILITY=AVX2", "-DCPU_CAPABILITY_AVX2"],
+    "avx512": ["-mavx512f", "-mavx512bw", "-mavx512vl", "-mavx512dq", "-mfma", "-mf16c",
+               "-DCPU_CAPABILITY=AVX512", "-DCPU_CAPABILITY_AVX512"],
+    "generic": ["-DCPU_CAPABILITY=DEFAULT"],
+}
+if cpu_isa not in isa_flags:
+    sys.exit(f"CP_ATTENTION_CPU_ISA must be one of {sorted(isa_flags)}, got {cpu_isa!r}")
+
+sources = sorted(glob.glob(os.path.join("csrc", "*.cpp")) + glob.glob(os.path.join("csrc", "cpu", "*.cpp")))
+cuda_sources = sorted(glob.glob(os.path.join("csrc", "cuda", "*.cu")))
+if with_cuda:
+    sources += cuda_sources
+
+compiled_cuda = " ".join(os.path.basename(s) for s in cuda_sources) if with_cuda else ""
+# Build facts readable from Python (cp_attention.build_info()); a header avoids quoting them through ninja.
+os.makedirs(os.path.join(HERE, "build", "generated"), exist_ok=True)
+config_text = (
+    "#pragma once\n"
+    f"#define CP_ATTENTION_WITH_CUDA {int(with_cuda)}\n"
+    f'#define CP_ATTENTION_CUDA_ARCHS "{cuda_archs}"\n'
+    f'#define CP_ATTENTION_CPU_ISA "{cpu_isa}"\n'
+    f'#define CP_ATTENTION_TORCH_VERSION "{torch.__version__}"\n'
+    f'#define CP_ATTENTION_CUDA_SOURCES "{compiled_cuda}"\n'
+)
+config_path = os.path.join(HERE, "build", "generated", "cp_attention_build_config.h")
+if not os.path.exists(config_path) or open(config_path).read() != config_text:
+    with open(config_path, "w") as f:
+        f.write(config_text)
+
+cxx_flags = ["-O3", "-fopenmp", "-Wno-unknown-pragmas"] + isa_flags[cpu_isa]
+extra_compile_args = {"cxx": cxx_flags}
+if with_cuda:
+    extra_compile_args["nvcc"] = ["-O3", "-lineinfo", "--expt-relaxed-constexpr"]
+include_dirs = [os.path.join(HERE, "csrc"), os.path.join(HERE, "build", "generated")]
+if with_cuda:
+    include_dirs += pip_cuda_include_dirs()
+
+Extension = CUDAExtension if with_cuda else CppExtension
+ext = Extension(
+    name="cp_attention._C",
+    sources=sources,
+    include_dirs=include_dirs,
+    extra_compile_args=extra_compile_args,
+    extra_link_args=["-fopenmp"],
+)
+
+setup(
+    ext_modules=[ext],
+    cmdclass={"build_ext": BuildExtension.with_options(use_ninja=True)},
+)

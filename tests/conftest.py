@@ -1,0 +1,104 @@
+"""Where the tests run: every attention backend on every device we have.
+
+A test that takes a `target` argument runs once per backend of `cp_attention.available_backends("cpu")` on
+CPU tensors, and once per backend of `available_backends("cuda")` on CUDA tensors. A test that takes a
+`device` argument (merges, ops without a backend choice) runs on "cpu" and on "cuda". CUDA cases carry the
+`gpu` marker (`pytest -m gpu` selects them) and are skipped, with the reason given, only when no CUDA
+device is present. A new backend therefore gets the whole suite without touching the tests.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+from typing import NamedTuple
+
+import pytest
+import torch
+
+sys.path.insert(0, os.path.dirname(__file__))  # so test files can `import reference`
+
+import cp_attention  # noqa: E402
+
+HAS_CUDA = torch.cuda.is_available()
+NO_CUDA = "no CUDA device on this machine"
+
+
+class Target(NamedTuple):
+    device: str
+    backend: str
+
+    def __str__(self):
+        return f"{self.device}-{self.backend}"
+
+
+def cpu_targets() -> list[Target]:
+    return [Target("cpu", b) for b in cp_attention.available_backends("cpu")]
+
+
+def cuda_targets() -> list[Target]:
+    return [Target("cuda", b) for b in cp_attention.available_backends("cuda")] if HAS_CUDA else []
+
+
+def _target_params():
+    params = [pytest.param(t, id=str(t)) for t in cpu_targets()]
+    if HAS_CUDA:
+        params += [pytest.param(t, id=str(t), marks=pytest.mark.gpu) for t in cuda_targets()]
+    else:
+        skip = [pytest.mark.gpu, pytest.mark.skip(reason=NO_CUDA)]
+        params.append(pytest.param(None, id="cuda", marks=skip))
+    return params
+
+
+def _device_params():
+    marks = [pytest.mark.gpu] + ([] if HAS_CUDA else [pytest.mark.skip(reason=NO_CUDA)])
+    return [pytest.param("cpu", id="cpu"), pytest.param("cuda", id="cuda", marks=marks)]
+
+
+def pytest_generate_tests(metafunc):
+    # Plain parametrization (not fixtures), so hypothesis-driven tests can take these arguments too.
+    if "target" in metafunc.fixturenames:
+        metafunc.parametrize("target", _target_params())
+    if "device" in metafunc.fixturenames:
+        metafunc.parametrize("device", _device_params())
+
+
+# torch's own CUDA kernels each cover part of the contract; tests hand them only what they document
+# supporting. Our kernels, and "aten" (which picks a kernel per input), must take everything.
+def unsupported_reason(target: Target, dtype: torch.dtype, D: int, Sq: int, Sk: int, causal: bool,
+                       has_mask: bool) -> str | None:
+    if target.device != "cuda":
+        return None
+    half = dtype in (torch.float16, torch.bfloat16)
+    if target.backend == "aten_flash":
+        if not half or has_mask or (causal and Sq != Sk) or D % 8:
+            return "aten_flash: half precision, D % 8 == 0, no kv_mask, causal only with Sq == Sk"
+    if target.backend == "aten_cudnn":
+        if not half or D % 8 or D > 128:
+            return "aten_cudnn: half precision, D % 8 == 0, D <= 128"
+    if target.backend == "aten_efficient" and D % 8:
+        return "aten_efficient: D % 8 == 0"
+    return None
+
+
+def skip_unsupported(target: Target, q: torch.Tensor, Sk: int, causal: bool, has_mask: bool):
+    reason = unsupported_reason(target, q.dtype, q.shape[-1], q.shape[1], Sk, causal, has_mask)
+    if reason is not None:
+        pytest.skip(reason)
+
+
+def randn(*shape, dtype=torch.float32, device="cpu", gen=None, scale=1.0):
+    """Normal samples drawn in float32 on the CPU (identical across devices for one seed), then cast."""
+    x = torch.randn(*shape, generator=gen) * scale
+    return x.to(device=device, dtype=dtype)
+
+
+def make_kv_mask(B: int, Sk: int, gen: torch.Generator, device="cpu", empty_batch: bool = True):
+    """Random key-padding mask [B, Sk] (about 70% True). With empty_batch, the last batch (when B > 1) hides
+    every key, so its rows must come out as out 0 / lse -inf."""
+    mask = torch.rand(B, Sk, generator=gen) < 0.7
+    if Sk > 0:
+        mask[:, torch.randint(0, Sk, (1,), generator=gen)] = True  # most batches keep at least one key
+    if empty_batch and B > 1:
+        mask[-1] = False
+    return mask.to(device)

@@ -1,0 +1,193 @@
+"""merge_attn_states and merge_attn_states_ against the float64 merge of DESIGN section 1."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from conftest import randn
+from reference import assert_close_to_ref, merge_math_path, merge_ref
+
+import cp_attention
+
+F32, F16, BF16 = torch.float32, torch.float16, torch.bfloat16
+NAN, NEG_INF = float("nan"), float("-inf")
+
+# [B, S, H, D]: single elements, odd sizes that leave vector tails, a large one for the threaded path,
+# and empty ones.
+SHAPES = [(1, 1, 1, 1), (2, 17, 3, 64), (1, 33, 4, 72), (3, 5, 2, 5), (2, 257, 4, 96), (1, 0, 2, 8),
+          (0, 4, 2, 8)]
+# (out_a dtype, out_b dtype): the result takes the promoted dtype (bf16 with fp16 gives float32).
+DTYPE_PAIRS = [(F32, F32), (F16, F16), (BF16, BF16), (F16, F32), (F32, BF16), (BF16, F16)]
+# (destination dtype, out_b dtype) of the in-place merge: a float32 accumulator takes half chunks.
+INPLACE_DTYPES = [(F32, F32), (F32, F16), (F32, BF16), (F16, F16), (BF16, BF16)]
+
+
+def _ids(pair):
+    return "-".join(str(t).removeprefix("torch.") for t in pair)
+
+
+def _state(shape, dtype, device, gen, center=0.0, spread=3.0, dead=0.15):
+    """A partial state (out [B, S, H, D], lse [B, H, S]). A `dead` fraction of rows has lse -inf, and their
+    out is NaN: a merge must not read it."""
+    B, S, H, D = shape
+    out = randn(B, S, H, D, gen=gen)
+    lse = torch.randn(B, H, S, generator=gen) * spread + center
+    dead_rows = torch.rand(B, H, S, generator=gen) < dead
+    lse[dead_rows] = NEG_INF
+    out = out.masked_fill(dead_rows.transpose(1, 2)[..., None], NAN)
+    return out.to(device=device, dtype=dtype), lse.to(device)
+
+
+def _bshd(rows: torch.Tensor, shape) -> torch.Tensor:
+    """A [B, H, S] row mask as a [B, S, H, D] element mask."""
+    return rows.transpose(1, 2)[..., None].expand(shape)
+
+
+def check_merge(out, lse, out_a, lse_a, out_b, lse_b, dtype):
+    """The result of merging (out_a, lse_a) with (out_b, lse_b): layout, exact handling of -inf sides, no NaN,
+    and the tolerance rule elsewhere."""
+    B, S, H, D = out_a.shape
+    assert out.shape == out_a.shape and out.dtype == dtype, f"out {list(out.shape)} {out.dtype}, want {dtype}"
+    assert lse.shape == (B, H, S) and lse.dtype == F32, f"lse {list(lse.shape)} {lse.dtype}"
+    oc, lc = out.detach().cpu(), lse.detach().cpu()
+    assert not torch.isnan(oc).any(), f"out has {int(torch.isnan(oc).sum())} NaN (a -inf side was read?)"
+    assert not torch.isnan(lc).any(), "lse has NaN"
+    assert torch.isfinite(oc).all(), "out has inf"
+
+    dead_a, dead_b = torch.isneginf(lse_a.cpu()), torch.isneginf(lse_b.cpu())
+    both, live = dead_a & dead_b, ~dead_a & ~dead_b
+    assert (oc[_bshd(both, oc.shape)] == 0).all(), "both sides -inf must give out 0"
+    assert torch.isneginf(lc[both]).all(), "both sides -inf must give lse -inf"
+    # One side -inf: the other passes through unchanged (cast to the result dtype).
+    sides = ((dead_a & ~dead_b, out_b, lse_b, "b"), (dead_b & ~dead_a, out_a, lse_a, "a"))
+    for dead, o_live, l_live, name in sides:
+        m = _bshd(dead, oc.shape)
+        assert torch.equal(oc[m], o_live.detach().cpu().to(dtype)[m]), f"out of side {name} must pass through"
+        assert torch.equal(lc[dead], l_live.cpu()[dead]), f"lse of side {name} must pass through"
+    assert torch.isfinite(lc[live]).all(), "lse must be finite where a side is finite"
+
+    ref_out, ref_lse = merge_ref(out_a, lse_a, out_b, lse_b)
+    base_out, base_lse = merge_math_path(out_a, lse_a, out_b, lse_b)
+    # Any float32 merge rounds the merged lse to float32 before it weighs the outs; with |lse| ~ 1e4 that
+    # rounding alone moves out by about |out| * |lse| * 2^-24.
+    lse_mag = float(ref_lse[live].abs().max()) if live.any() else 0.0
+    out_mag = float(ref_out[_bshd(live, ref_out.shape)].abs().max()) if live.any() else 0.0
+    extra = 2.0**-22 * lse_mag * (1.0 + out_mag)
+    assert_close_to_ref("out", out, ref_out, base_out, dtype, _bshd(live, ref_out.shape), extra)
+    assert_close_to_ref("lse", lse, ref_lse, base_lse, F32, live)
+
+
+@pytest.mark.parametrize("dtypes", DTYPE_PAIRS, ids=_ids)
+@pytest.mark.parametrize("shape", SHAPES, ids=str)
+def test_merge_matches_reference(device, shape, dtypes):
+    torch.manual_seed(0)
+    gen = torch.Generator().manual_seed(sum(shape))
+    out_a, lse_a = _state(shape, dtypes[0], device, gen)
+    out_b, lse_b = _state(shape, dtypes[1], device, gen)
+    before = [t.clone() for t in (out_a, lse_a, out_b, lse_b)]
+    out, lse = cp_attention.merge_attn_states(out_a, lse_a, out_b, lse_b)
+    assert out.is_contiguous(), f"out must be contiguous, got strides {out.stride()}"
+    for t, b in zip((out_a, lse_a, out_b, lse_b), before):
+        assert torch.equal(t.nan_to_num(), b.nan_to_num()), "merge_attn_states must not modify its inputs"
+    check_merge(out, lse, out_a, lse_a, out_b, lse_b, torch.promote_types(*dtypes))
+
+
+# lse pairs far from 0 or far apart, where exp without max subtraction overflows and a careless
+# difference of infinities gives NaN.
+HUGE_CASES = {
+    "gap_1e4": lambda x, y: (x, x - 1e4),
+    "gap_-1e4": lambda x, y: (x - 1e4, x),
+    "both_near_1e4": lambda x, y: (x + 1e4, y + 1e4),
+    "both_near_-1e4": lambda x, y: (x - 1e4, y - 1e4),
+    "plus_minus_1e4": lambda x, y: (x + 1e4, y - 1e4),
+}
+
+
+@pytest.mark.parametrize("dtype", [F32, F16], ids=str)
+@pytest.mark.parametrize("case", list(HUGE_CASES))
+def test_merge_huge_lse(device, case, dtype):
+    torch.manual_seed(1)
+    gen = torch.Generator().manual_seed(1)
+    shape = (2, 40, 3, 24)
+    out_a, x = _state(shape, dtype, device, gen, dead=0.0)
+    out_b, y = _state(shape, dtype, device, gen, dead=0.0)
+    lse_a, lse_b = HUGE_CASES[case](x, y)
+    out, lse = cp_attention.merge_attn_states(out_a, lse_a, out_b, lse_b)
+    check_merge(out, lse, out_a, lse_a, out_b, lse_b, dtype)
+
+
+def test_merge_strided_inputs(device):
+    # lse laid out [B, S, H] and transposed, lse with a step, out in BHSD seen as BSHD, and out whose last
+    # dimension is not contiguous (merge takes any strides).
+    torch.manual_seed(2)
+    gen = torch.Generator().manual_seed(2)
+    B, S, H, D = 2, 19, 3, 10
+    out_a, lse_a = _state((B, S, H, D), F16, device, gen)
+    out_b, lse_b = _state((B, S, H, D), F32, device, gen)
+    out_a = out_a.transpose(1, 2).contiguous().transpose(1, 2)
+    lse_a = lse_a.transpose(1, 2).contiguous().transpose(1, 2)
+    wide = torch.zeros(B, S, H, 2 * D, device=device)
+    wide[..., ::2] = out_b
+    out_b = wide[..., ::2]
+    step = torch.zeros(B, H, 2 * S, device=device)
+    step[..., ::2] = lse_b
+    lse_b = step[..., ::2]
+    assert not any(t.is_contiguous() for t in (out_a, lse_a, out_b, lse_b))
+    out, lse = cp_attention.merge_attn_states(out_a, lse_a, out_b, lse_b)
+    check_merge(out, lse, out_a, lse_a, out_b, lse_b, F32)
+
+
+def test_merge_with_empty_side_is_identity(device):
+    torch.manual_seed(3)
+    gen = torch.Generator().manual_seed(3)
+    shape = (2, 13, 4, 32)
+    out_a, lse_a = _state(shape, F16, device, gen, dead=0.0)
+    out_b = torch.full(shape, NAN, dtype=F16, device=device)  # never read
+    lse_b = torch.full((2, 4, 13), NEG_INF, device=device)
+    for args in ((out_a, lse_a, out_b, lse_b), (out_b, lse_b, out_a, lse_a)):
+        out, lse = cp_attention.merge_attn_states(*args)
+        assert torch.equal(out, out_a) and torch.equal(lse, lse_a)
+    out, lse = cp_attention.merge_attn_states(out_b, lse_b, out_b, lse_b)
+    assert (out == 0).all() and torch.isneginf(lse).all(), "both sides empty must give out 0, lse -inf"
+
+
+@pytest.mark.parametrize("dtypes", INPLACE_DTYPES, ids=_ids)
+@pytest.mark.parametrize("shape", [(1, 1, 1, 1), (2, 17, 3, 64), (3, 5, 2, 5), (2, 257, 4, 96), (1, 0, 2, 8)],
+                         ids=str)
+def test_merge_inplace(device, shape, dtypes):
+    # The destination's own -inf rows hold NaN too: in place, the destination is one of the two sides.
+    torch.manual_seed(4)
+    gen = torch.Generator().manual_seed(4 + sum(shape))
+    out, lse = _state(shape, dtypes[0], device, gen)
+    out_b, lse_b = _state(shape, dtypes[1], device, gen)
+    out_a, lse_a = out.clone(), lse.clone()
+    ptrs = (out.data_ptr(), lse.data_ptr())
+    assert cp_attention.merge_attn_states_(out, lse, out_b, lse_b) is None
+    assert (out.data_ptr(), lse.data_ptr()) == ptrs and out.dtype == dtypes[0]
+    check_merge(out, lse, out_a, lse_a, out_b, lse_b, dtypes[0])
+    # The raw op is the same operation.
+    out2, lse2 = out_a.clone(), lse_a.clone()
+    torch.ops.cp_attention.merge_attn_states_(out2, lse2, out_b, lse_b)
+    torch.testing.assert_close(out2, out, rtol=0, atol=0)
+    torch.testing.assert_close(lse2, lse, rtol=0, atol=0)
+
+
+def test_merge_inplace_strided_destination(device):
+    # The destination is a view into larger buffers (BHSD out seen as BSHD with spare heads, lse laid out
+    # [B, S, H]): results must land in the view and nowhere else.
+    torch.manual_seed(5)
+    gen = torch.Generator().manual_seed(5)
+    B, S, H, D = 2, 23, 3, 12
+    out_a, lse_a = _state((B, S, H, D), F32, device, gen)
+    out_b, lse_b = _state((B, S, H, D), F16, device, gen)
+    sentinel = 7.25
+    big_out = torch.full((B, H + 2, S, D), sentinel, device=device)
+    out = big_out[:, 1:H + 1].transpose(1, 2)
+    out.copy_(out_a)
+    big_lse = torch.full((B, S, H + 1), sentinel, device=device)
+    lse = big_lse[:, :, :H].transpose(1, 2)
+    lse.copy_(lse_a)
+    cp_attention.merge_attn_states_(out, lse, out_b, lse_b)
+    check_merge(out, lse, out_a, lse_a, out_b, lse_b, F32)
+    assert (big_out[:, 0] == sentinel).all() and (big_out[:, H + 1] == sentinel).all(), "wrote outside out"
+    assert (big_lse[:, :, H] == sentinel).all(), "wrote outside lse"

@@ -1,0 +1,221 @@
+"""The registered ops as torch sees them: schemas and fake kernels (opcheck), FakeTensor/meta shape
+inference, torch.compile, and autograd (forward-only ops must refuse backward loudly)."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from conftest import randn
+from torch._subclasses.fake_tensor import FakeTensorMode
+
+from cp_attention import ops
+
+OPS = torch.ops.cp_attention
+NEG_INF = float("-inf")
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Sample inputs, per op. Each builder takes (device, gen) and returns (args, kwargs).
+def _qkv(B, Sq, Sk, H, Hkv, D, dtype, device, gen):
+    return (randn(B, Sq, H, D, dtype=dtype, device=device, gen=gen),
+            randn(B, Sk, Hkv, D, dtype=dtype, device=device, gen=gen),
+            randn(B, Sk, Hkv, D, dtype=dtype, device=device, gen=gen))
+
+
+def _fwd_plain(device, gen):
+    return _qkv(2, 9, 9, 2, 2, 16, torch.float32, device, gen) + (None, False, None), {}
+
+
+def _fwd_gqa_causal_fp16(device, gen):
+    return _qkv(1, 12, 7, 6, 2, 40, torch.float16, device, gen) + (0.2, True, None), {}
+
+
+def _fwd_mask_bf16(device, gen):
+    q, k, v = _qkv(2, 5, 11, 4, 1, 72, torch.bfloat16, device, gen)
+    mask = torch.rand(2, 11, generator=gen) < 0.5
+    mask[1] = False  # a batch with no visible key
+    return (q, k, v), {"scale": None, "causal": True, "kv_mask": mask.to(device)}
+
+
+def _fwd_empty_keys(device, gen):
+    return _qkv(1, 4, 0, 2, 2, 8, torch.float32, device, gen) + (None, True, None), {}
+
+
+def _state(B, S, H, D, dtype, device, gen, dead=False):
+    out = randn(B, S, H, D, dtype=dtype, device=device, gen=gen)
+    lse = torch.randn(B, H, S, generator=gen) * 3
+    if dead:
+        lse[:, :, ::3] = NEG_INF
+    return out, lse.to(device)
+
+
+def _merge_fp32(device, gen):
+    return (_state(2, 7, 3, 16, torch.float32, device, gen)
+            + _state(2, 7, 3, 16, torch.float32, device, gen)), {}
+
+
+def _merge_mixed_dead(device, gen):
+    return (_state(1, 10, 2, 8, torch.float16, device, gen, dead=True)
+            + _state(1, 10, 2, 8, torch.float32, device, gen)), {}
+
+
+def _merge_strided_bf16(device, gen):
+    out_a, lse_a = _state(2, 6, 4, 8, torch.bfloat16, device, gen)
+    out_b, lse_b = _state(2, 6, 4, 8, torch.bfloat16, device, gen, dead=True)
+    lse_a = lse_a.transpose(1, 2).contiguous().transpose(1, 2)
+    return (out_a.transpose(1, 2).contiguous().transpose(1, 2), lse_a, out_b, lse_b), {}
+
+
+def _merge_inplace_acc(device, gen):
+    return _state(2, 9, 2, 32, torch.float32, device, gen, dead=True) + _state(2, 9, 2, 32, torch.float16,
+                                                                               device, gen), {}
+
+
+def _merge_inplace_same(device, gen):
+    return _state(1, 5, 3, 4, torch.bfloat16, device, gen) + _state(1, 5, 3, 4, torch.bfloat16, device, gen,
+                                                                     dead=True), {}
+
+
+SAMPLES = {
+    OPS.flash_attn_fwd.default: [_fwd_plain, _fwd_gqa_causal_fp16, _fwd_mask_bf16, _fwd_empty_keys],
+    OPS.merge_attn_states.default: [_merge_fp32, _merge_mixed_dead, _merge_strided_bf16],
+    OPS.merge_attn_states_.default: [_merge_inplace_acc, _merge_inplace_same],
+}
+SAMPLE_CASES = [pytest.param(op, b, id=f"{op.name().split('::')[1]}-{b.__name__.lstrip('_')}")
+                for op, builders in SAMPLES.items() for b in builders]
+# The inputs that an autograd test marks requires_grad (the float tensors an op only reads).
+FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+
+
+def test_samples_cover_every_op():
+    assert set(SAMPLES) == set(ops.ALL_OPS), (
+        f"ops without samples: {set(ops.ALL_OPS) - set(SAMPLES)}; unknown: {set(SAMPLES) - set(ops.ALL_OPS)}")
+    # ...and ALL_OPS must list every op the library registers.
+    registered = {n for n in torch._C._dispatch_get_all_op_names() if n.startswith("cp_attention::")}
+    assert registered == {op.name() for op in ops.ALL_OPS}, f"registered ops: {sorted(registered)}"
+
+
+@pytest.mark.parametrize("op,build", SAMPLE_CASES)
+def test_opcheck(device, op, build):
+    args, kwargs = build(device, torch.Generator().manual_seed(0))
+    torch.library.opcheck(op, args, kwargs)
+
+
+@pytest.mark.parametrize("op,build", SAMPLE_CASES)
+def test_opcheck_autograd_registration(device, op, build):
+    # With inputs that require grad, the op must have an autograd kernel (ours raises on backward). The
+    # aot_dispatch checks would run that backward, so only the registration-level checks run here.
+    args, kwargs = build(device, torch.Generator().manual_seed(1))
+    args = list(args)
+    if op is OPS.merge_attn_states_.default:
+        # A mutating op cannot carry an autograd formula: its Autograd kernel refuses to run when a graph
+        # would be recorded (test_backward_raises checks the message), so opcheck sees no grad inputs here.
+        assert torch._C._dispatch_has_kernel_for_dispatch_key(op.name(), "Autograd")
+        torch.library.opcheck(op, tuple(args), kwargs, test_utils=("test_schema", "test_faketensor"))
+        return
+    for i in range(len(args)):
+        if isinstance(args[i], torch.Tensor) and args[i].dtype in FLOAT_DTYPES and args[i].dim() == 4:
+            args[i] = args[i].detach().requires_grad_()
+    torch.library.opcheck(op, tuple(args), kwargs,
+                          test_utils=("test_schema", "test_autograd_registration", "test_faketensor"))
+
+
+@pytest.mark.parametrize("op,build", SAMPLE_CASES)
+def test_fake_and_meta_match_real(op, build):
+    # FakeTensorMode and the meta device must predict shapes, dtypes and strides-free layout of the real run.
+    args, kwargs = build("cpu", torch.Generator().manual_seed(2))
+    real_args = [a.clone() if isinstance(a, torch.Tensor) else a for a in args]
+    real = op(*real_args, **kwargs)
+    mode = FakeTensorMode()
+    with mode:
+        fake_args = [mode.from_tensor(a) if isinstance(a, torch.Tensor) else a for a in args]
+        fake_kwargs = {k: mode.from_tensor(v) if isinstance(v, torch.Tensor) else v
+                       for k, v in kwargs.items()}
+        fake = op(*fake_args, **fake_kwargs)
+    meta_args = [a.to("meta") if isinstance(a, torch.Tensor) else a for a in args]
+    meta_kwargs = {k: v.to("meta") if isinstance(v, torch.Tensor) else v for k, v in kwargs.items()}
+    meta = op(*meta_args, **meta_kwargs)
+    if op is OPS.merge_attn_states_.default:
+        assert real is None and fake is None and meta is None
+        return
+    for r, f, m in zip(real, fake, meta):
+        assert f.shape == r.shape and f.dtype == r.dtype, f"fake {f.shape} {f.dtype}, real {r.shape}"
+        assert m.shape == r.shape and m.dtype == r.dtype and m.device.type == "meta"
+
+
+def test_fake_rejects_bad_input():
+    # Under FakeTensorMode (what torch.compile traces with), bad input is reported as it is in eager.
+    mode = FakeTensorMode()
+    with mode:
+        q = torch.empty(1, 4, 3, 8)
+        k = torch.empty(1, 4, 2, 8)
+        with pytest.raises(ValueError, match="heads"):
+            OPS.flash_attn_fwd(q, k, k, None, False, None)
+        with pytest.raises(ValueError, match="lse_b"):
+            OPS.merge_attn_states(q, torch.empty(1, 3, 4), q, torch.empty(1, 4, 3))
+
+
+# ---------------------------------------------------------------------------------------------------------
+def _ring_two_chunks(q, k, v, kv_mask, split):
+    """Attention over two K/V chunks merged twice (functional, then in place into a float32 state): the
+    pattern a ring step compiles to."""
+    o1, l1 = OPS.flash_attn_fwd(q, k[:, :split], v[:, :split], None, False, kv_mask[:, :split])
+    o2, l2 = OPS.flash_attn_fwd(q, k[:, split:], v[:, split:], None, False, kv_mask[:, split:])
+    out, lse = OPS.merge_attn_states(o1, l1, o2, l2)
+    acc, acc_lse = o1.float(), l1.clone()
+    OPS.merge_attn_states_(acc, acc_lse, o2, l2)
+    return out, lse, acc * 2.0, acc_lse
+
+
+def _ring_inputs(Sq, Sk, dtype, gen):
+    q = randn(2, Sq, 4, 32, dtype=dtype, gen=gen)
+    k = randn(2, Sk, 2, 32, dtype=dtype, gen=gen)
+    v = randn(2, Sk, 2, 32, dtype=dtype, gen=gen)
+    mask = torch.rand(2, Sk, generator=gen) < 0.7
+    mask[1] = False
+    return q, k, v, mask
+
+
+@pytest.mark.parametrize("dynamic", [False, True], ids=["static", "dynamic"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16], ids=str)
+def test_compile_fullgraph_aot_eager(dtype, dynamic):
+    torch._dynamo.reset()
+    gen = torch.Generator().manual_seed(3)
+    compiled = torch.compile(_ring_two_chunks, backend="aot_eager", fullgraph=True, dynamic=dynamic)
+    # Two sizes: with dynamic=True the second call reuses the symbolic graph (fake kernels on SymInts).
+    for Sq, Sk, split in ((13, 29, 11), (21, 40, 17)):
+        args = _ring_inputs(Sq, Sk, dtype, gen)
+        want = _ring_two_chunks(*args, split)
+        got = compiled(*args, split)
+        for g, w in zip(got, want):
+            torch.testing.assert_close(g, w, rtol=0, atol=0)
+
+
+def test_compile_fullgraph_inductor():
+    torch._dynamo.reset()
+    args = _ring_inputs(17, 33, torch.float32, torch.Generator().manual_seed(4))
+    compiled = torch.compile(_ring_two_chunks, backend="inductor", fullgraph=True)
+    want = _ring_two_chunks(*args, 14)
+    got = compiled(*args, 14)
+    for g, w in zip(got, want):
+        # Inductor may fuse the surrounding elementwise ops (acc * 2.0) differently, not our kernels.
+        torch.testing.assert_close(g, w)
+
+
+# ---------------------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("op,build", SAMPLE_CASES)
+def test_backward_raises(op, build):
+    # Forward-only ops: asking for gradients through any of them must fail loudly, not return wrong
+    # (missing) gradients. The error may come at the call (in-place ops) or at backward; it must say why.
+    args, kwargs = build("cpu", torch.Generator().manual_seed(5))
+    args = list(args)
+    leaves = []
+    for i, a in enumerate(args):
+        if isinstance(a, torch.Tensor) and a.dtype in FLOAT_DTYPES and a.dim() == 4:
+            leaf = a.detach().float().requires_grad_()
+            leaves.append(leaf)
+            args[i] = leaf.to(a.dtype).clone()  # a non-leaf, so in-place ops may write into it
+    with pytest.raises(RuntimeError, match="backward"):
+        res = op(*args, **kwargs)
+        res = args[0] if res is None else res[0]
+        res.float().sum().backward()
