@@ -91,6 +91,17 @@ cuda_sources = sorted(glob.glob(os.path.join("csrc", "cuda", "*.cu")))
 if with_cuda:
     sources += cuda_sources
 
+def nvcc_version(home):
+    try:
+        text = subprocess.run([os.path.join(home, "bin", "nvcc"), "--version"], capture_output=True, text=True,
+                              timeout=60).stdout
+    except (OSError, subprocess.TimeoutExpired):
+        return ""
+    match = re.search(r"release (\d+\.\d+)", text)
+    return match.group(1) if match else ""
+
+
+cuda_version = nvcc_version(cuda_home) if with_cuda else ""
 compiled_cuda = " ".join(os.path.basename(s) for s in cuda_sources) if with_cuda else ""
 # Build facts readable from Python (cp_attention.build_info()); a header avoids quoting them through ninja.
 os.makedirs(os.path.join(HERE, "build", "generated"), exist_ok=True)
@@ -100,6 +111,7 @@ config_text = (
     f'#define CP_ATTENTION_CUDA_ARCHS "{cuda_archs}"\n'
     f'#define CP_ATTENTION_CPU_ISA "{cpu_isa}"\n'
     f'#define CP_ATTENTION_TORCH_VERSION "{torch.__version__}"\n'
+    f'#define CP_ATTENTION_CUDA_VERSION "{cuda_version}"\n'
     f'#define CP_ATTENTION_CUDA_SOURCES "{compiled_cuda}"\n'
 )
 config_path = os.path.join(HERE, "build", "generated", "cp_attention_build_config.h")

@@ -13,11 +13,11 @@ pybind11::dict build_info() {
   info["cuda_sources"] = std::string(CP_ATTENTION_CUDA_SOURCES);
   info["cpu_isa"] = std::string(CP_ATTENTION_CPU_ISA);
   info["torch_version"] = std::string(CP_ATTENTION_TORCH_VERSION);
-#if CP_ATTENTION_WITH_CUDA
-  info["cuda_version"] = std::to_string(CUDA_VERSION);
-#else
-  info["cuda_version"] = pybind11::none();
-#endif
+  if (CP_ATTENTION_WITH_CUDA) {
+    info["cuda_version"] = std::string(CP_ATTENTION_CUDA_VERSION);  // of the nvcc that compiled the kernels
+  } else {
+    info["cuda_version"] = pybind11::none();
+  }
   return info;
 }
 

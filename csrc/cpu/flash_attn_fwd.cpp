@@ -47,13 +47,15 @@ struct Problem {
   int64_t mask_s0, mask_s1;
 };
 
-// Online-softmax update for one key block: S^T rows [0, nk) hold scores of `cols` queries. Turns S^T into
-// P^T = exp(S^T - m_new), updates m and l, and leaves the O^T rescale factor exp(m_old - m_new) in alpha.
-inline void softmax_block(float* st, int64_t ld, int64_t nk, int64_t cols, float* m, float* l, float* alpha) {
+// Online-softmax update for one key block. `st` holds S^T in panel layout (vec_tiles.h): panel p, key j,
+// query p * kTileCols + x at st[p * ps + j * kTileCols + x]. Turns it into P^T = exp(S^T - m_new), updates
+// m and l, and leaves the O^T rescale factor exp(m_old - m_new) in alpha.
+inline void softmax_block(float* st, int64_t ps, int64_t nk, int64_t panels, float* m, float* l, float* alpha) {
   const Vec neg_inf(kNegInf), zero(0.f);
-  for (int64_t c = 0; c < cols; c += kVecLen) {
+  for (int64_t c = 0; c < panels * kTileCols; c += kVecLen) {
+    float* col = st + (c / kTileCols) * ps + c % kTileCols;
     Vec mx = neg_inf;
-    for (int64_t j = 0; j < nk; ++j) mx = at::vec::maximum(mx, Vec::loadu(st + j * ld + c));
+    for (int64_t j = 0; j < nk; ++j) mx = at::vec::maximum(mx, Vec::loadu(col + j * kTileCols));
     const Vec m_old = Vec::loadu(m + c);
     const Vec m_new = at::vec::maximum(m_old, mx);
     // A query that has seen no key yet keeps m = -inf; exponentiate against 0 so that its masked scores
@@ -61,8 +63,8 @@ inline void softmax_block(float* st, int64_t ld, int64_t nk, int64_t cols, float
     const Vec m_use = Vec::blendv(m_new, zero, m_new == neg_inf);
     Vec sum = zero;
     for (int64_t j = 0; j < nk; ++j) {
-      const Vec p = (Vec::loadu(st + j * ld + c) - m_use).exp_u20();
-      p.store(st + j * ld + c);
+      const Vec p = (Vec::loadu(col + j * kTileCols) - m_use).exp_u20();
+      p.store(col + j * kTileCols);
       sum = sum + p;
     }
     const Vec a = (m_old - m_use).exp_u20();
@@ -109,14 +111,20 @@ void attend_block_of_queries(const Problem& p, const scalar_t* q, const scalar_t
   const int64_t hk = h / (p.H / p.Hkv);
   const int64_t off = p.Sk - p.Sq;  // causal: query i sees key j iff j <= i + off
 
-  // Q^T [D, bq], scaled once here so scores need no extra pass; padded columns are zero.
+  // Q^T, O^T and S^T live in panel layout (vec_tiles.h): query i is column i % T of panel i / T.
+  constexpr int64_t T = kTileCols;
+  const int64_t panels = cols / T;
+  const int64_t qo_ps = D * T, s_ps = bk * T;  // floats between panels
+
+  // Q^T, scaled once here so scores need no extra pass; padded columns are zero.
   float* qt = w.qt.get();
   for (int64_t i = 0; i < cols; ++i) {
+    float* dst = qt + (i / T) * qo_ps + i % T;
     if (i < nq) {
       const scalar_t* row = q + b * qs[0] + (i0 + i) * qs[1] + h * qs[2];
-      for (int64_t d = 0; d < D; ++d) qt[d * bq + i] = static_cast<float>(row[d]) * p.scale;
+      for (int64_t d = 0; d < D; ++d) dst[d * T] = static_cast<float>(row[d]) * p.scale;
     } else {
-      for (int64_t d = 0; d < D; ++d) qt[d * bq + i] = 0.f;
+      for (int64_t d = 0; d < D; ++d) dst[d * T] = 0.f;
     }
   }
   float *m = w.m.get(), *l = w.l.get(), *alpha = w.alpha.get(), *ot = w.ot.get(), *st = w.st.get();
@@ -124,7 +132,7 @@ void attend_block_of_queries(const Problem& p, const scalar_t* q, const scalar_t
     m[i] = kNegInf;
     l[i] = 0.f;
   }
-  for (int64_t x = 0; x < D * bq; ++x) ot[x] = 0.f;
+  std::fill(ot, ot + panels * qo_ps, 0.f);
 
   int64_t j_end = p.Sk;
   if (p.causal) j_end = std::clamp<int64_t>(i0 + nq + off, 0, p.Sk);
@@ -149,30 +157,35 @@ void attend_block_of_queries(const Problem& p, const scalar_t* q, const scalar_t
     }
     if (j0 + bk < j_end) {
       pf.reset(k + b * ks[0] + (j0 + bk) * ks[1] + hk * ks[2], ks[1], v + b * vs[0] + (j0 + bk) * vs[1] + hk * vs[2],
-               vs[1], std::min(bk, j_end - j0 - bk), D, panel_gemm_tiles(nk, cols) + panel_gemm_tiles(D, cols));
+               vs[1], std::min(bk, j_end - j0 - bk), D, panel_gemm_tiles(nk, panels) + panel_gemm_tiles(D, panels));
     } else {
       pf.total = 0;
     }
     // S^T[j, i] = sum_d K[j, d] * Q^T[d, i]
-    panel_gemm<false>(nk, D, cols, kb, D, 1, qt, bq, st, bq, pf);
+    panel_gemm<false>(nk, D, panels, kb, D, 1, qt, qo_ps, st, s_ps, pf);
     if (visible < nk) {
       for (int64_t j = 0; j < nk; ++j)
         if (!mask[(j0 + j) * p.mask_s1])
-          for (int64_t i = 0; i < cols; ++i) st[j * bq + i] = kNegInf;
+          for (int64_t pi = 0; pi < panels; ++pi) std::fill_n(st + pi * s_ps + j * T, T, kNegInf);
     }
     if (p.causal && j0 + nk - 1 > i0 + off) {
       for (int64_t j = 0; j < nk; ++j) {
         // queries i < j0 + j - off - i0 of this block do not see key j0 + j
         const int64_t hide = std::min(cols, j0 + j - off - i0);
-        for (int64_t i = 0; i < hide; ++i) st[j * bq + i] = kNegInf;
+        for (int64_t i = 0; i < hide; ++i) st[(i / T) * s_ps + j * T + i % T] = kNegInf;
       }
     }
-    softmax_block(st, bq, nk, cols, m, l, alpha);
-    for (int64_t d = 0; d < D; ++d)
-      for (int64_t c = 0; c < cols; c += kVecLen)
-        (Vec::loadu(ot + d * bq + c) * Vec::loadu(alpha + c)).store(ot + d * bq + c);
+    softmax_block(st, s_ps, nk, panels, m, l, alpha);
+    for (int64_t pi = 0; pi < panels; ++pi) {
+      float* o = ot + pi * qo_ps;
+      const Vec a0 = Vec::loadu(alpha + pi * T), a1 = Vec::loadu(alpha + pi * T + kVecLen);
+      for (int64_t d = 0; d < D; ++d) {
+        (Vec::loadu(o + d * T) * a0).store(o + d * T);
+        (Vec::loadu(o + d * T + kVecLen) * a1).store(o + d * T + kVecLen);
+      }
+    }
     // O^T[d, i] += sum_j V[j, d] * P^T[j, i]
-    panel_gemm<true>(D, nk, cols, vb, 1, D, st, bq, ot, bq, pf);
+    panel_gemm<true>(D, nk, panels, vb, 1, D, st, s_ps, ot, qo_ps, pf);
   }
 
   // Epilogue: normalize and write out [B, Sq, H, D] (contiguous) and lse [B, H, Sq].
@@ -184,7 +197,8 @@ void attend_block_of_queries(const Problem& p, const scalar_t* q, const scalar_t
       *lrow = kNegInf;
     } else {
       const float inv = 1.f / l[i];
-      for (int64_t d = 0; d < D; ++d) orow[d] = static_cast<scalar_t>(ot[d * bq + i] * inv);
+      const float* src = ot + (i / T) * qo_ps + i % T;
+      for (int64_t d = 0; d < D; ++d) orow[d] = static_cast<scalar_t>(src[d * T] * inv);
       *lrow = m[i] + std::log(l[i]);
     }
   }

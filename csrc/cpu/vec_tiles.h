@@ -1,8 +1,8 @@
 // Register-blocked float32 tiles for the CPU attention kernels, written on at::vec so that the same code
 // compiles to AVX2, AVX-512 or plain C++ (CP_ATTENTION_CPU_ISA picks which at build time).
 //
-// Every product in the kernel has the form C[r, 0:cols] (+)= sum_k A(r, k) * B[k, 0:cols], where the
-// `cols` axis is the block of query rows. Keeping queries on the vector axis means that Q K^T needs K as
+// Every product in the kernel has the form C[r, i] (+)= sum_k A(r, k) * B[k, i], where the i axis is the
+// block of queries. Keeping queries on the vector axis means that Q K^T needs K as
 // it is stored (A(r, k) = K[j = r, d = k]) and P V needs V as it is stored (A(r, k) = V[j = k, d = r]):
 // no transposes of K or V, and the softmax reductions over keys become element-wise vector ops.
 #pragma once
@@ -68,41 +68,44 @@ inline void micro_tile(int64_t K, const float* A, int64_t a_rs, int64_t a_ks, co
 }
 #undef CPA_TILE_ROWS
 
-template <int R, bool kAccumulate, typename Between>
-inline void tile_row_strip(int64_t K, int64_t cols, const float* A, int64_t a_rs, int64_t a_ks, const float* B,
-                           int64_t ldb, float* C, int64_t ldc, Between& between) {
-  for (int64_t c = 0; c < cols; c += kTileCols) {
-    micro_tile<R, kAccumulate>(K, A, a_rs, a_ks, B + c, ldb, C + c, ldc);
-    between();
-  }
-}
-
 struct NoOp {
   void operator()() const {}
 };
 
-// C[M, cols] (+)= A(M x K) * B[K, cols] with A(r, k) = A[r * a_rs + k * a_ks]; cols is a multiple of
-// kTileCols, B and C are row-major with leading dimensions ldb and ldc. `between()` runs after every micro
-// tile: a place to interleave memory prefetches with the arithmetic.
-inline int64_t panel_gemm_tiles(int64_t M, int64_t cols) {
-  return (M + kTileRows - 1) / kTileRows * (cols / kTileCols);
+// Panel layout: a matrix with `cols` query columns is stored as cols / kTileCols panels, each panel holding
+// its rows of kTileCols contiguous floats. Every micro tile then reads B and reads/writes C as one
+// contiguous stream, which the prefetchers follow and which stays in L1.
+//
+// C[p][r][:] (+)= sum_k A(r, k) * B[p][k][:] for panels p < panels and rows r < M, where
+// A(r, k) = A[r * a_rs + k * a_ks], B's panels are b_ps floats apart and C's panels c_ps floats apart.
+// `between()` runs after every micro tile: a place to interleave memory prefetches with the arithmetic.
+inline int64_t panel_gemm_tiles(int64_t M, int64_t panels) {
+  return (M + kTileRows - 1) / kTileRows * panels;
 }
 
 template <bool kAccumulate, typename Between = NoOp>
-inline void panel_gemm(int64_t M, int64_t K, int64_t cols, const float* A, int64_t a_rs, int64_t a_ks,
-                       const float* B, int64_t ldb, float* C, int64_t ldc, Between&& between = Between{}) {
-  int64_t r = 0;
-  for (; r + kTileRows <= M; r += kTileRows)
-    tile_row_strip<kTileRows, kAccumulate>(K, cols, A + r * a_rs, a_rs, a_ks, B, ldb, C + r * ldc, ldc, between);
-  const float* a = A + r * a_rs;
-  float* c = C + r * ldc;
-  switch (M - r) {
-    case 5: tile_row_strip<5, kAccumulate>(K, cols, a, a_rs, a_ks, B, ldb, c, ldc, between); break;
-    case 4: tile_row_strip<4, kAccumulate>(K, cols, a, a_rs, a_ks, B, ldb, c, ldc, between); break;
-    case 3: tile_row_strip<3, kAccumulate>(K, cols, a, a_rs, a_ks, B, ldb, c, ldc, between); break;
-    case 2: tile_row_strip<2, kAccumulate>(K, cols, a, a_rs, a_ks, B, ldb, c, ldc, between); break;
-    case 1: tile_row_strip<1, kAccumulate>(K, cols, a, a_rs, a_ks, B, ldb, c, ldc, between); break;
-    default: break;
+inline void panel_gemm(int64_t M, int64_t K, int64_t panels, const float* A, int64_t a_rs, int64_t a_ks,
+                       const float* B, int64_t b_ps, float* C, int64_t c_ps, Between&& between = Between{}) {
+  constexpr int64_t T = kTileCols;
+  for (int64_t pi = 0; pi < panels; ++pi) {
+    const float* b = B + pi * b_ps;
+    float* c = C + pi * c_ps;
+    int64_t r = 0;
+    for (; r + kTileRows <= M; r += kTileRows) {
+      micro_tile<kTileRows, kAccumulate>(K, A + r * a_rs, a_rs, a_ks, b, T, c + r * T, T);
+      between();
+    }
+    const float* a = A + r * a_rs;
+    float* cr = c + r * T;
+    switch (M - r) {
+      case 5: micro_tile<5, kAccumulate>(K, a, a_rs, a_ks, b, T, cr, T); break;
+      case 4: micro_tile<4, kAccumulate>(K, a, a_rs, a_ks, b, T, cr, T); break;
+      case 3: micro_tile<3, kAccumulate>(K, a, a_rs, a_ks, b, T, cr, T); break;
+      case 2: micro_tile<2, kAccumulate>(K, a, a_rs, a_ks, b, T, cr, T); break;
+      case 1: micro_tile<1, kAccumulate>(K, a, a_rs, a_ks, b, T, cr, T); break;
+      default: continue;
+    }
+    between();
   }
 }
 
