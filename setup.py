@@ -93,8 +93,8 @@ if with_cuda:
 
 def nvcc_version(home):
     try:
-        text = subprocess.run([os.path.join(home, "bin", "nvcc"), "--version"], capture_output=True, text=True,
-                              timeout=60).stdout
+        text = subprocess.run([os.path.join(home, "bin", "nvcc"), "--version"], capture_output=True,
+                              text=True, timeout=60).stdout
     except (OSError, subprocess.TimeoutExpired):
         return ""
     match = re.search(r"release (\d+\.\d+)", text)
