@@ -1,0 +1,7 @@
+"""Context-parallel attention over sequence-sharded tensors (DESIGN section 1, "Sequence sharding across
+ranks"). Process groups are passed explicitly; importing this module changes no global state."""
+
+from ._step import attend_chunk, new_accumulator, plan_chunk
+from .ring import ring_attention
+
+__all__ = ["attend_chunk", "new_accumulator", "plan_chunk", "ring_attention"]

@@ -1,0 +1,285 @@
+"""Ring attention: exact attention over a sequence sharded across the ranks of a process group, with K/V
+chunks passed peer to peer around the ring (DESIGN section 1, "Sequence sharding across ranks").
+
+Each rank holds chunk r of the global sequence (torch.tensor_split order, lengths may differ and may be 0).
+At step t rank r attends its queries to the K/V chunk that started on rank (r - t) mod P and merges the
+partial result into a float32 accumulator; meanwhile that chunk travels on to rank r + 1 and the chunk for
+step t + 1 arrives from rank r - 1. The transfer for step t + 1 is posted before step t computes and waited
+on after it, so at most two foreign chunks are alive: the one being attended to and the one arriving.
+
+One small all_gather up front carries every rank's shapes, dtype and flags. Receivers learn the length of
+each incoming chunk from it (chunk lengths, and hence global offsets, follow from the step index), and
+every rank checks the others' inputs against its own, so a misuse raises the same kind of ValueError on every
+rank instead of leaving some ranks waiting on a transfer that never comes.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import math
+import struct
+
+import torch
+import torch.distributed as dist
+
+from cp_attention._checks import check_attn_inputs
+
+from ._step import attend_chunk, new_accumulator
+
+_OP = "cp_attention.distributed.ring_attention"
+
+_DTYPE_CODES = {torch.float32: 1, torch.float16: 2, torch.bfloat16: 3}
+_DTYPE_NAMES = {code: str(dt) for dt, code in _DTYPE_CODES.items()}
+_DEVICE_CODES = {"cpu": 1, "cuda": 2}
+
+# The up-front all_gather: one int64 row per rank. "status" is 0 when the rank's own checks passed.
+_FIELDS = ("status", "B", "Sq", "Sk", "H", "Hkv", "D", "dtype", "device", "causal", "has_mask", "scale")
+# Fields every rank must agree on, with the words an error uses for them.
+_MUST_AGREE = {"B": "batch size B", "H": "number of query heads H", "Hkv": "number of k/v heads Hkv",
+               "D": "head dim D", "dtype": "dtype", "device": "device type", "causal": "causal flag",
+               "has_mask": "presence of kv_mask", "scale": "scale"}
+
+
+def _new_recv_buffer(nbytes: int, device: torch.device) -> torch.Tensor:
+    """Allocates the byte buffer that one incoming K/V chunk lands in. Every foreign chunk is allocated
+    here and nowhere else (tests wrap this to count how many are alive at once)."""
+    return torch.empty(nbytes, dtype=torch.uint8, device=device)
+
+
+def _scale_bits(scale: float) -> int:
+    # Compared bit for bit across ranks: the float64 pattern as an int64 fits the integer all_gather.
+    return struct.unpack("<q", struct.pack("<d", scale))[0]
+
+
+def _bits_scale(bits: int) -> float:
+    return struct.unpack("<d", struct.pack("<q", bits))[0]
+
+
+def _check_local(q, k, v, kv_mask, scale):
+    """This rank's own checks; returns (dims, kv_mask as [B, Sk] or None, scale as a float)."""
+    if (isinstance(kv_mask, torch.Tensor) and kv_mask.dim() == 4 and kv_mask.shape[1] == 1
+            and kv_mask.shape[2] == 1):
+        kv_mask = kv_mask[:, 0, 0]  # the [B, 1, 1, Sk] form attention processors pass (e.g. Qwen-Image)
+    if kv_mask is not None and not isinstance(kv_mask, torch.Tensor):
+        raise ValueError(f"{_OP}: kv_mask must be a bool tensor [B, Sk] or [B, 1, 1, Sk] or None, "
+                         f"got {type(kv_mask).__name__}")
+    dims = check_attn_inputs(_OP, q, k, v, kv_mask)
+    if scale is None:
+        scale = 1.0 / math.sqrt(dims[-1])
+    elif isinstance(scale, bool) or not isinstance(scale, (int, float)) or not math.isfinite(scale):
+        raise ValueError(f"{_OP}: scale must be a finite number or None, got {scale!r}")
+    return dims, kv_mask, float(scale)
+
+
+def _meta_device(group, q) -> torch.device:
+    # The exchange runs on the device the K/V transfers use, so that NCCL groups work; before q is known to
+    # be a tensor, fall back on what the group's backend can carry.
+    if isinstance(q, torch.Tensor):
+        return q.device
+    if dist.get_backend(group) == "nccl":
+        return torch.device("cuda", torch.cuda.current_device())
+    return torch.device("cpu")
+
+
+def _exchange_meta(group, q, row: list[int]) -> list[dict[str, int]]:
+    P = dist.get_world_size(group)
+    mine = torch.tensor(row, dtype=torch.int64, device=_meta_device(group, q))
+    rows = [torch.empty_like(mine) for _ in range(P)]
+    dist.all_gather(rows, mine, group=group)
+    return [dict(zip(_FIELDS, r.tolist())) for r in rows]
+
+
+def _describe(field: str, value: int) -> str:
+    if field == "dtype":
+        return _DTYPE_NAMES.get(value, "an unsupported dtype")
+    if field == "device":
+        return {c: n for n, c in _DEVICE_CODES.items()}.get(value, "another device type")
+    if field == "scale":
+        return repr(_bits_scale(value))
+    if field in ("causal", "has_mask"):
+        return str(bool(value))
+    return str(value)
+
+
+def _check_agreement(metas: list[dict[str, int]]):
+    """Raises the same ValueError on every rank when the ranks' inputs are not shards of one problem."""
+    failed = [i for i, m in enumerate(metas) if m["status"] != 0]
+    if failed:
+        raise ValueError(f"{_OP}: group rank(s) {failed} rejected their own inputs (each raised a ValueError "
+                         f"saying why); every rank must pass valid shards")
+    for field, words in _MUST_AGREE.items():
+        values = [m[field] for m in metas]
+        if len(set(values)) > 1:
+            per_rank = ", ".join(f"rank {i}: {_describe(field, x)}" for i, x in enumerate(values))
+            raise ValueError(f"{_OP}: the ranks of the group disagree on the {words} ({per_rank}); every "
+                             f"rank must pass shards of the same q, k, v (only the sequence length may "
+                             f"differ)")
+
+
+def _pack(k: torch.Tensor, v: torch.Tensor, kv_mask: torch.Tensor | None) -> torch.Tensor:
+    """K, V and the mask chunk in one contiguous byte buffer, so that each hop is one message."""
+    nk = k.numel() * k.element_size()
+    nm = 0 if kv_mask is None else kv_mask.numel()
+    buf = torch.empty(2 * nk + nm, dtype=torch.uint8, device=k.device)
+    _unpack(buf, tuple(k.shape), k.dtype, kv_mask is not None, into=(k, v, kv_mask))
+    return buf
+
+
+def _unpack(buf: torch.Tensor, kv_shape: tuple[int, ...], dtype: torch.dtype, has_mask: bool, into=None):
+    """Views (k, v, kv_mask or None) into a packed buffer; with `into`, copies those tensors in first."""
+    n = math.prod(kv_shape)
+    nk = n * torch.empty((), dtype=dtype).element_size()
+    k = buf[:nk].view(dtype).view(kv_shape)
+    v = buf[nk:2 * nk].view(dtype).view(kv_shape)
+    m = buf[2 * nk:].view(torch.bool).view(kv_shape[0], kv_shape[1]) if has_mask else None
+    if into is not None:
+        k.copy_(into[0])
+        v.copy_(into[1])
+        if m is not None:
+            m.copy_(into[2])
+    return k, v, m
+
+
+def ring_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *,
+                   group: dist.ProcessGroup | None = None, scale: float | None = None, causal: bool = False,
+                   kv_mask: torch.Tensor | None = None, return_lse: bool = False, backend: str = "auto"):
+    """Exact attention over sequence-sharded q, k, v, K/V passed around a ring of the group's ranks.
+
+    Every rank of `group` must call this with its shards (a collective).
+
+    Args:
+        q: [B, Sq_r, H, D], this rank's chunk of the global queries; chunk r of the global sequence lives on
+            group rank r, in torch.tensor_split order (lengths may differ, even be 0).
+        k, v: [B, Sk_r, Hkv, D], this rank's chunk of the global keys/values, same rules as q (Sk_r may
+            differ from Sq_r, e.g. for cross-attention). dtype, device and layout as for flash_attn.
+        group: the process group of the ring (None: the default group). Ring neighbours are group ranks
+            r - 1 and r + 1, mapped to global ranks for the transfers.
+        scale: multiplies q.k; defaults to 1 / sqrt(D). Must be the same on every rank.
+        causal: bottom-right causal over the global sequences (global query i sees global key j iff
+            j <= i + Sk - Sq; for self-attention j <= i).
+        kv_mask: bool [B, Sk_r] or [B, 1, 1, Sk_r], True = attend: this rank's slice of the key-padding
+            mask. It travels with its K/V chunk. Given on every rank or on none.
+        return_lse: also return the LSE.
+        backend: the flash_attn backend for the local attention ("auto": the fastest, and the fused
+            attend-and-merge kernel when the library has one).
+
+    Returns:
+        out [B, Sq_r, H, D] in q's dtype (contiguous); with return_lse also lse [B, H, Sq_r] float32 over the
+        whole global key sequence. Rows that see no key: out 0, lse -inf. The result does not depend on
+        timing: partial results are merged in step order.
+
+    Raises:
+        ValueError on every rank of the group when any rank's inputs are invalid or the ranks disagree on
+        B, H, Hkv, D, dtype, device type, causal, the presence of kv_mask or scale.
+    """
+    if not dist.is_available() or not dist.is_initialized():
+        raise RuntimeError(f"{_OP}: torch.distributed is not initialised; call "
+                           f"torch.distributed.init_process_group first")
+    group = dist.group.WORLD if group is None else group
+    P, r = dist.get_world_size(group), dist.get_rank(group)
+    if r < 0:
+        raise ValueError(f"{_OP}: this process (global rank {dist.get_rank()}) is not a member of `group`")
+
+    # Local checks first, but their failure is only raised after the exchange: the other ranks are waiting
+    # in it, and they must learn that this rank will not take part in the ring.
+    error, row = None, [1] + [0] * (len(_FIELDS) - 1)
+    try:
+        (B, Sq, Sk, H, Hkv, D), kv_mask, scale = _check_local(q, k, v, kv_mask, scale)
+        row = [0, B, Sq, Sk, H, Hkv, D, _DTYPE_CODES[q.dtype], _DEVICE_CODES.get(q.device.type, 99),
+               int(bool(causal)), int(kv_mask is not None), _scale_bits(scale)]
+    except (ValueError, TypeError) as e:
+        error = e
+    metas = _exchange_meta(group, q, row)
+    if error is not None:
+        raise error
+    _check_agreement(metas)
+
+    q_lens = [m["Sq"] for m in metas]
+    k_lens = [m["Sk"] for m in metas]
+    q_start = sum(q_lens[:r])
+    k_starts = [sum(k_lens[:i]) for i in range(P)]
+    shift = sum(k_lens) - sum(q_lens)  # bottom-right alignment of the global sequences
+    has_mask = kv_mask is not None
+    dtype, device = q.dtype, q.device
+    elem = q.element_size()
+
+    def chunk_bytes(i: int) -> int:
+        return 2 * B * k_lens[i] * Hkv * D * elem + (B * k_lens[i] if has_mask else 0)
+
+    send_to = dist.get_global_rank(group, (r + 1) % P)
+    recv_from = dist.get_global_rank(group, (r - 1) % P)
+
+    # On CUDA the transfers run on a side stream that waits only for the data it sends (an event after the
+    # packing at step 0; later chunks arrive on this stream anyway), not for the attention kernels queued on
+    # the compute stream, so a transfer can start while the previous step still computes. Receive buffers
+    # are allocated on the side stream and marked with record_stream when the compute stream reads them, so
+    # the caching allocator does not hand their memory out again before those reads are done.
+    compute_stream = torch.cuda.current_stream(device) if device.type == "cuda" else None
+    comm_stream = torch.cuda.Stream(device) if device.type == "cuda" else None
+
+    acc_out, acc_lse = new_accumulator(q)
+    # Packed bytes of the chunk attended at this step: at step 0 the local chunk, packed only to be sent on
+    # (the step itself reads k, v directly); None for an empty chunk, which is never sent.
+    held = None
+    for t in range(P):
+        src = (r - t) % P  # the chunk attended to at step t started on group rank src
+        works, incoming = [], None
+        if t + 1 < P:
+            # Post the hop for step t + 1: the chunk attended now goes on to r + 1 and chunk (src - 1)
+            # comes in from r - 1. Both ends know a chunk's size from the table, so an empty chunk is
+            # simply not sent (nor expected).
+            if t == 0 and chunk_bytes(src) > 0:
+                held = _pack(k, v, kv_mask)
+            works, incoming = _post_hop(held, chunk_bytes(src), chunk_bytes((src - 1) % P), send_to,
+                                        recv_from, group, device, compute_stream, comm_stream, first=t == 0)
+
+        if t == 0:
+            k_t, v_t, m_t = k, v, kv_mask
+        elif held is None:  # an empty chunk (nothing was sent): attend_chunk skips it
+            k_t = v_t = q.new_empty((B, k_lens[src], Hkv, D))
+            m_t = None
+        else:
+            k_t, v_t, m_t = _unpack(held, (B, k_lens[src], Hkv, D), dtype, has_mask)
+        offset = q_start - k_starts[src] + shift if causal else None
+        attend_chunk(q, k_t, v_t, acc_out, acc_lse, scale=scale, causal_offset=offset, kv_mask_chunk=m_t,
+                     backend=backend)
+        del k_t, v_t, m_t  # views keep their buffer alive: drop them before the buffer is replaced
+
+        if t + 1 < P:
+            _wait_hop(works, compute_stream, comm_stream)
+            if incoming is not None and compute_stream is not None:
+                incoming.record_stream(compute_stream)
+            held = incoming  # the chunk attended at step t is released here
+            del works, incoming
+
+    out = acc_out if dtype == torch.float32 else acc_out.to(dtype)
+    return (out, acc_lse) if return_lse else out
+
+
+def _post_hop(send_buf, send_bytes, recv_bytes, send_to, recv_from, group, device, compute_stream,
+              comm_stream, first):
+    """Posts one hop (send the held chunk, receive the next); returns (work handles, receive buffer)."""
+    ctx = torch.cuda.stream(comm_stream) if comm_stream is not None else contextlib.nullcontext()
+    if comm_stream is not None and first:
+        comm_stream.wait_stream(compute_stream)  # the local chunk was packed on the compute stream
+    with ctx:
+        incoming = _new_recv_buffer(recv_bytes, device) if recv_bytes > 0 else None
+        ops = []
+        if send_bytes > 0:
+            ops.append(dist.P2POp(dist.isend, send_buf, send_to, group))
+        if incoming is not None:
+            ops.append(dist.P2POp(dist.irecv, incoming, recv_from, group))
+        works = dist.batch_isend_irecv(ops) if ops else []
+    return works, incoming
+
+
+def _wait_hop(works, compute_stream, comm_stream):
+    if comm_stream is None:
+        for w in works:
+            w.wait()  # gloo / CPU: blocks until this rank's send and receive are done
+        return
+    with torch.cuda.stream(comm_stream):
+        for w in works:
+            w.wait()  # NCCL: makes the side stream wait for the transfer, without blocking the host
+    compute_stream.wait_stream(comm_stream)
+
