@@ -1,0 +1,22 @@
+"""The benchmarks stay runnable: each one's --quick mode runs end to end (it checks our results against
+torch's before timing, so a wrong kernel fails here too). Timings are not asserted: speed is judged by the
+benchmarks' own side-by-side ratios, never by tests."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+
+import pytest
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+QUICK_BENCHMARKS = ["bench_flash_fwd.py"]
+
+
+@pytest.mark.parametrize("script", QUICK_BENCHMARKS)
+def test_benchmark_quick_mode_runs(script):
+    proc = subprocess.run([sys.executable, os.path.join(ROOT, "benchmarks", script), "--quick", "--no-json"],
+                          capture_output=True, text=True, timeout=300, cwd=ROOT)
+    assert proc.returncode == 0, f"{script} --quick failed:\n{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}"
+    assert "ours" in proc.stdout, f"{script} --quick printed no result table:\n{proc.stdout[-2000:]}"
