@@ -9,9 +9,11 @@ visible keys (natural log); a row that sees no key gives out 0 and lse -inf.
 from __future__ import annotations
 
 import torch
+import torch.distributed as dist
+from torch.distributed.distributed_c10d import _resolve_process_group
 
 from . import _C  # noqa: F401  (loads the library: schemas and kernels register on import)
-from ._checks import check_attn_inputs, check_merge_inputs
+from ._checks import ATTN_DTYPES, check_attn_inputs, check_merge_inputs
 
 _lib = torch.ops.cp_attention
 
@@ -95,9 +97,241 @@ def _(out, lse, out_b, lse_b):
         return _lib.merge_attn_states_(out, lse, out_b, lse_b)
 
 
+# --------------------------------------------------------------------------------------------------------
+# Ulysses (DESIGN section 1): pack/unpack kernels around the two all-to-alls, and the two collectives.
+def ulysses_head_split(op: str, H: int, Hkv: int, P: int) -> tuple[int, int]:
+    """(query heads, kv heads) per rank when P ranks split H query and Hkv kv heads; mirrors the C++ rule.
+    H must be divisible by P (uneven head splits are not supported). kv heads: Hkv / P each when P divides
+    Hkv; when Hkv divides P, one kv head per rank, r // (P // Hkv), shared by P // Hkv ranks (the kv head
+    that all of rank r's query heads read); other Hkv raise ValueError."""
+    if P < 1:
+        raise ValueError(f"{op}: world_size must be >= 1, got {P}")
+    if H % P != 0:
+        raise ValueError(f"{op}: the number of query heads H={H} must be divisible by world_size={P} "
+                         f"(Ulysses splits heads evenly across ranks)")
+    if Hkv % P == 0:
+        return H // P, Hkv // P
+    if P % Hkv != 0:
+        raise ValueError(f"{op}: the number of k/v heads Hkv={Hkv} must be a multiple or a divisor of "
+                         f"world_size={P} so that every rank's query heads read whole k/v heads")
+    return H // P, 1
+
+
+def _check_seq_lens(op: str, seq_lens) -> None:
+    if len(seq_lens) == 0:
+        raise ValueError(f"{op}: seq_lens must list one length per rank, got an empty list")
+    if any(s < 0 for s in seq_lens):
+        raise ValueError(f"{op}: seq_lens must be >= 0, got {list(seq_lens)}")
+
+
+def _check_recv(op: str, recv: torch.Tensor, expected: int) -> None:
+    if recv.dtype not in ATTN_DTYPES:
+        raise ValueError(f"{op}: recv must be float32, float16 or bfloat16, got {recv.dtype}")
+    if recv.numel() != expected:
+        raise ValueError(f"{op}: recv must hold {expected} elements for the given sizes, got {recv.numel()} "
+                         f"(shape {list(recv.shape)})")
+
+
+def a2a_pack_seq_to_head(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, world_size: int) -> torch.Tensor:
+    """The seq -> head send buffer (1-D, q's dtype) of local shards q [B, S, H, D], k/v [B, S, Hkv, D]:
+    for each destination rank r, its heads of q, then of k, then of v, each as [B, S, h(k), D]."""
+    return _lib.a2a_pack_seq_to_head(q, k, v, world_size)
+
+
+@torch.library.register_fake("cp_attention::a2a_pack_seq_to_head")
+def _(q, k, v, world_size):
+    op = "cp_attention.a2a_pack_seq_to_head"
+    B, Sq, Sk, H, Hkv, D = check_attn_inputs(op, q, k, v)
+    if Sq != Sk:
+        raise ValueError(f"{op}: q, k and v must be shards of one sequence (same length), got q "
+                         f"{list(q.shape)}, k {list(k.shape)}")
+    h, hk = ulysses_head_split(op, H, Hkv, world_size)
+    return q.new_empty((world_size * B * Sq * (h + 2 * hk) * D,))
+
+
+torch.library.register_autograd("cp_attention::a2a_pack_seq_to_head", _no_backward("a2a_pack_seq_to_head"),
+                                setup_context=_setup_none)
+
+
+def a2a_unpack_seq_to_head(recv: torch.Tensor, seq_lens: list[int], batch: int, heads: int, kv_heads: int,
+                           head_dim: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The seq -> head receive buffer (contiguous, any shape, read in memory order; source s sent sequence
+    chunk s of seq_lens[s] positions) as q [B, S, heads, D], k, v [B, S, kv_heads, D], S = sum(seq_lens)."""
+    return _lib.a2a_unpack_seq_to_head(recv, seq_lens, batch, heads, kv_heads, head_dim)
+
+
+@torch.library.register_fake("cp_attention::a2a_unpack_seq_to_head")
+def _(recv, seq_lens, batch, heads, kv_heads, head_dim):
+    op = "cp_attention.a2a_unpack_seq_to_head"
+    _check_seq_lens(op, seq_lens)
+    if batch < 0 or min(heads, kv_heads, head_dim) < 1:
+        raise ValueError(f"{op}: batch must be >= 0 and heads, kv_heads, head_dim >= 1, got batch={batch}, "
+                         f"heads={heads}, kv_heads={kv_heads}, head_dim={head_dim}")
+    S = sum(seq_lens)
+    _check_recv(op, recv, batch * S * (heads + 2 * kv_heads) * head_dim)
+    return (recv.new_empty((batch, S, heads, head_dim)), recv.new_empty((batch, S, kv_heads, head_dim)),
+            recv.new_empty((batch, S, kv_heads, head_dim)))
+
+
+torch.library.register_autograd("cp_attention::a2a_unpack_seq_to_head",
+                                _no_backward("a2a_unpack_seq_to_head"), setup_context=_setup_none)
+
+
+def a2a_pack_head_to_seq(out: torch.Tensor, seq_lens: list[int]) -> torch.Tensor:
+    """The head -> seq send buffer (1-D, out's dtype) of out [B, sum(seq_lens), h, D]: positions of rank s
+    (sequence chunk s) as [B, seq_lens[s], h, D], for s = 0..P-1."""
+    return _lib.a2a_pack_head_to_seq(out, seq_lens)
+
+
+@torch.library.register_fake("cp_attention::a2a_pack_head_to_seq")
+def _(out, seq_lens):
+    op = "cp_attention.a2a_pack_head_to_seq"
+    _check_seq_lens(op, seq_lens)
+    if out.dim() != 4:
+        raise ValueError(f"{op}: out must be a 4-D tensor [B, S, h, D], got shape {list(out.shape)}")
+    if out.dtype not in ATTN_DTYPES:
+        raise ValueError(f"{op}: out must be float32, float16 or bfloat16, got {out.dtype}")
+    if sum(seq_lens) != out.shape[1]:
+        raise ValueError(f"{op}: seq_lens must sum to out's sequence length {out.shape[1]}, got "
+                         f"{list(seq_lens)}")
+    return out.new_empty((out.numel(),))
+
+
+torch.library.register_autograd("cp_attention::a2a_pack_head_to_seq", _no_backward("a2a_pack_head_to_seq"),
+                                setup_context=_setup_none)
+
+
+def a2a_unpack_head_to_seq(recv: torch.Tensor, world_size: int, batch: int, seq_len: int, heads: int,
+                           head_dim: int) -> torch.Tensor:
+    """The head -> seq receive buffer (contiguous, any shape; source r sent this rank's positions of heads
+    [r * heads, (r + 1) * heads) as [B, seq_len, heads, D]) as out [B, seq_len, world_size * heads, D]."""
+    return _lib.a2a_unpack_head_to_seq(recv, world_size, batch, seq_len, heads, head_dim)
+
+
+@torch.library.register_fake("cp_attention::a2a_unpack_head_to_seq")
+def _(recv, world_size, batch, seq_len, heads, head_dim):
+    op = "cp_attention.a2a_unpack_head_to_seq"
+    if world_size < 1:
+        raise ValueError(f"{op}: world_size must be >= 1, got {world_size}")
+    if batch < 0 or seq_len < 0 or min(heads, head_dim) < 1:
+        raise ValueError(f"{op}: batch and seq_len must be >= 0 and heads, head_dim >= 1, got batch={batch}, "
+                         f"seq_len={seq_len}, heads={heads}, head_dim={head_dim}")
+    _check_recv(op, recv, world_size * batch * seq_len * heads * head_dim)
+    return recv.new_empty((batch, seq_len, world_size * heads, head_dim))
+
+
+torch.library.register_autograd("cp_attention::a2a_unpack_head_to_seq",
+                                _no_backward("a2a_unpack_head_to_seq"), setup_context=_setup_none)
+
+
+def _all_to_all(send: torch.Tensor, send_splits: list[int], recv_splits: list[int], group_name: str
+                ) -> torch.Tensor:
+    """One all_to_all_single of a 1-D buffer with uneven element splits; with one rank the buffer itself
+    (nothing to move)."""
+    group = _resolve_process_group(group_name)
+    if group.size() == 1:
+        return send
+    recv = send.new_empty((sum(recv_splits),))
+    dist.all_to_all_single(recv, send, recv_splits, send_splits, group=group)
+    return recv
+
+
+def _group_size_and_rank(op: str, group_name: str, seq_lens) -> tuple[int, int]:
+    group = _resolve_process_group(group_name)
+    P, rank = group.size(), group.rank()
+    if len(seq_lens) != P:
+        raise ValueError(f"{op}: seq_lens must list one length per rank of the group ({P}), got "
+                         f"{list(seq_lens)}")
+    return P, rank
+
+
+@torch.library.custom_op("cp_attention::a2a_seq_to_head", mutates_args=())
+def a2a_seq_to_head(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, kv_mask: torch.Tensor | None,
+                    seq_lens: list[int], group_name: str) -> list[torch.Tensor]:
+    """Ulysses' first all-to-all: local shards q [B, S_r, H, D], k/v [B, S_r, Hkv, D] (sequence chunk r of
+    group rank r, S_r = seq_lens[r]) to this rank's heads over the whole sequence, [q, k, v] with q
+    [B, S, H/P, D] and k/v [B, S, hk, D] (S = sum(seq_lens); hk per ulysses_head_split). q, k and v travel
+    in one all_to_all_single; a kv_mask [B, S_r] (bool) is gathered to [B, S] by a second, small one and
+    appended to the list. The group is passed by name (`group.group_name`), as torch's functional
+    collectives do."""
+    op = "cp_attention.a2a_seq_to_head"
+    P, rank = _group_size_and_rank(op, group_name, seq_lens)
+    B, S_r, H, D = q.shape
+    h, hk = ulysses_head_split(op, H, k.shape[2], P)
+    if S_r != seq_lens[rank]:
+        raise ValueError(f"{op}: q's sequence length {S_r} must equal seq_lens[{rank}]={seq_lens[rank]}")
+    send = _lib.a2a_pack_seq_to_head(q, k, v, P)
+    width = B * (h + 2 * hk) * D
+    recv = _all_to_all(send, [width * S_r] * P, [width * s for s in seq_lens], group_name)
+    res = list(_lib.a2a_unpack_seq_to_head(recv, seq_lens, B, h, hk, D))
+    if kv_mask is not None:
+        # Every rank needs the whole mask: each sends its own chunk to every rank (uneven lengths allowed).
+        mine = kv_mask.to(torch.uint8).reshape(1, -1).expand(P, B * S_r).reshape(-1)
+        got = _all_to_all(mine, [B * S_r] * P, [B * s for s in seq_lens], group_name)
+        chunks = got.split([B * s for s in seq_lens])
+        res.append(torch.cat([c.view(B, s) for c, s in zip(chunks, seq_lens)], dim=1).to(torch.bool))
+    return res
+
+
+@a2a_seq_to_head.register_fake
+def _(q, k, v, kv_mask, seq_lens, group_name):
+    op = "cp_attention.a2a_seq_to_head"
+    B, _, H, D = q.shape
+    h, hk = ulysses_head_split(op, H, k.shape[2], len(seq_lens))
+    S = sum(seq_lens)
+    res = [q.new_empty((B, S, h, D)), q.new_empty((B, S, hk, D)), q.new_empty((B, S, hk, D))]
+    if kv_mask is not None:
+        res.append(kv_mask.new_empty((B, S), dtype=torch.bool))
+    return res
+
+
+a2a_seq_to_head.register_autograd(_no_backward("a2a_seq_to_head"), setup_context=_setup_none)
+
+
+@torch.library.custom_op("cp_attention::a2a_head_to_seq", mutates_args=())
+def a2a_head_to_seq(out: torch.Tensor, lse: torch.Tensor | None, seq_lens: list[int],
+                    group_name: str) -> list[torch.Tensor]:
+    """Ulysses' second all-to-all: out [B, S, h, D] of this rank's heads over the whole sequence (S =
+    sum(seq_lens)) back to this rank's positions of every head, [out [B, S_r, P*h, D]]; with lse
+    [B, h, S] float32 also [B, P*h, S_r] (a second, small all_to_all_single), appended to the list."""
+    op = "cp_attention.a2a_head_to_seq"
+    P, rank = _group_size_and_rank(op, group_name, seq_lens)
+    B, _, h, D = out.shape
+    S_r = seq_lens[rank]
+    send = _lib.a2a_pack_head_to_seq(out, seq_lens)
+    recv = _all_to_all(send, [B * s * h * D for s in seq_lens], [B * S_r * h * D] * P, group_name)
+    res = [_lib.a2a_unpack_head_to_seq(recv, P, B, S_r, h, D)]
+    if lse is not None:
+        lse_send = torch.cat([c.reshape(-1) for c in lse.split(list(seq_lens), dim=2)])
+        lse_recv = _all_to_all(lse_send, [B * h * s for s in seq_lens], [B * h * S_r] * P, group_name)
+        res.append(lse_recv.view(P, B, h, S_r).permute(1, 0, 2, 3).reshape(B, P * h, S_r))
+    return res
+
+
+@a2a_head_to_seq.register_fake
+def _(out, lse, seq_lens, group_name):
+    op = "cp_attention.a2a_head_to_seq"
+    _, rank = _group_size_and_rank(op, group_name, seq_lens)
+    B, _, h, D = out.shape
+    P, S_r = len(seq_lens), seq_lens[rank]
+    res = [out.new_empty((B, S_r, P * h, D))]
+    if lse is not None:
+        res.append(lse.new_empty((B, P * h, S_r)))
+    return res
+
+
+a2a_head_to_seq.register_autograd(_no_backward("a2a_head_to_seq"), setup_context=_setup_none)
+
+
 # Every op of the library, for tests that must visit them all (opcheck, fake kernels, autograd errors).
 ALL_OPS = (
     _lib.flash_attn_fwd.default,
     _lib.merge_attn_states.default,
     _lib.merge_attn_states_.default,
+    _lib.a2a_pack_seq_to_head.default,
+    _lib.a2a_unpack_seq_to_head.default,
+    _lib.a2a_pack_head_to_seq.default,
+    _lib.a2a_unpack_head_to_seq.default,
+    _lib.a2a_seq_to_head.default,
+    _lib.a2a_head_to_seq.default,
 )

@@ -12,4 +12,12 @@ TORCH_LIBRARY(cp_attention, m) {
   m.def("merge_attn_states(Tensor out_a, Tensor lse_a, Tensor out_b, Tensor lse_b) -> (Tensor out, Tensor lse)");
   // Merges (out_b, lse_b) into the running state (out, lse) in place: the ring-step accumulate.
   m.def("merge_attn_states_(Tensor(a!) out, Tensor(b!) lse, Tensor out_b, Tensor lse_b) -> ()");
+  // Ulysses send buffer (1-D): per destination rank, its heads of q, then k, then v, each [B, S, h(k), D].
+  m.def("a2a_pack_seq_to_head(Tensor q, Tensor k, Tensor v, int world_size) -> Tensor");
+  // Ulysses receive buffer (source s: sequence chunk s, seq_lens[s] long) -> q, k, v [B, sum(seq_lens), h(k), D].
+  m.def("a2a_unpack_seq_to_head(Tensor recv, int[] seq_lens, int batch, int heads, int kv_heads, int head_dim) -> (Tensor q, Tensor k, Tensor v)");
+  // Output send buffer (1-D): out [B, sum(seq_lens), h, D] cut into sequence chunks, chunk s for rank s.
+  m.def("a2a_pack_head_to_seq(Tensor out, int[] seq_lens) -> Tensor");
+  // Output receive buffer (source r: heads [r*h, (r+1)*h)) -> out [B, seq_len, world_size*heads, D].
+  m.def("a2a_unpack_head_to_seq(Tensor recv, int world_size, int batch, int seq_len, int heads, int head_dim) -> Tensor");
 }

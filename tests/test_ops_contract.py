@@ -3,6 +3,8 @@ inference, torch.compile, and autograd (forward-only ops must refuse backward lo
 
 from __future__ import annotations
 
+import functools
+
 import pytest
 import torch
 from conftest import randn
@@ -76,10 +78,86 @@ def _merge_inplace_same(device, gen):
                                                                      dead=True), {}
 
 
+# Ulysses pack/unpack. The receive buffers are read in memory order whatever their shape; the samples pass
+# them as [1, 1, 1, n] views so that the autograd checks (which mark 4-D float inputs) cover these ops too.
+def _a2a_pack_seq_fp32(device, gen):
+    return _qkv(2, 5, 5, 4, 2, 8, torch.float32, device, gen) + (2,), {}
+
+
+def _a2a_pack_seq_mqa_strided_fp16(device, gen):
+    q, k, v = _qkv(1, 6, 6, 6, 1, 16, torch.float16, device, gen)
+    return (q.transpose(1, 2).contiguous().transpose(1, 2), k, v, 3), {}
+
+
+def _a2a_unpack_seq_bf16(device, gen):
+    seq_lens, B, h, hk, D = [3, 0, 4], 2, 2, 1, 8
+    recv = randn(1, 1, 1, B * sum(seq_lens) * (h + 2 * hk) * D, dtype=torch.bfloat16, device=device, gen=gen)
+    return (recv, seq_lens, B, h, hk, D), {}
+
+
+def _a2a_pack_head_fp16(device, gen):
+    out = randn(2, 9, 3, 16, dtype=torch.float16, device=device, gen=gen)
+    return (out[:, :, :2], [4, 0, 5]), {}  # a head slice: strided along S
+
+
+def _a2a_unpack_head_fp32(device, gen):
+    P, B, S, h, D = 3, 2, 4, 2, 8
+    return (randn(1, 1, 1, P * B * S * h * D, dtype=torch.float32, device=device, gen=gen), P, B, S, h, D), {}
+
+
+@functools.cache
+def _single_rank_group():
+    """A one-rank gloo group registered by name (without init_process_group, so the in-process tests that
+    expect torch.distributed to be uninitialised are unaffected), for the collective ops. Cached: the
+    registry holds groups weakly, so the group must stay referenced."""
+    import torch.distributed as dist
+
+    store = dist.HashStore()
+    pg = dist.ProcessGroup(store, 0, 1)
+    pg._set_default_backend(dist.ProcessGroup.BackendType.GLOO)
+    pg._register_backend(torch.device("cpu"), dist.ProcessGroup.BackendType.GLOO,
+                         dist.ProcessGroupGloo(store, 0, 1))
+    pg._set_group_name("cp_attention_tests_single_rank")
+    torch._C._distributed_c10d._register_process_group(pg.group_name, pg)
+    return pg
+
+
+def _single_rank_group_name() -> str:
+    return _single_rank_group().group_name
+
+
+def _a2a_seq_to_head_mask(device, gen):
+    if device != "cpu":
+        pytest.skip("the one-rank test group is gloo (CPU)")
+    q, k, v = _qkv(2, 7, 7, 4, 2, 8, torch.float16, device, gen)
+    mask = torch.rand(2, 7, generator=gen) < 0.5
+    return (q, k, v, mask, [7], _single_rank_group_name()), {}
+
+
+def _a2a_head_to_seq_lse(device, gen):
+    if device != "cpu":
+        pytest.skip("the one-rank test group is gloo (CPU)")
+    out, lse = _state(2, 6, 3, 8, torch.float32, device, gen, dead=True)
+    return (out, lse, [6], _single_rank_group_name()), {}
+
+
+def _a2a_head_to_seq_no_lse(device, gen):
+    if device != "cpu":
+        pytest.skip("the one-rank test group is gloo (CPU)")
+    out, _ = _state(1, 5, 2, 16, torch.bfloat16, device, gen)
+    return (out, None, [5], _single_rank_group_name()), {}
+
+
 SAMPLES = {
     OPS.flash_attn_fwd.default: [_fwd_plain, _fwd_gqa_causal_fp16, _fwd_mask_bf16, _fwd_empty_keys],
     OPS.merge_attn_states.default: [_merge_fp32, _merge_mixed_dead, _merge_strided_bf16],
     OPS.merge_attn_states_.default: [_merge_inplace_acc, _merge_inplace_same],
+    OPS.a2a_pack_seq_to_head.default: [_a2a_pack_seq_fp32, _a2a_pack_seq_mqa_strided_fp16],
+    OPS.a2a_unpack_seq_to_head.default: [_a2a_unpack_seq_bf16],
+    OPS.a2a_pack_head_to_seq.default: [_a2a_pack_head_fp16],
+    OPS.a2a_unpack_head_to_seq.default: [_a2a_unpack_head_fp32],
+    OPS.a2a_seq_to_head.default: [_a2a_seq_to_head_mask],
+    OPS.a2a_head_to_seq.default: [_a2a_head_to_seq_lse, _a2a_head_to_seq_no_lse],
 }
 SAMPLE_CASES = [pytest.param(op, b, id=f"{op.name().split('::')[1]}-{b.__name__.lstrip('_')}")
                 for op, builders in SAMPLES.items() for b in builders]

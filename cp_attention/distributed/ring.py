@@ -17,27 +17,20 @@ from __future__ import annotations
 
 import contextlib
 import math
-import struct
 
 import torch
 import torch.distributed as dist
 
 from cp_attention._checks import check_attn_inputs
 
+from ._agreement import DEVICE_CODES, DTYPE_CODES, check_agreement, check_scale, normalize_kv_mask, scale_bits
 from ._step import attend_chunk, new_accumulator
 
 _OP = "cp_attention.distributed.ring_attention"
 
-_DTYPE_CODES = {torch.float32: 1, torch.float16: 2, torch.bfloat16: 3}
-_DTYPE_NAMES = {code: str(dt) for dt, code in _DTYPE_CODES.items()}
-_DEVICE_CODES = {"cpu": 1, "cuda": 2}
 
 # The up-front all_gather: one int64 row per rank. "status" is 0 when the rank's own checks passed.
 _FIELDS = ("status", "B", "Sq", "Sk", "H", "Hkv", "D", "dtype", "device", "causal", "has_mask", "scale")
-# Fields every rank must agree on, with the words an error uses for them.
-_MUST_AGREE = {"B": "batch size B", "H": "number of query heads H", "Hkv": "number of k/v heads Hkv",
-               "D": "head dim D", "dtype": "dtype", "device": "device type", "causal": "causal flag",
-               "has_mask": "presence of kv_mask", "scale": "scale"}
 
 
 def _new_recv_buffer(nbytes: int, device: torch.device) -> torch.Tensor:
@@ -46,29 +39,11 @@ def _new_recv_buffer(nbytes: int, device: torch.device) -> torch.Tensor:
     return torch.empty(nbytes, dtype=torch.uint8, device=device)
 
 
-def _scale_bits(scale: float) -> int:
-    # Compared bit for bit across ranks: the float64 pattern as an int64 fits the integer all_gather.
-    return struct.unpack("<q", struct.pack("<d", scale))[0]
-
-
-def _bits_scale(bits: int) -> float:
-    return struct.unpack("<d", struct.pack("<q", bits))[0]
-
-
 def _check_local(q, k, v, kv_mask, scale):
     """This rank's own checks; returns (dims, kv_mask as [B, Sk] or None, scale as a float)."""
-    if (isinstance(kv_mask, torch.Tensor) and kv_mask.dim() == 4 and kv_mask.shape[1] == 1
-            and kv_mask.shape[2] == 1):
-        kv_mask = kv_mask[:, 0, 0]  # the [B, 1, 1, Sk] form attention processors pass (e.g. Qwen-Image)
-    if kv_mask is not None and not isinstance(kv_mask, torch.Tensor):
-        raise ValueError(f"{_OP}: kv_mask must be a bool tensor [B, Sk] or [B, 1, 1, Sk] or None, "
-                         f"got {type(kv_mask).__name__}")
+    kv_mask = normalize_kv_mask(_OP, kv_mask)
     dims = check_attn_inputs(_OP, q, k, v, kv_mask)
-    if scale is None:
-        scale = 1.0 / math.sqrt(dims[-1])
-    elif isinstance(scale, bool) or not isinstance(scale, (int, float)) or not math.isfinite(scale):
-        raise ValueError(f"{_OP}: scale must be a finite number or None, got {scale!r}")
-    return dims, kv_mask, float(scale)
+    return dims, kv_mask, check_scale(_OP, scale, dims[-1])
 
 
 def _meta_device(group, q) -> torch.device:
@@ -87,33 +62,6 @@ def _exchange_meta(group, q, row: list[int]) -> list[dict[str, int]]:
     rows = [torch.empty_like(mine) for _ in range(P)]
     dist.all_gather(rows, mine, group=group)
     return [dict(zip(_FIELDS, r.tolist())) for r in rows]
-
-
-def _describe(field: str, value: int) -> str:
-    if field == "dtype":
-        return _DTYPE_NAMES.get(value, "an unsupported dtype")
-    if field == "device":
-        return {c: n for n, c in _DEVICE_CODES.items()}.get(value, "another device type")
-    if field == "scale":
-        return repr(_bits_scale(value))
-    if field in ("causal", "has_mask"):
-        return str(bool(value))
-    return str(value)
-
-
-def _check_agreement(metas: list[dict[str, int]]):
-    """Raises the same ValueError on every rank when the ranks' inputs are not shards of one problem."""
-    failed = [i for i, m in enumerate(metas) if m["status"] != 0]
-    if failed:
-        raise ValueError(f"{_OP}: group rank(s) {failed} rejected their own inputs (each raised a ValueError "
-                         f"saying why); every rank must pass valid shards")
-    for field, words in _MUST_AGREE.items():
-        values = [m[field] for m in metas]
-        if len(set(values)) > 1:
-            per_rank = ", ".join(f"rank {i}: {_describe(field, x)}" for i, x in enumerate(values))
-            raise ValueError(f"{_OP}: the ranks of the group disagree on the {words} ({per_rank}); every "
-                             f"rank must pass shards of the same q, k, v (only the sequence length may "
-                             f"differ)")
 
 
 def _pack(k: torch.Tensor, v: torch.Tensor, kv_mask: torch.Tensor | None) -> torch.Tensor:
@@ -185,14 +133,14 @@ def ring_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *,
     error, row = None, [1] + [0] * (len(_FIELDS) - 1)
     try:
         (B, Sq, Sk, H, Hkv, D), kv_mask, scale = _check_local(q, k, v, kv_mask, scale)
-        row = [0, B, Sq, Sk, H, Hkv, D, _DTYPE_CODES[q.dtype], _DEVICE_CODES.get(q.device.type, 99),
-               int(bool(causal)), int(kv_mask is not None), _scale_bits(scale)]
+        row = [0, B, Sq, Sk, H, Hkv, D, DTYPE_CODES[q.dtype], DEVICE_CODES.get(q.device.type, 99),
+               int(bool(causal)), int(kv_mask is not None), scale_bits(scale)]
     except (ValueError, TypeError) as e:
         error = e
     metas = _exchange_meta(group, q, row)
     if error is not None:
         raise error
-    _check_agreement(metas)
+    check_agreement(_OP, metas)
 
     q_lens = [m["Sq"] for m in metas]
     k_lens = [m["Sk"] for m in metas]

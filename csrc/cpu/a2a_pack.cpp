@@ -1,0 +1,210 @@
+// CPU pack/unpack kernels around the two Ulysses all-to-alls (DESIGN section 1, "Sequence sharding across
+// ranks"). Each op moves every element exactly once, straight between the BSHD tensors and the flat
+// all_to_all_single buffer, instead of permute + contiguous + split + cat (several full copies).
+//
+// Buffer layouts (all contiguous, in the tensors' dtype):
+// - seq -> head send buffer: for destination r = 0..P-1 in order, q's heads of r as [B, S_local, h, D],
+//   then k's kv heads of r as [B, S_local, hk, D], then v's likewise. Every destination block has the same
+//   size, B * S_local * (h + 2 hk) * D elements.
+// - seq -> head receive buffer: the same blocks from source s = 0..P-1, each over s's S_s positions.
+// - head -> seq send buffer: for destination s, positions [start_s, start_s + S_s) of out as [B, S_s, h, D].
+// - head -> seq receive buffer: from source r, this rank's positions of heads [r h, (r + 1) h) as
+//   [B, S_local, h, D].
+// Head split: h = H / P (H % P == 0 is required). kv heads: hk = Hkv / P when P divides Hkv; when Hkv < P
+// and Hkv divides P every rank gets one kv head, r / (P / Hkv), which is the kv head all its query heads
+// read (query head g reads kv head g / (H / Hkv)); other Hkv are rejected.
+#include <ATen/ATen.h>
+#include <ATen/Parallel.h>
+#include <torch/library.h>
+
+#include <cstring>
+#include <vector>
+
+#include "checks.h"
+
+namespace cp_attention::cpu {
+namespace {
+
+struct HeadSplit {
+  int64_t h, hk;           // query / kv heads per rank
+  int64_t kv_group;        // ranks sharing one kv head (1 when P divides Hkv)
+  int64_t kv_start(int64_t r) const { return kv_group == 1 ? r * hk : r / kv_group; }
+};
+
+HeadSplit head_split(const char* op, int64_t H, int64_t Hkv, int64_t P) {
+  TORCH_CHECK_VALUE(P >= 1, op, ": world_size must be >= 1, got ", P);
+  TORCH_CHECK_VALUE(H % P == 0, op, ": the number of query heads H=", H,
+                    " must be divisible by world_size=", P, " (Ulysses splits heads evenly across ranks)");
+  if (Hkv % P == 0) return {H / P, Hkv / P, 1};
+  TORCH_CHECK_VALUE(P % Hkv == 0, op, ": the number of k/v heads Hkv=", Hkv,
+                    " must be a multiple or a divisor of world_size=", P,
+                    " so that every rank's query heads read whole k/v heads");
+  return {H / P, 1, P / Hkv};
+}
+
+void check_seq_lens(const char* op, at::IntArrayRef seq_lens) {
+  TORCH_CHECK_VALUE(!seq_lens.empty(), op, ": seq_lens must list one length per rank, got an empty list");
+  for (int64_t s : seq_lens)
+    TORCH_CHECK_VALUE(s >= 0, op, ": seq_lens must be >= 0, got ", seq_lens);
+}
+
+void check_recv(const char* op, const at::Tensor& recv, int64_t expected) {
+  TORCH_CHECK_VALUE(is_attn_dtype(recv.scalar_type()), op, ": recv must be float32, float16 or bfloat16, got ",
+                    recv.scalar_type());
+  TORCH_CHECK_VALUE(recv.is_contiguous(), op, ": recv must be contiguous (it is read in memory order)");
+  TORCH_CHECK_VALUE(recv.numel() == expected, op, ": recv must hold ", expected,
+                    " elements for the given sizes, got ", recv.numel(), " (shape ", recv.sizes(), ")");
+}
+
+// Copies n heads [h0, h0 + n) of row (b, s) of a BSHD tensor (last dim contiguous) to dst, densely.
+inline void copy_heads(char* dst, const at::Tensor& t, const char* base, int64_t b, int64_t s, int64_t h0,
+                       int64_t n, int64_t D, int64_t elem) {
+  const char* src = base + (b * t.stride(0) + s * t.stride(1) + h0 * t.stride(2)) * elem;
+  if (n == 1 || t.stride(2) == D) {
+    std::memcpy(dst, src, n * D * elem);
+    return;
+  }
+  for (int64_t i = 0; i < n; ++i) std::memcpy(dst + i * D * elem, src + i * t.stride(2) * elem, D * elem);
+}
+
+at::Tensor a2a_pack_seq_to_head_cpu(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
+                                    int64_t world_size) {
+  const char* op = "cp_attention.a2a_pack_seq_to_head";
+  const AttnDims d = check_attn_inputs(op, q, k, v, std::nullopt);
+  TORCH_CHECK_VALUE(d.Sq == d.Sk, op, ": q, k and v must be shards of one sequence (same length), got q ",
+                    q.sizes(), ", k ", k.sizes());
+  const HeadSplit hs = head_split(op, d.H, d.Hkv, world_size);
+  const int64_t B = d.B, S = d.Sq, D = d.D, P = world_size, elem = q.element_size();
+  const int64_t block = B * S * (hs.h + 2 * hs.hk) * D;
+  at::Tensor buf = at::empty({P * block}, q.options().memory_format(at::MemoryFormat::Contiguous));
+  if (buf.numel() == 0) return buf;
+  char* dst = static_cast<char*>(buf.mutable_data_ptr());
+  const at::Tensor* src[3] = {&q, &k, &v};
+  const char* base[3] = {static_cast<const char*>(q.const_data_ptr()),
+                         static_cast<const char*>(k.const_data_ptr()),
+                         static_cast<const char*>(v.const_data_ptr())};
+  const int64_t nheads[3] = {hs.h, hs.hk, hs.hk};
+  const int64_t t_off[3] = {0, B * S * hs.h * D, B * S * (hs.h + hs.hk) * D};
+  // One row = one (destination, tensor, b, s): a dense run of n * D elements on the buffer side.
+  const int64_t rows = P * 3 * B * S;
+  at::parallel_for(0, rows, std::max<int64_t>(1, 16384 / ((hs.h + 1) * D)), [&](int64_t begin, int64_t end) {
+    for (int64_t row = begin; row < end; ++row) {
+      const int64_t s = row % S, b = (row / S) % B, t = (row / (S * B)) % 3, r = row / (S * B * 3);
+      const int64_t n = nheads[t];
+      const int64_t h0 = t == 0 ? r * hs.h : hs.kv_start(r);
+      char* out = dst + (r * block + t_off[t] + (b * S + s) * n * D) * elem;
+      copy_heads(out, *src[t], base[t], b, s, h0, n, D, elem);
+    }
+  });
+  return buf;
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor> a2a_unpack_seq_to_head_cpu(const at::Tensor& recv,
+                                                                         at::IntArrayRef seq_lens,
+                                                                         int64_t batch, int64_t heads,
+                                                                         int64_t kv_heads, int64_t head_dim) {
+  const char* op = "cp_attention.a2a_unpack_seq_to_head";
+  check_seq_lens(op, seq_lens);
+  TORCH_CHECK_VALUE(batch >= 0 && heads >= 1 && kv_heads >= 1 && head_dim >= 1, op,
+                    ": batch must be >= 0 and heads, kv_heads, head_dim >= 1, got batch=", batch, ", heads=",
+                    heads, ", kv_heads=", kv_heads, ", head_dim=", head_dim);
+  const int64_t P = static_cast<int64_t>(seq_lens.size()), B = batch, D = head_dim;
+  const int64_t width = heads + 2 * kv_heads;
+  std::vector<int64_t> start(P + 1, 0), src_base(P + 1, 0);
+  for (int64_t s = 0; s < P; ++s) {
+    start[s + 1] = start[s] + seq_lens[s];
+    src_base[s + 1] = src_base[s] + B * seq_lens[s] * width * D;
+  }
+  check_recv(op, recv, src_base[P]);
+  const int64_t Sg = start[P], elem = recv.element_size();
+  at::Tensor q = at::empty({B, Sg, heads, D}, recv.options());
+  at::Tensor k = at::empty({B, Sg, kv_heads, D}, recv.options());
+  at::Tensor v = at::empty({B, Sg, kv_heads, D}, recv.options());
+  if (B * Sg == 0) return {q, k, v};
+  std::vector<int64_t> owner(Sg);  // global position -> source rank
+  for (int64_t s = 0; s < P; ++s)
+    for (int64_t j = start[s]; j < start[s + 1]; ++j) owner[j] = s;
+  const char* src = static_cast<const char*>(recv.const_data_ptr());
+  char* dst[3] = {static_cast<char*>(q.mutable_data_ptr()), static_cast<char*>(k.mutable_data_ptr()),
+                  static_cast<char*>(v.mutable_data_ptr())};
+  const int64_t nheads[3] = {heads, kv_heads, kv_heads};
+  const int64_t rows = 3 * B * Sg;
+  at::parallel_for(0, rows, std::max<int64_t>(1, 16384 / ((heads + 1) * D)), [&](int64_t begin, int64_t end) {
+    for (int64_t row = begin; row < end; ++row) {
+      const int64_t j = row % Sg, b = (row / Sg) % B, t = row / (Sg * B);
+      const int64_t s = owner[j], Ss = seq_lens[s], i = j - start[s], n = nheads[t];
+      const int64_t t_off = t == 0 ? 0 : B * Ss * (heads + (t - 1) * kv_heads) * D;
+      std::memcpy(dst[t] + (b * Sg + j) * n * D * elem,
+                  src + (src_base[s] + t_off + (b * Ss + i) * n * D) * elem, n * D * elem);
+    }
+  });
+  return {q, k, v};
+}
+
+at::Tensor a2a_pack_head_to_seq_cpu(const at::Tensor& out, at::IntArrayRef seq_lens) {
+  const char* op = "cp_attention.a2a_pack_head_to_seq";
+  check_seq_lens(op, seq_lens);
+  TORCH_CHECK_VALUE(out.dim() == 4, op, ": out must be a 4-D tensor [B, S, h, D], got shape ", out.sizes());
+  TORCH_CHECK_VALUE(is_attn_dtype(out.scalar_type()), op, ": out must be float32, float16 or bfloat16, got ",
+                    out.scalar_type());
+  TORCH_CHECK_VALUE(out.stride(3) == 1 || out.size(3) == 1, op,
+                    ": out's last dimension must be contiguous (stride 1), got strides ", out.strides());
+  const int64_t B = out.size(0), Sg = out.size(1), h = out.size(2), D = out.size(3);
+  const int64_t P = static_cast<int64_t>(seq_lens.size()), elem = out.element_size();
+  std::vector<int64_t> start(P + 1, 0);
+  for (int64_t s = 0; s < P; ++s) start[s + 1] = start[s] + seq_lens[s];
+  TORCH_CHECK_VALUE(start[P] == Sg, op, ": seq_lens must sum to out's sequence length ", Sg, ", got ",
+                    seq_lens);
+  at::Tensor buf = at::empty({B * Sg * h * D}, out.options().memory_format(at::MemoryFormat::Contiguous));
+  if (buf.numel() == 0) return buf;
+  std::vector<int64_t> owner(Sg);
+  for (int64_t s = 0; s < P; ++s)
+    for (int64_t j = start[s]; j < start[s + 1]; ++j) owner[j] = s;
+  const char* base = static_cast<const char*>(out.const_data_ptr());
+  char* dst = static_cast<char*>(buf.mutable_data_ptr());
+  at::parallel_for(0, B * Sg, std::max<int64_t>(1, 16384 / (h * D)), [&](int64_t begin, int64_t end) {
+    for (int64_t row = begin; row < end; ++row) {
+      const int64_t j = row % Sg, b = row / Sg, s = owner[j];
+      // Destination s's block starts after the blocks of ranks < s: B * start[s] rows of h * D.
+      char* o = dst + ((B * start[s] + b * seq_lens[s] + (j - start[s])) * h * D) * elem;
+      copy_heads(o, out, base, b, j, 0, h, D, elem);
+    }
+  });
+  return buf;
+}
+
+at::Tensor a2a_unpack_head_to_seq_cpu(const at::Tensor& recv, int64_t world_size, int64_t batch,
+                                      int64_t seq_len, int64_t heads, int64_t head_dim) {
+  const char* op = "cp_attention.a2a_unpack_head_to_seq";
+  TORCH_CHECK_VALUE(world_size >= 1, op, ": world_size must be >= 1, got ", world_size);
+  TORCH_CHECK_VALUE(batch >= 0 && seq_len >= 0 && heads >= 1 && head_dim >= 1, op,
+                    ": batch and seq_len must be >= 0 and heads, head_dim >= 1, got batch=", batch,
+                    ", seq_len=", seq_len, ", heads=", heads, ", head_dim=", head_dim);
+  const int64_t P = world_size, B = batch, S = seq_len, h = heads, D = head_dim;
+  check_recv(op, recv, P * B * S * h * D);
+  const int64_t elem = recv.element_size();
+  at::Tensor out = at::empty({B, S, P * h, D}, recv.options());
+  if (out.numel() == 0) return out;
+  const char* src = static_cast<const char*>(recv.const_data_ptr());
+  char* dst = static_cast<char*>(out.mutable_data_ptr());
+  at::parallel_for(0, B * S * P, std::max<int64_t>(1, 16384 / (h * D)), [&](int64_t begin, int64_t end) {
+    for (int64_t row = begin; row < end; ++row) {
+      // Row (b, i, r): source r's heads land at [r h, (r + 1) h) of position i, next to each other, so
+      // consecutive rows write consecutive memory.
+      const int64_t r = row % P, i = (row / P) % S, b = row / (P * S);
+      std::memcpy(dst + row * h * D * elem, src + (r * B * S * h * D + (b * S + i) * h * D) * elem,
+                  h * D * elem);
+    }
+  });
+  return out;
+}
+
+}  // namespace
+}  // namespace cp_attention::cpu
+
+TORCH_LIBRARY_IMPL(cp_attention, CPU, m) {
+  m.impl("a2a_pack_seq_to_head", &cp_attention::cpu::a2a_pack_seq_to_head_cpu);
+  m.impl("a2a_unpack_seq_to_head", &cp_attention::cpu::a2a_unpack_seq_to_head_cpu);
+  m.impl("a2a_pack_head_to_seq", &cp_attention::cpu::a2a_pack_head_to_seq_cpu);
+  m.impl("a2a_unpack_head_to_seq", &cp_attention::cpu::a2a_unpack_head_to_seq_cpu);
+}
