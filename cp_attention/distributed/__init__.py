@@ -4,5 +4,7 @@ ranks"). Process groups are passed explicitly; importing this module changes no 
 from ._step import attend_chunk, new_accumulator, plan_chunk
 from .ring import ring_attention
 from .ulysses import ulysses_attention
+from .unified import unified_attention
 
-__all__ = ["attend_chunk", "new_accumulator", "plan_chunk", "ring_attention", "ulysses_attention"]
+__all__ = ["attend_chunk", "new_accumulator", "plan_chunk", "ring_attention", "ulysses_attention",
+           "unified_attention"]

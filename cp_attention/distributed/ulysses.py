@@ -42,14 +42,14 @@ _OP = "cp_attention.distributed.ulysses_attention"
 _FIELDS = ("status", "B", "S", "H", "Hkv", "D", "dtype", "device", "causal", "has_mask", "scale")
 
 
-def _check_local(q, k, v, kv_mask, scale):
+def _check_local(q, k, v, kv_mask, scale, op: str = _OP):
     """This rank's own checks; returns (dims, kv_mask as [B, S] or None, scale as a float)."""
-    kv_mask = normalize_kv_mask(_OP, kv_mask)
-    dims = check_attn_inputs(_OP, q, k, v, kv_mask)
+    kv_mask = normalize_kv_mask(op, kv_mask)
+    dims = check_attn_inputs(op, q, k, v, kv_mask)
     if dims[1] != dims[2]:
-        raise ValueError(f"{_OP}: q and k/v must be chunks of one sequence (self-attention), got q "
+        raise ValueError(f"{op}: q and k/v must be chunks of one sequence (self-attention), got q "
                          f"{list(q.shape)}, k {list(k.shape)}")
-    return dims, kv_mask, check_scale(_OP, scale, dims[-1])
+    return dims, kv_mask, check_scale(op, scale, dims[-1])
 
 
 @torch._dynamo.assume_constant_result
@@ -74,11 +74,17 @@ def _auto_backend(device_type: str) -> str:
     return cp_attention.available_backends(device_type)[0]
 
 
-def _check_agreement(metas: list[dict[str, int]], P: int):
+def row_of(q, B, S, H, Hkv, D, causal, kv_mask, scale) -> tuple[int, ...]:
+    """This rank's row of the up-front exchange (_FIELDS), its own checks passed."""
+    return (0, B, S, H, Hkv, D, DTYPE_CODES[q.dtype], DEVICE_CODES.get(q.device.type, 99), int(bool(causal)),
+            int(kv_mask is not None), scale_bits(scale))
+
+
+def _check_agreement(metas: list[dict[str, int]], P: int, op: str = _OP):
     """Raises the same ValueError on every rank when the ranks' inputs are not shards of one problem."""
-    check_agreement(_OP, metas)
+    check_agreement(op, metas)
     # The same on every rank, since H and Hkv agree.
-    ops.ulysses_head_split(_OP, metas[0]["H"], metas[0]["Hkv"], P)
+    ops.ulysses_head_split(op, metas[0]["H"], metas[0]["Hkv"], P)
 
 
 def ulysses_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *,
@@ -120,8 +126,7 @@ def ulysses_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *,
     error, row = None, (1,) + (0,) * (len(_FIELDS) - 1)
     try:
         (B, Sq, _, H, Hkv, D), kv_mask, scale = _check_local(q, k, v, kv_mask, scale)
-        row = (0, B, Sq, H, Hkv, D, DTYPE_CODES[q.dtype], DEVICE_CODES.get(q.device.type, 99),
-               int(bool(causal)), int(kv_mask is not None), scale_bits(scale))
+        row = row_of(q, B, Sq, H, Hkv, D, causal, kv_mask, scale)
     except (ValueError, TypeError) as e:
         error = e
     metas = [dict(zip(_FIELDS, m)) for m in _exchange_meta(group_name, row)]
