@@ -115,3 +115,33 @@ def run_distributed(fn, world_size: int, *args, timeout: float = 60.0,
         raise AssertionError(f"distributed run of {getattr(fn, '__name__', fn)} on {world_size} ranks failed "
                              ":\n" + "\n".join(problems))
     return [results[rank][1] for rank in range(world_size)]
+
+
+class SpawnedItems:
+    """Batches many test items into one spawn per world size: `rank_main(rank, world_size)` runs every item
+    of that world size and returns {item key: None or the traceback}; each test then checks its own item
+    with `assert_ok(world_size, key)`. A spawn that failed as a whole (a hang, a crash) fails every item of
+    it with the harness's message."""
+
+    def __init__(self, rank_main, timeout: float):
+        self._rank_main, self._timeout = rank_main, timeout
+        self._cache: dict[int, list[dict] | str] = {}
+
+    def _results(self, world_size: int):
+        if world_size not in self._cache:
+            try:
+                self._cache[world_size] = run_distributed(self._rank_main, world_size, timeout=self._timeout)
+            except AssertionError as e:
+                self._cache[world_size] = str(e)
+        return self._cache[world_size]
+
+    def assert_ok(self, world_size: int, key: str):
+        import pytest
+
+        per_rank = self._results(world_size)
+        if isinstance(per_rank, str):
+            pytest.fail(per_rank, pytrace=False)
+        failures = [f"--- rank {r}:\n{res[key]}" for r, res in enumerate(per_rank) if res[key] is not None]
+        if failures:
+            pytest.fail(f"{key} failed on {len(failures)} of {world_size} ranks:\n" + "\n".join(failures),
+                        pytrace=False)

@@ -16,7 +16,7 @@ from typing import NamedTuple
 import pytest
 import torch
 from conftest import make_kv_mask, randn
-from dist_harness import run_distributed
+from dist_harness import SpawnedItems
 from reference import assert_close_to_ref, assert_lse_float32_grade, attention_ref, same_dtype_math_path
 
 from cp_attention.distributed import plan_chunk
@@ -328,29 +328,11 @@ def _rank_main(rank: int, world_size: int) -> dict[str, str | None]:
 
 @pytest.fixture(scope="module")
 def runs():
-    """runs(world_size) -> per-rank result dicts of that world size's single spawn (cached), or the
-    harness's failure message when the spawn itself failed (a hang, a crash)."""
-    cache: dict[int, list[dict] | str] = {}
-
-    def get(world_size: int):
-        if world_size not in cache:
-            try:
-                cache[world_size] = run_distributed(_rank_main, world_size, timeout=SPAWN_TIMEOUT_S)
-            except AssertionError as e:
-                cache[world_size] = str(e)
-        return cache[world_size]
-
-    return get
+    return SpawnedItems(_rank_main, SPAWN_TIMEOUT_S)
 
 
 def _assert_item(runs, world_size: int, key: str):
-    per_rank = runs(world_size)
-    if isinstance(per_rank, str):
-        pytest.fail(per_rank, pytrace=False)
-    failures = [f"--- rank {r}:\n{res[key]}" for r, res in enumerate(per_rank) if res[key] is not None]
-    if failures:
-        pytest.fail(f"{key} failed on {len(failures)} of {world_size} ranks:\n" + "\n".join(failures),
-                    pytrace=False)
+    runs.assert_ok(world_size, key)
 
 
 @pytest.mark.parametrize("case", CASES, ids=[c.name for c in CASES])

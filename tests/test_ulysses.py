@@ -15,7 +15,7 @@ from typing import NamedTuple
 import pytest
 import torch
 from conftest import make_kv_mask, randn
-from dist_harness import run_distributed
+from dist_harness import SpawnedItems
 from test_ring import _check_shard, _lengths, _shard
 
 SPAWN_TIMEOUT_S = 120.0
@@ -176,27 +176,11 @@ def _rank_main(rank: int, world_size: int) -> dict[str, str | None]:
 
 @pytest.fixture(scope="module")
 def runs():
-    cache: dict[int, list[dict] | str] = {}
-
-    def get(world_size: int):
-        if world_size not in cache:
-            try:
-                cache[world_size] = run_distributed(_rank_main, world_size, timeout=SPAWN_TIMEOUT_S)
-            except AssertionError as e:
-                cache[world_size] = str(e)
-        return cache[world_size]
-
-    return get
+    return SpawnedItems(_rank_main, SPAWN_TIMEOUT_S)
 
 
 def _assert_item(runs, world_size: int, key: str):
-    per_rank = runs(world_size)
-    if isinstance(per_rank, str):
-        pytest.fail(per_rank, pytrace=False)
-    failures = [f"--- rank {r}:\n{res[key]}" for r, res in enumerate(per_rank) if res[key] is not None]
-    if failures:
-        pytest.fail(f"{key} failed on {len(failures)} of {world_size} ranks:\n" + "\n".join(failures),
-                    pytrace=False)
+    runs.assert_ok(world_size, key)
 
 
 @pytest.mark.parametrize("case", CASES, ids=[c.name for c in CASES])
