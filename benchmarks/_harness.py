@@ -336,7 +336,7 @@ def make_parser(description: str) -> argparse.ArgumentParser:
     """ArgumentParser with the flags every benchmark shares; scripts add their own on top."""
     p = argparse.ArgumentParser(description=description)
     p.add_argument("--quick", action="store_true", help="tiny subset for smoke tests (seconds, not minutes)")
-    p.add_argument("--out-dir", default=str(RESULTS_DIR), help="where the JSON result goes")
+    p.add_argument("--out-dir", default=None, help="where the JSON result goes (default: benchmarks/results)")
     p.add_argument("--no-json", action="store_true", help="print only, write no result file")
     p.add_argument("--threads", type=int, default=None, help="torch intra-op threads (default: torch's)")
     p.add_argument("--iters", type=int, default=None,
