@@ -145,3 +145,21 @@ class SpawnedItems:
         if failures:
             pytest.fail(f"{key} failed on {len(failures)} of {world_size} ranks:\n" + "\n".join(failures),
                         pytrace=False)
+
+
+def run_items(items) -> dict[str, str | None]:
+    """Runs (key, fn) items in order on this rank: {key: None, or the traceback if fn raised}. Every rank
+    waits for the others after each item, so the next one starts together and one failure does not shift
+    the collectives of the rest."""
+    import pytest
+    import torch.distributed as dist
+
+    results = {}
+    for key, fn in items:
+        try:
+            fn()
+            results[key] = None
+        except (Exception, pytest.fail.Exception):  # reported per item by the test that owns it
+            results[key] = traceback.format_exc()
+        dist.barrier()
+    return results

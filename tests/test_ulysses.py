@@ -8,14 +8,14 @@ own item's outcome on every rank.
 
 from __future__ import annotations
 
-import traceback
+import functools
 import zlib
 from typing import NamedTuple
 
 import pytest
 import torch
 from conftest import make_kv_mask, randn
-from dist_harness import SpawnedItems
+from dist_harness import SpawnedItems, run_items
 from test_ring import _check_shard, _lengths, _shard
 
 SPAWN_TIMEOUT_S = 120.0
@@ -157,21 +157,11 @@ def _item_list(world_size: int):
 
 
 def _rank_main(rank: int, world_size: int) -> dict[str, str | None]:
-    import torch.distributed as dist
-
     torch.manual_seed(0)
-    results = {}
-    for key, item in _item_list(world_size):
-        try:
-            if isinstance(item, Case):
-                _run_case(rank, item)
-            else:
-                item(rank, world_size)
-            results[key] = None
-        except (Exception, pytest.fail.Exception):  # reported per item by the test that owns it
-            results[key] = traceback.format_exc()
-        dist.barrier()  # the next item starts together on every rank
-    return results
+    return run_items(
+        (key, functools.partial(_run_case, rank, item) if isinstance(item, Case)
+         else functools.partial(item, rank, world_size))
+        for key, item in _item_list(world_size))
 
 
 @pytest.fixture(scope="module")

@@ -4,14 +4,14 @@ the rank, under the tolerance rule; and misuse in one row that must raise on eve
 
 from __future__ import annotations
 
-import traceback
+import functools
 import zlib
 from typing import NamedTuple
 
 import pytest
 import torch
 from conftest import make_kv_mask, randn
-from dist_harness import SpawnedItems
+from dist_harness import SpawnedItems, run_items
 from test_ring import _check_shard, _lengths, _shard
 
 SPAWN_TIMEOUT_S = 120.0
@@ -94,25 +94,15 @@ def _check_misuse(rank: int, groups):
 
 
 def _rank_main(rank: int, world_size: int) -> dict[str, str | None]:
-    import torch.distributed as dist
-
     results = {}
     meshes = sorted({(c.ring, c.ulysses) for c in CASES if c.ring * c.ulysses == world_size})
     for ring, ulysses in meshes:
         groups = _groups(ring, ulysses)
-        items = [(c.name, c) for c in CASES if (c.ring, c.ulysses) == (ring, ulysses)]
+        items = [(c.name, functools.partial(_run_case, rank, c, groups))
+                 for c in CASES if (c.ring, c.ulysses) == (ring, ulysses)]
         if (ring, ulysses) == (2, 2):
-            items.append(("misuse-2x2", None))
-        for key, case in items:
-            try:
-                if case is None:
-                    _check_misuse(rank, groups)
-                else:
-                    _run_case(rank, case, groups)
-                results[key] = None
-            except (Exception, pytest.fail.Exception):
-                results[key] = traceback.format_exc()
-            dist.barrier()
+            items.append(("misuse-2x2", functools.partial(_check_misuse, rank, groups)))
+        results.update(run_items(items))
     return results
 
 
