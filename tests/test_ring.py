@@ -272,16 +272,14 @@ def _check_misuse(rank: int, world_size: int):
 
 def _check_fused_kernel(rank: int, world_size: int):
     """When the library has a fused attend-and-merge op (flash_attn_fwd_acc_) with a kernel for the device,
-    every step goes through it. A Python stand-in with the schema attend_chunk documents is registered in
+    every step goes through it. A Python stand-in kernel for the op's schema is registered in
     this rank's process only, for this item only; the cross-attention case makes some steps two calls."""
     import cp_attention
 
     calls = [0]
-    lib = torch.library.Library("cp_attention", "FRAGMENT")
-    lib.define("flash_attn_fwd_acc_(Tensor(a!) acc_out, Tensor(b!) acc_lse, Tensor q, Tensor k, Tensor v, "
-               "float? scale, bool causal, Tensor? kv_mask) -> ()")
+    lib = torch.library.Library("cp_attention", "IMPL")
 
-    def fused(acc_out, acc_lse, q, k, v, scale, causal, kv_mask):
+    def fused(q, k, v, acc_out, acc_lse, scale, causal, kv_mask):
         calls[0] += 1
         out, lse = cp_attention.flash_attn(q, k, v, scale=scale, causal=causal, kv_mask=kv_mask,
                                            return_lse=True)

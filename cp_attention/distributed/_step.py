@@ -69,13 +69,10 @@ def _fused_available(device: torch.device) -> bool:
 
 
 def _attend_merge(q, k, v, acc_out, acc_lse, scale, causal, kv_mask, backend):
-    """acc <- merge(acc, attention(q, k, v)). Uses the fused kernel when the library has one for q's device
-    (it saves writing and re-reading the partial out/lse). Its assumed schema mirrors flash_attn_fwd with
-    the accumulators first, like merge_attn_states_:
-    flash_attn_fwd_acc_(Tensor(a!) acc_out, Tensor(b!) acc_lse, q, k, v, float? scale, bool causal,
-    Tensor? kv_mask) -> ()."""
+    """acc <- merge(acc, attention(q, k, v)). Uses the fused kernel flash_attn_fwd_acc_ when the library has
+    one for q's device: it merges in its epilogue, saving the write and re-read of a partial out/lse."""
     if backend == "auto" and _fused_available(q.device):
-        torch.ops.cp_attention.flash_attn_fwd_acc_(acc_out, acc_lse, q, k, v, scale, causal, kv_mask)
+        torch.ops.cp_attention.flash_attn_fwd_acc_(q, k, v, acc_out, acc_lse, scale, causal, kv_mask)
         return
     out, lse = cp_attention.flash_attn(q, k, v, scale=scale, causal=causal, kv_mask=kv_mask,
                                        return_lse=True, backend=backend)
