@@ -79,3 +79,26 @@ def check_merge_inputs(op: str, a_name: str, out_a, lse_a, out_b, lse_b):
         _fail(op, f"out_b must have the shape of {a_name} {list(out_a.shape)}, got {list(out_b.shape)}")
     if out_b.device != out_a.device:
         _fail(op, f"out_b must be on {out_a.device} like {a_name}, got {out_b.device}")
+
+
+def check_acc_state(op: str, q: torch.Tensor, out: torch.Tensor, lse: torch.Tensor):
+    """The running state of flash_attn_fwd_acc_: out [B, Sq, H, D] in q's dtype or float32 (last dim
+    contiguous), lse [B, H, Sq] float32 (any strides)."""
+    B, Sq, H, D = q.shape
+    for name, t in (("out", out), ("lse", lse)):
+        if not isinstance(t, torch.Tensor):
+            _fail(op, f"{name} must be a torch.Tensor, got {type(t).__name__}")
+    if tuple(out.shape) != (B, Sq, H, D):
+        _fail(op, f"out must have q's shape [B, Sq, H, D] = {list(q.shape)}, got {list(out.shape)}")
+    if out.dtype not in (q.dtype, torch.float32):
+        _fail(op, f"out must have q's dtype ({q.dtype}) or float32, got {out.dtype}")
+    if out.device != q.device:
+        _fail(op, f"out must be on {q.device} like q, got {out.device}")
+    if D != 1 and out.stride(3) != 1:
+        _fail(op, f"out's last dimension must be contiguous (stride 1), got strides {list(out.stride())}")
+    if lse.dtype != torch.float32:
+        _fail(op, f"lse must be float32, got {lse.dtype}")
+    if tuple(lse.shape) != (B, H, Sq):
+        _fail(op, f"lse must have shape [B, H, Sq] = [{B}, {H}, {Sq}], got {list(lse.shape)}")
+    if lse.device != q.device:
+        _fail(op, f"lse must be on {q.device} like q, got {lse.device}")

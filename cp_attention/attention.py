@@ -7,7 +7,7 @@ import math
 import torch
 
 from . import ops
-from ._checks import check_attn_inputs
+from ._checks import check_acc_state, check_attn_inputs
 from .aten_backend import ATEN_KERNELS, aten_attention
 
 # Our own kernels, by the device type they run on.
@@ -95,3 +95,32 @@ def merge_attn_states_(out: torch.Tensor, lse: torch.Tensor, out_b: torch.Tensor
     float32; out_b/lse_b as in merge_attn_states. Any strides.
     """
     ops.merge_attn_states_(out, lse, out_b, lse_b)
+
+
+def flash_attn_acc_(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, out: torch.Tensor,
+                    lse: torch.Tensor, *,
+                    scale: float | None = None, causal: bool = False, kv_mask: torch.Tensor | None = None,
+                    backend: str = "auto") -> None:
+    """One ring step: attends q to the K/V chunk (k, v) and merges the result into the running state
+    (out, lse) in place, i.e. (out, lse) <- merge((out, lse), flash_attn(q, k, v, return_lse=True)).
+
+    q, k, v, scale, causal, kv_mask and backend as in flash_attn (causal is the chunk's own bottom-right
+    rule). out: [B, Sq, H, D] in q's dtype or float32 (recommended for half inputs), last dim contiguous,
+    other strides free (a row slice of a bigger accumulator works); lse: [B, H, Sq] float32, any strides.
+    Start from out 0 and lse -inf (attention over no key); rows that see no key of this chunk keep their
+    state. Our own kernels (backend "cpu", or "auto" where one is built) merge in the kernel's epilogue
+    (op flash_attn_fwd_acc_), so the partial result never goes to memory; other backends run the forward
+    and merge_attn_states_.
+    """
+    op = "cp_attention.flash_attn_acc_"
+    check_attn_inputs(op, q, k, v, kv_mask)
+    check_acc_state(op, q, out, lse)
+    if backend == "auto":
+        backend = available_backends(q.device)[0]
+    if backend in _OWN_BACKENDS.values() and q.device.type == backend and _has_kernel(
+            torch.ops.cp_attention.flash_attn_fwd_acc_.default, q.device):
+        ops.flash_attn_fwd_acc_(q, k, v, out, lse, scale, causal, kv_mask)
+        return
+    part_out, part_lse = flash_attn(q, k, v, scale=scale, causal=causal, kv_mask=kv_mask, return_lse=True,
+                                    backend=backend)
+    ops.merge_attn_states_(out, lse, part_out, part_lse)

@@ -13,7 +13,7 @@ import torch.distributed as dist
 from torch.distributed.distributed_c10d import _resolve_process_group
 
 from . import _C  # noqa: F401  (loads the library: schemas and kernels register on import)
-from ._checks import ATTN_DTYPES, check_attn_inputs, check_merge_inputs
+from ._checks import ATTN_DTYPES, check_acc_state, check_attn_inputs, check_merge_inputs
 
 _lib = torch.ops.cp_attention
 
@@ -55,6 +55,34 @@ torch.library.register_autograd("cp_attention::flash_attn_fwd", _no_backward("fl
 
 
 # --------------------------------------------------------------------------------------------------------
+def flash_attn_fwd_acc_(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, out: torch.Tensor,
+                        lse: torch.Tensor, scale: float | None = None, causal: bool = False,
+                        kv_mask: torch.Tensor | None = None) -> None:
+    """The fused ring step: attends q [B, Sq, H, D] to this chunk k, v [B, Sk, Hkv, D] and merges the result
+    into the running state in place, in the kernel's epilogue. out [B, Sq, H, D] in q's dtype or float32
+    (last dim contiguous; a row slice of a bigger accumulator works), lse [B, H, Sq] float32, both updated
+    with the merge rule of DESIGN section 1. Start from out 0 / lse -inf (attention over no key).
+    out and lse must not overlap q, k, v or kv_mask."""
+    _lib.flash_attn_fwd_acc_(q, k, v, out, lse, scale, causal, kv_mask)
+
+
+@torch.library.register_fake("cp_attention::flash_attn_fwd_acc_")
+def _(q, k, v, out, lse, scale=None, causal=False, kv_mask=None):
+    op = "cp_attention.flash_attn_fwd_acc_"
+    check_attn_inputs(op, q, k, v, kv_mask)
+    check_acc_state(op, q, out, lse)
+    return None
+
+
+@torch.library.impl("cp_attention::flash_attn_fwd_acc_", "Autograd")
+def _(q, k, v, out, lse, scale=None, causal=False, kv_mask=None):
+    if torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in (q, k, v, out, lse)):
+        _no_backward("flash_attn_fwd_acc_")(None)
+    with torch._C._AutoDispatchBelowAutograd():
+        return _lib.flash_attn_fwd_acc_(q, k, v, out, lse, scale, causal, kv_mask)
+
+
+# --------------------------------------------------------------------------------------------------------
 def merge_attn_states(out_a: torch.Tensor, lse_a: torch.Tensor, out_b: torch.Tensor, lse_b: torch.Tensor
                       ) -> tuple[torch.Tensor, torch.Tensor]:
     """Merges two partial states over disjoint key sets: (out [B, S, H, D], lse [B, H, S] float32).
@@ -89,6 +117,7 @@ def _(out, lse, out_b, lse_b):
 
 # An op that mutates its inputs cannot take an autograd formula; without an Autograd kernel torch would
 # let backward run through it silently (wrong gradients), so refuse at the call when a graph is recorded.
+# (flash_attn_fwd_acc_ above does the same.)
 @torch.library.impl("cp_attention::merge_attn_states_", "Autograd")
 def _(out, lse, out_b, lse_b):
     if torch.is_grad_enabled() and any(t.requires_grad for t in (out, lse, out_b, lse_b)):
@@ -326,6 +355,7 @@ a2a_head_to_seq.register_autograd(_no_backward("a2a_head_to_seq"), setup_context
 # Every op of the library, for tests that must visit them all (opcheck, fake kernels, autograd errors).
 ALL_OPS = (
     _lib.flash_attn_fwd.default,
+    _lib.flash_attn_fwd_acc_.default,
     _lib.merge_attn_states.default,
     _lib.merge_attn_states_.default,
     _lib.a2a_pack_seq_to_head.default,

@@ -93,4 +93,24 @@ inline void check_merge_inputs(const char* op, const char* a_name, const at::Ten
               ", got ", out_b.device());
 }
 
+// The running state of flash_attn_fwd_acc_: out [B, Sq, H, D] in q's dtype or float32 (last dim contiguous,
+// other strides free, so row slices of a bigger accumulator work) and lse [B, H, Sq] float32 (any strides).
+inline void check_acc_state(const char* op, const AttnDims& d, const at::Tensor& q, const at::Tensor& out,
+                            const at::Tensor& lse) {
+  TORCH_CHECK_VALUE(out.dim() == 4 && out.size(0) == d.B && out.size(1) == d.Sq && out.size(2) == d.H &&
+                        out.size(3) == d.D,
+                    op, ": out must have q's shape [B, Sq, H, D] = ", q.sizes(), ", got ", out.sizes());
+  TORCH_CHECK_VALUE(out.scalar_type() == q.scalar_type() || out.scalar_type() == at::kFloat, op,
+                    ": out must have q's dtype (", q.scalar_type(), ") or float32, got ", out.scalar_type());
+  TORCH_CHECK_VALUE(out.device() == q.device(), op, ": out must be on ", q.device(), " like q, got ",
+                    out.device());
+  TORCH_CHECK_VALUE(out.stride(3) == 1 || d.D == 1, op,
+                    ": out's last dimension must be contiguous (stride 1), got strides ", out.strides());
+  TORCH_CHECK_VALUE(lse.scalar_type() == at::kFloat, op, ": lse must be float32, got ", lse.scalar_type());
+  TORCH_CHECK_VALUE(lse.dim() == 3 && lse.size(0) == d.B && lse.size(1) == d.H && lse.size(2) == d.Sq, op,
+                    ": lse must have shape [B, H, Sq] = [", d.B, ", ", d.H, ", ", d.Sq, "], got ", lse.sizes());
+  TORCH_CHECK_VALUE(lse.device() == q.device(), op, ": lse must be on ", q.device(), " like q, got ",
+                    lse.device());
+}
+
 }  // namespace cp_attention

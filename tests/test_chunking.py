@@ -84,6 +84,42 @@ def test_chunks_merge_to_whole(target, shape, n_chunks, causal, masked, dtype):
     _check_accumulator(acc, acc_lse, q, k, v, causal, kv_mask)
 
 
+@pytest.mark.parametrize("acc_dtype", ["float32", "q"])
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("masked", [False, True], ids=["nomask", "mask"])
+@pytest.mark.parametrize("causal", [False, True], ids=["full", "causal"])
+@pytest.mark.parametrize("shape,n_chunks", CASES, ids=[f"{s}-{n}chunks" for s, n in CASES])
+def test_fused_accumulation_equals_whole(target, shape, n_chunks, causal, masked, dtype, acc_dtype):
+    """flash_attn_acc_ chunk by chunk (the fused ring step for our kernels) from the empty state, whose out
+    is NaN-poisoned (it must never be read while its lse is -inf): equals attention over the whole. Causal
+    chunks run as two calls on row slices of the state (strided out and lse), as in _attend_chunk."""
+    B, Sq, Sk, H, Hkv, D = shape
+    seed = 7 + n_chunks * 100 + causal * 10 + masked
+    gen = torch.Generator().manual_seed(seed)
+    q = randn(B, Sq, H, D, dtype=dtype, device=target.device, gen=gen)
+    k = randn(B, Sk, Hkv, D, dtype=dtype, device=target.device, gen=gen)
+    v = randn(B, Sk, Hkv, D, dtype=dtype, device=target.device, gen=gen)
+    kv_mask = make_kv_mask(B, Sk, gen, target.device) if masked else None
+    skip_unsupported(target, q, Sk, causal, masked)
+    skip_unsupported(target, q, Sk, False, masked)
+
+    state_dtype = torch.float32 if acc_dtype == "float32" else dtype
+    acc = torch.full((B, Sq, H, D), float("nan"), dtype=state_dtype, device=target.device)
+    acc_lse = torch.full((B, H, Sq), float("-inf"), device=target.device)
+    bounds = _boundaries(Sk, n_chunks, gen)
+    for s, e in zip(bounds, bounds[1:]):
+        kc, vc = k[:, s:e], v[:, s:e]
+        mc = None if kv_mask is None else kv_mask[:, s:e]
+        split = min(max(Sq - (Sk - e), 0), Sq) if causal else 0
+        if split:
+            cp_attention.flash_attn_acc_(q[:, :split], kc, vc, acc[:, :split], acc_lse[:, :, :split],
+                                         causal=True, kv_mask=mc, backend=target.backend)
+        cp_attention.flash_attn_acc_(q[:, split:], kc, vc, acc[:, split:], acc_lse[:, :, split:], kv_mask=mc,
+                                     backend=target.backend)
+    assert acc.dtype == state_dtype
+    check_attention(acc.to(q.dtype), acc_lse, q, k, v, causal=causal, kv_mask=kv_mask)
+
+
 def _check_accumulator(acc, acc_lse, q, k, v, causal, kv_mask):
     # The chunks were computed in q's dtype, so the float32 accumulator is held to the tolerance of q's
     # dtype: it is rounded to that dtype (which keeps any NaN) and checked like a direct result.

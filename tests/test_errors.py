@@ -94,6 +94,44 @@ def test_flash_attn_fwd_op_rejects(case):
     _assert_message(err, ATTN_CASES[case][1])
 
 
+@pytest.mark.parametrize("case", list(ATTN_CASES))
+def test_flash_attn_acc_rejects_bad_qkv(case):
+    # The fused ring step checks q, k, v and kv_mask like the forward does (the public function and the op).
+    i = _attn_inputs(case)
+    q = i["q"] if isinstance(i["q"], torch.Tensor) and i["q"].dim() == 4 else _t(B, SQ, H, D)
+    out, lse = torch.zeros(q.shape[0], q.shape[1], q.shape[2], q.shape[3]), torch.zeros(B, q.shape[2], SQ)
+    for fn in (lambda: cp_attention.flash_attn_acc_(i["q"], i["k"], i["v"], out, lse, kv_mask=i["kv_mask"]),
+               lambda: OPS.flash_attn_fwd_acc_(i["q"], i["k"], i["v"], out, lse, None, False, i["kv_mask"])):
+        with pytest.raises(ValueError) as err:
+            fn()
+        _assert_message(err, ATTN_CASES[case][1])
+
+
+# The running state of the fused ring step: out [B, Sq, H, D] (q's dtype or float32), lse [B, H, Sq] float32.
+ACC_CASES = {
+    "out_shape": ({"out": _t(B, SQ + 1, H, D)}, [r"\bout\b", "shape"]),
+    "out_rank3": ({"out": _t(SQ, H, D)}, [r"\bout\b", "shape"]),
+    "out_float16": ({"out": _t(B, SQ, H, D, dtype=torch.float16)}, [r"\bout\b", "float32"]),
+    "out_float64": ({"out": _t(B, SQ, H, D, dtype=torch.float64)}, [r"\bout\b", "dtype"]),
+    "out_last_stride": ({"out": _strided_last(B, SQ, H, D)}, [r"\bout\b", "stride"]),
+    "out_device": ({"out": _t(B, SQ, H, D, device="meta")}, [r"\bout\b", "device|meta"]),
+    "lse_bshd_order": ({"lse": _t(B, SQ, H)}, [r"\blse\b", "shape"]),
+    "lse_half": ({"lse": _t(B, H, SQ, dtype=torch.float16)}, [r"\blse\b", "float32"]),
+    "lse_device": ({"lse": _t(B, H, SQ, device="meta")}, [r"\blse\b", "device|meta"]),
+}
+
+
+@pytest.mark.parametrize("case", list(ACC_CASES))
+def test_flash_attn_acc_rejects_bad_state(case):
+    i = dict(_good(), out=_t(B, SQ, H, D), lse=_t(B, H, SQ))
+    i.update(ACC_CASES[case][0])
+    for fn in (lambda: cp_attention.flash_attn_acc_(i["q"], i["k"], i["v"], i["out"], i["lse"]),
+               lambda: OPS.flash_attn_fwd_acc_(i["q"], i["k"], i["v"], i["out"], i["lse"], None, False, None)):
+        with pytest.raises(ValueError) as err:
+            fn()
+        _assert_message(err, ACC_CASES[case][1])
+
+
 def test_head_dim_bounds_are_inclusive():
     # The counterpart of D_0 / D_257: 1 and 256 themselves are accepted.
     for d in (1, 256):

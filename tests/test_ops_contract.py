@@ -43,6 +43,25 @@ def _fwd_empty_keys(device, gen):
     return _qkv(1, 4, 0, 2, 2, 8, torch.float32, device, gen) + (None, True, None), {}
 
 
+def _acc_fp32_state_gqa(device, gen):
+    q, k, v = _qkv(2, 9, 13, 4, 2, 16, torch.float16, device, gen)
+    out, lse = _state(2, 9, 4, 16, torch.float32, device, gen, dead=True)
+    return (q, k, v, out, lse, None, False, None), {}
+
+
+def _acc_rowslice_causal_mask_bf16(device, gen):
+    # The running state is a row slice of a bigger accumulator (strided out and lse).
+    q, k, v = _qkv(1, 6, 10, 2, 1, 40, torch.bfloat16, device, gen)
+    out, lse = _state(1, 11, 2, 40, torch.bfloat16, device, gen, dead=True)
+    mask = torch.rand(1, 10, generator=gen) < 0.6
+    return (q, k, v, out[:, 3:9], lse[:, :, 3:9]), {"scale": 0.3, "causal": True, "kv_mask": mask.to(device)}
+
+
+def _acc_empty_keys_fp32(device, gen):
+    q, k, v = _qkv(1, 5, 0, 3, 3, 8, torch.float32, device, gen)
+    return (q, k, v) + _state(1, 5, 3, 8, torch.float32, device, gen, dead=True) + (None, True, None), {}
+
+
 def _state(B, S, H, D, dtype, device, gen, dead=False):
     out = randn(B, S, H, D, dtype=dtype, device=device, gen=gen)
     lse = torch.randn(B, H, S, generator=gen) * 3
@@ -150,6 +169,8 @@ def _a2a_head_to_seq_no_lse(device, gen):
 
 SAMPLES = {
     OPS.flash_attn_fwd.default: [_fwd_plain, _fwd_gqa_causal_fp16, _fwd_mask_bf16, _fwd_empty_keys],
+    OPS.flash_attn_fwd_acc_.default: [_acc_fp32_state_gqa, _acc_rowslice_causal_mask_bf16,
+                                      _acc_empty_keys_fp32],
     OPS.merge_attn_states.default: [_merge_fp32, _merge_mixed_dead, _merge_strided_bf16],
     OPS.merge_attn_states_.default: [_merge_inplace_acc, _merge_inplace_same],
     OPS.a2a_pack_seq_to_head.default: [_a2a_pack_seq_fp32, _a2a_pack_seq_mqa_strided_fp16],
@@ -161,6 +182,7 @@ SAMPLES = {
 }
 SAMPLE_CASES = [pytest.param(op, b, id=f"{op.name().split('::')[1]}-{b.__name__.lstrip('_')}")
                 for op, builders in SAMPLES.items() for b in builders]
+MUTATING_OPS = (OPS.merge_attn_states_.default, OPS.flash_attn_fwd_acc_.default)
 # The inputs that an autograd test marks requires_grad (the float tensors an op only reads).
 FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 
@@ -185,7 +207,7 @@ def test_opcheck_autograd_registration(device, op, build):
     # aot_dispatch checks would run that backward, so only the registration-level checks run here.
     args, kwargs = build(device, torch.Generator().manual_seed(1))
     args = list(args)
-    if op is OPS.merge_attn_states_.default:
+    if op in MUTATING_OPS:
         # A mutating op cannot carry an autograd formula: its Autograd kernel refuses to run when a graph
         # would be recorded (test_backward_raises checks the message), so opcheck sees no grad inputs here.
         assert torch._C._dispatch_has_kernel_for_dispatch_key(op.name(), "Autograd")
@@ -213,7 +235,7 @@ def test_fake_and_meta_match_real(op, build):
     meta_args = [a.to("meta") if isinstance(a, torch.Tensor) else a for a in args]
     meta_kwargs = {k: v.to("meta") if isinstance(v, torch.Tensor) else v for k, v in kwargs.items()}
     meta = op(*meta_args, **meta_kwargs)
-    if op is OPS.merge_attn_states_.default:
+    if op in MUTATING_OPS:
         assert real is None and fake is None and meta is None
         return
     for r, f, m in zip(real, fake, meta):
@@ -235,14 +257,19 @@ def test_fake_rejects_bad_input():
 
 # ---------------------------------------------------------------------------------------------------------
 def _ring_two_chunks(q, k, v, kv_mask, split):
-    """Attention over two K/V chunks merged twice (functional, then in place into a float32 state): the
-    pattern a ring step compiles to."""
+    """Attention over two K/V chunks merged three ways (functional, in place into a float32 state, and the
+    fused attend-and-merge op): the patterns a ring step compiles to."""
     o1, l1 = OPS.flash_attn_fwd(q, k[:, :split], v[:, :split], None, False, kv_mask[:, :split])
     o2, l2 = OPS.flash_attn_fwd(q, k[:, split:], v[:, split:], None, False, kv_mask[:, split:])
     out, lse = OPS.merge_attn_states(o1, l1, o2, l2)
     acc, acc_lse = o1.float(), l1.clone()
     OPS.merge_attn_states_(acc, acc_lse, o2, l2)
-    return out, lse, acc * 2.0, acc_lse
+    # The fused ring step, from the empty state.
+    facc = torch.zeros(q.shape, dtype=torch.float32)
+    facc_lse = torch.full((q.shape[0], q.shape[2], q.shape[1]), float("-inf"))
+    OPS.flash_attn_fwd_acc_(q, k[:, :split], v[:, :split], facc, facc_lse, None, False, kv_mask[:, :split])
+    OPS.flash_attn_fwd_acc_(q, k[:, split:], v[:, split:], facc, facc_lse, None, False, kv_mask[:, split:])
+    return out, lse, acc * 2.0, acc_lse, facc, facc_lse
 
 
 def _ring_inputs(Sq, Sk, dtype, gen):

@@ -29,7 +29,6 @@ import math
 import torch
 
 import cp_attention
-from cp_attention.attention import _has_kernel
 
 _OP = "cp_attention.distributed.attend_chunk"
 
@@ -63,22 +62,6 @@ def plan_chunk(Sq: int, Sk: int, causal_offset: int | None) -> list[tuple[int, i
     return pieces
 
 
-def _fused_available(device: torch.device) -> bool:
-    ops = torch.ops.cp_attention
-    return hasattr(ops, "flash_attn_fwd_acc_") and _has_kernel(ops.flash_attn_fwd_acc_.default, device)
-
-
-def _attend_merge(q, k, v, acc_out, acc_lse, scale, causal, kv_mask, backend):
-    """acc <- merge(acc, attention(q, k, v)). Uses the fused kernel flash_attn_fwd_acc_ when the library has
-    one for q's device: it merges in its epilogue, saving the write and re-read of a partial out/lse."""
-    if backend == "auto" and _fused_available(q.device):
-        torch.ops.cp_attention.flash_attn_fwd_acc_(q, k, v, acc_out, acc_lse, scale, causal, kv_mask)
-        return
-    out, lse = cp_attention.flash_attn(q, k, v, scale=scale, causal=causal, kv_mask=kv_mask,
-                                       return_lse=True, backend=backend)
-    cp_attention.merge_attn_states_(acc_out, acc_lse, out, lse)
-
-
 def attend_chunk(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, acc_out: torch.Tensor,
                  acc_lse: torch.Tensor, *, scale: float | None = None, causal_offset: int | None = None,
                  kv_mask_chunk: torch.Tensor | None = None, backend: str = "auto") -> None:
@@ -90,7 +73,8 @@ def attend_chunk(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, acc_out: tor
         Sq_global) (bottom-right alignment over the global sequences).
     kv_mask_chunk: bool [B, Sk], True = attend: the key-padding mask's slice for this chunk.
     scale: defaults to 1 / sqrt(D); callers pass one value for every chunk.
-    backend: the flash_attn backend ("auto" also allows the fused attend-and-merge kernel).
+    backend: the flash_attn backend; each call goes through flash_attn_acc_, so our own kernels attend and
+        merge in one pass (the fused kernel), other backends attend, then merge.
 
     Rows that see no key of this chunk are left as they were; merging is exact in any chunk order, but
     callers keep a fixed order so results do not depend on timing.
@@ -109,5 +93,6 @@ def attend_chunk(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, acc_out: tor
     for r0, r1, k1, causal in plan_chunk(Sq, k.shape[1], causal_offset):
         mask = None if kv_mask_chunk is None else kv_mask_chunk[:, :k1]
         # Row slices of the accumulators are strided views; the merge writes through them in place.
-        _attend_merge(q[:, r0:r1], k[:, :k1], v[:, :k1], acc_out[:, r0:r1], acc_lse[:, :, r0:r1],
-                      scale, causal, mask, backend)
+        cp_attention.flash_attn_acc_(q[:, r0:r1], k[:, :k1], v[:, :k1], acc_out[:, r0:r1],
+                                     acc_lse[:, :, r0:r1], scale=scale, causal=causal, kv_mask=mask,
+                                     backend=backend)

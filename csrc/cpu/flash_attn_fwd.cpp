@@ -47,6 +47,46 @@ struct Problem {
   int64_t mask_s0, mask_s1;
 };
 
+// Where a block's results go. Plain forward: out (fresh, contiguous) and lse are written. Accumulate
+// (flash_attn_fwd_acc_): the block's partial (o, l) is merged into the running (out, lse) in place, with the
+// merge rule of DESIGN section 1, so a ring step needs no second pass over a partial out.
+template <typename out_t>
+struct Sink {
+  out_t* out;
+  int64_t os[3];  // strides of out's B, S, H dims (D is contiguous)
+  float* lse;
+  int64_t ls[3];  // strides of lse's B, H, S dims
+  bool accumulate;
+
+  // Row (b, h, i): src[d * src_stride] is the unnormalized O row, m and l its running max and sum.
+  void write(int64_t b, int64_t h, int64_t i, const float* src, int64_t src_stride, float m, float l,
+             int64_t D) const {
+    out_t* orow = out + b * os[0] + i * os[1] + h * os[2];
+    float& lrow = lse[b * ls[0] + h * ls[1] + i * ls[2]];
+    const float old = accumulate ? lrow : kNegInf;
+    if (l == 0.f) {  // saw no key: an accumulator keeps its state (an empty one is zeroed, never NaN)
+      if (old == kNegInf) {
+        for (int64_t d = 0; d < D; ++d) orow[d] = static_cast<out_t>(0.f);
+        lrow = kNegInf;
+      }
+      return;
+    }
+    const float lnew = m + std::log(l);
+    if (old == kNegInf) {  // nothing to merge with; the old out is not read (it may be garbage)
+      const float inv = 1.f / l;
+      for (int64_t d = 0; d < D; ++d) orow[d] = static_cast<out_t>(src[d * src_stride] * inv);
+      lrow = lnew;
+      return;
+    }
+    const float mx = std::max(old, lnew);
+    const float wa = std::exp(old - mx), wb = std::exp(lnew - mx), sum = wa + wb;
+    const float ca = wa / sum, cb = wb / (sum * l);  // cb also normalizes the new side by its sum l
+    for (int64_t d = 0; d < D; ++d)
+      orow[d] = static_cast<out_t>(static_cast<float>(orow[d]) * ca + src[d * src_stride] * cb);
+    lrow = mx + std::log(sum);
+  }
+};
+
 // Online-softmax update for one key block. `st` holds S^T in panel layout (vec_tiles.h): panel p, key j,
 // query p * kTileCols + x at st[p * ps + j * kTileCols + x]. Turns it into P^T = exp(S^T - m_new), updates
 // m and l, and leaves the O^T rescale factor exp(m_old - m_new) in alpha.
@@ -101,10 +141,10 @@ struct NextBlockPrefetch {
   }
 };
 
-template <typename scalar_t>
+template <typename scalar_t, typename out_t>
 void attend_block_of_queries(const Problem& p, const scalar_t* q, const scalar_t* k, const scalar_t* v,
                              const int64_t* qs, const int64_t* ks, const int64_t* vs, int64_t b, int64_t h,
-                             int64_t i0, Scratch& w, scalar_t* out, float* lse) {
+                             int64_t i0, Scratch& w, const Sink<out_t>& sink) {
   const int64_t D = p.D, bq = p.bq, bk = p.bk;
   const int64_t nq = std::min(bq, p.Sq - i0);
   const int64_t cols = (nq + kTileCols - 1) / kTileCols * kTileCols;
@@ -188,33 +228,19 @@ void attend_block_of_queries(const Problem& p, const scalar_t* q, const scalar_t
     panel_gemm<true>(D, nk, panels, vb, 1, D, st, s_ps, ot, qo_ps, pf);
   }
 
-  // Epilogue: normalize and write out [B, Sq, H, D] (contiguous) and lse [B, H, Sq].
-  for (int64_t i = 0; i < nq; ++i) {
-    scalar_t* orow = out + ((b * p.Sq + i0 + i) * p.H + h) * D;
-    float* lrow = lse + (b * p.H + h) * p.Sq + i0 + i;
-    if (l[i] == 0.f) {  // saw no key
-      for (int64_t d = 0; d < D; ++d) orow[d] = static_cast<scalar_t>(0.f);
-      *lrow = kNegInf;
-    } else {
-      const float inv = 1.f / l[i];
-      const float* src = ot + (i / T) * qo_ps + i % T;
-      for (int64_t d = 0; d < D; ++d) orow[d] = static_cast<scalar_t>(src[d * T] * inv);
-      *lrow = m[i] + std::log(l[i]);
-    }
-  }
+  // Epilogue: normalize and write (or merge into) out [B, Sq, H, D] and lse [B, H, Sq].
+  for (int64_t i = 0; i < nq; ++i) sink.write(b, h, i0 + i, ot + (i / T) * qo_ps + i % T, T, m[i], l[i], D);
 }
 
-template <typename scalar_t>
+template <typename scalar_t, typename out_t>
 void flash_attn_fwd_kernel(const Problem& p, const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
-                           at::Tensor& out, at::Tensor& lse) {
+                           const Sink<out_t>& sink) {
   const int64_t qs[3] = {q.stride(0), q.stride(1), q.stride(2)};
   const int64_t ks[3] = {k.stride(0), k.stride(1), k.stride(2)};
   const int64_t vs[3] = {v.stride(0), v.stride(1), v.stride(2)};
   const scalar_t* qp = q.const_data_ptr<scalar_t>();
   const scalar_t* kp = k.const_data_ptr<scalar_t>();
   const scalar_t* vp = v.const_data_ptr<scalar_t>();
-  scalar_t* op = out.mutable_data_ptr<scalar_t>();
-  float* lp = lse.mutable_data_ptr<float>();
   const int64_t n_qblocks = (p.Sq + p.bq - 1) / p.bq;
   at::parallel_for(0, p.B * p.H * n_qblocks, 1, [&](int64_t begin, int64_t end) {
     Scratch w(p.D, p.bq, p.bk);
@@ -223,7 +249,8 @@ void flash_attn_fwd_kernel(const Problem& p, const at::Tensor& q, const at::Tens
       // Under causal masking later query blocks cost more; interleaving first and last blocks keeps the
       // contiguous task ranges that parallel_for hands each thread balanced.
       const int64_t qb = p.causal ? ((r % 2 == 0) ? r / 2 : n_qblocks - 1 - r / 2) : r;
-      attend_block_of_queries<scalar_t>(p, qp, kp, vp, qs, ks, vs, bh / p.H, bh % p.H, qb * p.bq, w, op, lp);
+      attend_block_of_queries<scalar_t, out_t>(p, qp, kp, vp, qs, ks, vs, bh / p.H, bh % p.H, qb * p.bq, w,
+                                                sink);
     }
   });
 }
@@ -253,14 +280,8 @@ void check_cpu_isa() {
 #endif
 }
 
-std::tuple<at::Tensor, at::Tensor> flash_attn_fwd_cpu(const at::Tensor& q, const at::Tensor& k,
-                                                      const at::Tensor& v, std::optional<double> scale,
-                                                      bool causal, const std::optional<at::Tensor>& kv_mask) {
-  const AttnDims d = check_attn_inputs("cp_attention.flash_attn_fwd", q, k, v, kv_mask);
-  check_cpu_isa();
-  at::Tensor out = at::empty({d.B, d.Sq, d.H, d.D}, q.options());
-  at::Tensor lse = at::empty({d.B, d.H, d.Sq}, q.options().dtype(at::kFloat));
-  if (out.numel() == 0) return {out, lse};
+Problem make_problem(const AttnDims& d, std::optional<double> scale, bool causal,
+                     const std::optional<at::Tensor>& kv_mask) {
   const auto [bq, bk] = pick_blocks(d);
   Problem p{d.B, d.Sq, d.Sk, d.H, d.Hkv, d.D, bq, bk,
             static_cast<float>(scale.has_value() ? *scale : 1.0 / std::sqrt(static_cast<double>(d.D))),
@@ -270,12 +291,55 @@ std::tuple<at::Tensor, at::Tensor> flash_attn_fwd_cpu(const at::Tensor& q, const
     p.mask_s0 = kv_mask->stride(0);
     p.mask_s1 = kv_mask->stride(1);
   }
+  return p;
+}
+
+template <typename scalar_t, typename out_t>
+void run(const Problem& p, const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, at::Tensor& out,
+         at::Tensor& lse, bool accumulate) {
+  const Sink<out_t> sink{out.mutable_data_ptr<out_t>(), {out.stride(0), out.stride(1), out.stride(2)},
+                         lse.mutable_data_ptr<float>(), {lse.stride(0), lse.stride(1), lse.stride(2)},
+                         accumulate};
+  flash_attn_fwd_kernel<scalar_t, out_t>(p, q, k, v, sink);
+}
+
+std::tuple<at::Tensor, at::Tensor> flash_attn_fwd_cpu(const at::Tensor& q, const at::Tensor& k,
+                                                      const at::Tensor& v, std::optional<double> scale,
+                                                      bool causal, const std::optional<at::Tensor>& kv_mask) {
+  const AttnDims d = check_attn_inputs("cp_attention.flash_attn_fwd", q, k, v, kv_mask);
+  check_cpu_isa();
+  at::Tensor out = at::empty({d.B, d.Sq, d.H, d.D}, q.options());
+  at::Tensor lse = at::empty({d.B, d.H, d.Sq}, q.options().dtype(at::kFloat));
+  if (out.numel() == 0) return {out, lse};
+  const Problem p = make_problem(d, scale, causal, kv_mask);
   switch (q.scalar_type()) {
-    case at::kFloat: flash_attn_fwd_kernel<float>(p, q, k, v, out, lse); break;
-    case at::kHalf: flash_attn_fwd_kernel<at::Half>(p, q, k, v, out, lse); break;
-    default: flash_attn_fwd_kernel<at::BFloat16>(p, q, k, v, out, lse); break;  // dtype checked above
+    case at::kFloat: run<float, float>(p, q, k, v, out, lse, false); break;
+    case at::kHalf: run<at::Half, at::Half>(p, q, k, v, out, lse, false); break;
+    default: run<at::BFloat16, at::BFloat16>(p, q, k, v, out, lse, false); break;  // dtype checked above
   }
   return {out, lse};
+}
+
+void flash_attn_fwd_acc_cpu(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, at::Tensor& out,
+                            at::Tensor& lse, std::optional<double> scale, bool causal,
+                            const std::optional<at::Tensor>& kv_mask) {
+  constexpr const char* op = "cp_attention.flash_attn_fwd_acc_";
+  const AttnDims d = check_attn_inputs(op, q, k, v, kv_mask);
+  check_acc_state(op, d, q, out, lse);
+  check_cpu_isa();
+  if (out.numel() == 0) return;
+  const Problem p = make_problem(d, scale, causal, kv_mask);
+  const bool f32 = out.scalar_type() == at::kFloat;
+  switch (q.scalar_type()) {
+    case at::kFloat: run<float, float>(p, q, k, v, out, lse, true); break;
+    case at::kHalf:
+      f32 ? run<at::Half, float>(p, q, k, v, out, lse, true) : run<at::Half, at::Half>(p, q, k, v, out, lse, true);
+      break;
+    default:
+      f32 ? run<at::BFloat16, float>(p, q, k, v, out, lse, true)
+          : run<at::BFloat16, at::BFloat16>(p, q, k, v, out, lse, true);
+      break;
+  }
 }
 
 }  // namespace
@@ -283,4 +347,5 @@ std::tuple<at::Tensor, at::Tensor> flash_attn_fwd_cpu(const at::Tensor& q, const
 
 TORCH_LIBRARY_IMPL(cp_attention, CPU, m) {
   m.impl("flash_attn_fwd", &cp_attention::cpu::flash_attn_fwd_cpu);
+  m.impl("flash_attn_fwd_acc_", &cp_attention::cpu::flash_attn_fwd_acc_cpu);
 }
