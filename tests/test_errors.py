@@ -125,8 +125,9 @@ ACC_CASES = {
 def test_flash_attn_acc_rejects_bad_state(case):
     i = dict(_good(), out=_t(B, SQ, H, D), lse=_t(B, H, SQ))
     i.update(ACC_CASES[case][0])
-    for fn in (lambda: cp_attention.flash_attn_acc_(i["q"], i["k"], i["v"], i["out"], i["lse"]),
-               lambda: OPS.flash_attn_fwd_acc_(i["q"], i["k"], i["v"], i["out"], i["lse"], None, False, None)):
+    args = (i["q"], i["k"], i["v"], i["out"], i["lse"])
+    for fn in (lambda: cp_attention.flash_attn_acc_(*args),
+               lambda: OPS.flash_attn_fwd_acc_(*args, None, False, None)):
         with pytest.raises(ValueError) as err:
             fn()
         _assert_message(err, ACC_CASES[case][1])
