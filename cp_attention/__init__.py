@@ -4,7 +4,9 @@ transformers. Ops live under ``torch.ops.cp_attention``; see ``cp_attention.ops`
 from . import ops
 from ._C import build_info
 from .attention import available_backends, flash_attn, flash_attn_acc_, merge_attn_states, merge_attn_states_
+from .distributed import ContextParallel, ring_attention, ulysses_attention, unified_attention
 
-__all__ = ["available_backends", "build_info", "flash_attn", "flash_attn_acc_", "merge_attn_states",
-           "merge_attn_states_", "ops"]
+__all__ = ["ContextParallel", "available_backends", "build_info", "flash_attn", "flash_attn_acc_",
+           "merge_attn_states", "merge_attn_states_", "ops", "ring_attention", "ulysses_attention",
+           "unified_attention"]
 __version__ = "0.1.0"

@@ -1,0 +1,153 @@
+"""ContextParallel: one object that holds a (ring x ulysses) DeviceMesh and routes attention to ring, Ulysses
+or Unified attention, with the helpers that split a global sequence into this rank's chunk and put the
+chunks back together, in the order of DESIGN section 1 (chunk g = torch.tensor_split(x, P, dim)[g] on mesh
+rank g = ring_rank * ulysses_degree + ulysses_rank)."""
+
+from __future__ import annotations
+
+import torch
+import torch.distributed as dist
+
+from .ring import ring_attention
+from .ulysses import ulysses_attention
+from .unified import unified_attention
+
+_OP = "cp_attention.ContextParallel"
+MESH_DIMS = ("ring", "ulysses")
+
+
+def _degree(name: str, value) -> int:
+    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+        raise ValueError(f"{_OP}: {name} must be an int >= 1, got {value!r}")
+    return value
+
+
+def _default_device_type() -> str:
+    return "cuda" if dist.get_backend() == "nccl" else "cpu"
+
+
+class ContextParallel:
+    """Context parallelism over a 2D mesh of shape (ring_degree, ulysses_degree), dims ("ring", "ulysses").
+
+    Args:
+        ring_degree, ulysses_degree: the mesh shape; their product must equal the number of ranks (the
+            world size when the mesh is built here). Defaults: 1 each, or the given mesh's shape.
+        mesh: an existing 2D torch.distributed DeviceMesh with dim names ("ring", "ulysses"); when None one
+            is built over the whole world with init_device_mesh (a collective: every rank must construct
+            ContextParallel together, after init_process_group).
+        device_type: the mesh's device type when it is built here; default "cuda" under NCCL, else "cpu".
+
+    `attention(q, k, v, **kw)` runs ring attention on an (R x 1) mesh, Ulysses on (1 x U), Unified
+    otherwise (1 x 1 is the ring over one rank: plain attention). q, k, v are this rank's chunks; see
+    `cp_attention.ring_attention` for shapes and keywords (scale, causal, kv_mask, return_lse).
+    """
+
+    def __init__(self, ring_degree: int | None = None, ulysses_degree: int | None = None, mesh=None, *,
+                 device_type: str | None = None):
+        if not dist.is_available() or not dist.is_initialized():
+            raise RuntimeError(f"{_OP}: torch.distributed is not initialised; call "
+                               f"torch.distributed.init_process_group first")
+        if mesh is None:
+            R = _degree("ring_degree", 1 if ring_degree is None else ring_degree)
+            U = _degree("ulysses_degree", 1 if ulysses_degree is None else ulysses_degree)
+            world = dist.get_world_size()
+            if R * U != world:
+                raise ValueError(f"{_OP}: ring_degree * ulysses_degree must equal the world size {world}, "
+                                 f"got ring_degree={R}, ulysses_degree={U}")
+            from torch.distributed.device_mesh import init_device_mesh
+
+            mesh = init_device_mesh(device_type or _default_device_type(), (R, U), mesh_dim_names=MESH_DIMS)
+        else:
+            names = tuple(getattr(mesh, "mesh_dim_names", None) or ())
+            if getattr(mesh, "ndim", None) != 2 or names != MESH_DIMS:
+                raise ValueError(f"{_OP}: mesh must be a 2D DeviceMesh with mesh_dim_names {MESH_DIMS}, got "
+                                 f"ndim={getattr(mesh, 'ndim', None)}, mesh_dim_names={names or None}")
+            R, U = mesh.size(0), mesh.size(1)
+            for name, given, have in (("ring_degree", ring_degree, R), ("ulysses_degree", ulysses_degree, U)):
+                if given is not None and _degree(name, given) != have:
+                    raise ValueError(f"{_OP}: {name}={given} does not match the mesh's shape {(R, U)}")
+        self.mesh = mesh
+        self.ring_degree, self.ulysses_degree = R, U
+        self.ring_group = mesh.get_group("ring")
+        self.ulysses_group = mesh.get_group("ulysses")
+        self.ring_rank = mesh.get_local_rank("ring")
+        self.ulysses_rank = mesh.get_local_rank("ulysses")
+
+    @property
+    def world_size(self) -> int:
+        return self.ring_degree * self.ulysses_degree
+
+    @property
+    def rank(self) -> int:
+        """This rank's place in the mesh, hence which sequence chunk it holds."""
+        return self.ring_rank * self.ulysses_degree + self.ulysses_rank
+
+    @property
+    def mode(self) -> str:
+        if self.ulysses_degree == 1:
+            return "ring"
+        return "ulysses" if self.ring_degree == 1 else "unified"
+
+    def __repr__(self) -> str:
+        return (f"ContextParallel(ring_degree={self.ring_degree}, ulysses_degree={self.ulysses_degree}, "
+                f"mode={self.mode!r}, rank={self.rank})")
+
+    def attention(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, **kwargs):
+        """Exact attention over the global sequence whose chunk this rank holds; a collective over the mesh.
+        q [B, S_r, H, D], k/v [B, S_r, Hkv, D], keywords scale, causal, kv_mask ([B, S_r] or
+        [B, 1, 1, S_r], True = attend) and return_lse. Returns out [B, S_r, H, D] (and lse [B, H, S_r]
+        float32, natural log, over every key of the global sequence)."""
+        if self.mode == "ring":
+            return ring_attention(q, k, v, group=self.ring_group, **kwargs)
+        if self.mode == "ulysses":
+            return ulysses_attention(q, k, v, group=self.ulysses_group, **kwargs)
+        return unified_attention(q, k, v, ring_group=self.ring_group, ulysses_group=self.ulysses_group,
+                                 **kwargs)
+
+    def shard(self, x: torch.Tensor, dim: int = 1) -> torch.Tensor:
+        """This rank's chunk of a global tensor: torch.tensor_split(x, world_size, dim)[rank] (a view; the
+        chunks differ in length by at most one). Every rank passes the same global x."""
+        if not isinstance(x, torch.Tensor):
+            raise ValueError(f"{_OP}.shard: x must be a torch.Tensor, got {type(x).__name__}")
+        return torch.tensor_split(x, self.world_size, dim=dim)[self.rank]
+
+    def gather(self, x: torch.Tensor, dim: int = 1) -> torch.Tensor:
+        """Inverse of shard: concatenates every rank's chunk along dim in mesh-rank order (chunks may differ
+        in length along dim; every other dim must match). A collective over the mesh; returns the global
+        tensor on every rank."""
+        if not isinstance(x, torch.Tensor):
+            raise ValueError(f"{_OP}.gather: x must be a torch.Tensor, got {type(x).__name__}")
+        dim = dim % x.dim() if x.dim() else 0
+        # Within the row first (its chunks are consecutive), then the rows in ring order.
+        row = _gather_uneven(x, dim, self.ulysses_group)
+        return _gather_uneven(row, dim, self.ring_group)
+
+
+def _gather_uneven(x: torch.Tensor, dim: int, group) -> torch.Tensor:
+    """all_gather of tensors whose sizes along dim may differ across the group's ranks, concatenated in
+    group-rank order. Lengths are exchanged first; chunks are padded to the longest for the collective."""
+    n = dist.get_world_size(group)
+    if n == 1:
+        return x
+    device = x.device if dist.get_backend(group) == "nccl" else torch.device("cpu")
+    sizes = torch.tensor(list(x.shape), dtype=torch.int64, device=device)
+    all_sizes = [torch.empty_like(sizes) for _ in range(n)]
+    dist.all_gather(all_sizes, sizes, group=group)
+    shapes = [s.tolist() for s in all_sizes]
+    other = [s[:dim] + s[dim + 1:] for s in shapes]
+    if any(o != other[0] for o in other):
+        raise ValueError(f"{_OP}.gather: every rank's chunk must match outside dim {dim}, "
+                         f"got shapes {shapes}")
+    lengths = [s[dim] for s in shapes]
+    longest = max(lengths)
+    padded = x
+    if x.shape[dim] < longest:
+        pad_shape = list(x.shape)
+        pad_shape[dim] = longest - x.shape[dim]
+        padded = torch.cat([x, x.new_zeros(pad_shape)], dim=dim)
+    parts = [torch.empty_like(padded.contiguous()) for _ in range(n)]
+    dist.all_gather(parts, padded.contiguous(), group=group)
+    return torch.cat([p.narrow(dim, 0, n_r) for p, n_r in zip(parts, lengths)], dim=dim)
+
+
+__all__ = ["ContextParallel"]

@@ -1,0 +1,134 @@
+"""ContextParallel on gloo: every (ring x ulysses) shape of world sizes 1-4 shards a global problem with
+.shard, runs .attention, reassembles with .gather and matches the float64 reference over the whole sequence;
+a mesh built outside is accepted; misuse raises ValueError on every rank."""
+
+from __future__ import annotations
+
+import functools
+import zlib
+
+import pytest
+import torch
+from conftest import make_kv_mask, randn
+from dist_harness import SpawnedItems, run_items
+from reference import check_attention
+
+SPAWN_TIMEOUT_S = 120.0
+WORLD_SIZES = [1, 2, 3, 4]
+# (ring, ulysses) meshes per world size: every factorization.
+MESHES = {P: [(r, P // r) for r in range(1, P + 1) if P % r == 0] for P in WORLD_SIZES}
+# (name, B, S, H, Hkv, D, dtype, causal, masked): S = 61 splits unevenly over 2, 3 and 4 ranks.
+PROBLEMS = [("s61-causal-mqa-mask-f32", 2, 61, 12, 1, 16, torch.float32, True, True),
+            ("s61-full-f16", 1, 61, 12, 12, 24, torch.float16, False, False)]
+
+
+def _problem(name, B, S, H, Hkv, D, dtype, causal, masked):
+    gen = torch.Generator().manual_seed(zlib.crc32(name.encode()))
+    q = randn(B, S, H, D, dtype=dtype, gen=gen)
+    k = randn(B, S, Hkv, D, dtype=dtype, gen=gen)
+    v = randn(B, S, Hkv, D, dtype=dtype, gen=gen)
+    mask = make_kv_mask(B, S, gen) if masked else None
+    return q, k, v, mask
+
+
+def _check_problem(cp, problem):
+    name, *_, causal, masked = problem
+    q, k, v, mask = _problem(*problem)
+    local = [cp.shard(t) for t in (q, k, v)]
+    out, lse = cp.attention(*local, causal=causal, kv_mask=None if mask is None else cp.shard(mask),
+                            return_lse=True)
+    assert out.shape[1] == local[0].shape[1] and lse.shape[2] == local[0].shape[1]
+    check_attention(cp.gather(out), cp.gather(lse, dim=2), q, k, v, causal=causal, kv_mask=mask)
+
+
+def _check_shard_gather(cp, rank):
+    """shard follows torch.tensor_split in mesh-rank order; gather puts uneven chunks back, bit for bit."""
+    x = torch.arange(2 * 11 * 3, dtype=torch.float32).reshape(2, 11, 3)
+    chunk = cp.shard(x)
+    assert torch.equal(chunk, torch.tensor_split(x, cp.world_size, dim=1)[cp.rank])
+    assert cp.rank == rank, f"mesh rank {cp.rank} on global rank {rank} (meshes here span the world in order)"
+    assert torch.equal(cp.gather(chunk), x)
+    assert torch.equal(cp.gather(cp.shard(x, dim=-1), dim=-1), x)
+
+
+def _check_given_mesh(rank, world_size):
+    from torch.distributed.device_mesh import init_device_mesh
+
+    from cp_attention import ContextParallel
+
+    mesh = init_device_mesh("cpu", (1, world_size), mesh_dim_names=("ring", "ulysses"))
+    cp = ContextParallel(mesh=mesh)
+    mode = "ulysses" if world_size > 1 else "ring"  # 1 x 1 is the ring over one rank
+    assert (cp.ring_degree, cp.ulysses_degree, cp.mode) == (1, world_size, mode)
+    _check_problem(cp, PROBLEMS[0])
+    with pytest.raises(ValueError, match="ring_degree=2 does not match"):
+        ContextParallel(ring_degree=2, mesh=mesh)
+    flat = init_device_mesh("cpu", (world_size,), mesh_dim_names=("cp",))
+    with pytest.raises(ValueError, match="mesh must be a 2D DeviceMesh"):
+        ContextParallel(mesh=flat)
+
+
+def _check_misuse(rank, world_size):
+    from cp_attention import ContextParallel
+
+    with pytest.raises(ValueError, match="must equal the world size"):
+        ContextParallel(ring_degree=world_size, ulysses_degree=2)
+    with pytest.raises(ValueError, match="ulysses_degree must be an int >= 1"):
+        ContextParallel(ring_degree=1, ulysses_degree=0)
+    if world_size == 1:
+        return
+    # A chunk whose other dims differ on one rank: every rank raises (they all see every shape).
+    cp = ContextParallel(ring_degree=world_size)
+    x = torch.zeros(1, 3, 2 if rank else 4)
+    with pytest.raises(ValueError, match="must match outside dim 1"):
+        cp.gather(x)
+
+
+def _rank_main(rank: int, world_size: int) -> dict[str, str | None]:
+    from cp_attention import ContextParallel
+
+    results = {}
+    for ring, ulysses in MESHES[world_size]:
+        cp = ContextParallel(ring_degree=ring, ulysses_degree=ulysses)
+        items = [(f"{ring}x{ulysses}-{p[0]}", functools.partial(_check_problem, cp, p)) for p in PROBLEMS]
+        items.append((f"{ring}x{ulysses}-shard-gather", functools.partial(_check_shard_gather, cp, rank)))
+        results.update(run_items(items))
+    results.update(run_items([("given-mesh", functools.partial(_check_given_mesh, rank, world_size)),
+                              ("misuse", functools.partial(_check_misuse, rank, world_size))]))
+    return results
+
+
+@pytest.fixture(scope="module")
+def runs():
+    return SpawnedItems(_rank_main, SPAWN_TIMEOUT_S)
+
+
+MESH_ITEMS = [(P, f"{r}x{u}-{p[0]}") for P in WORLD_SIZES for r, u in MESHES[P] for p in PROBLEMS]
+SHARD_ITEMS = [(P, f"{r}x{u}-shard-gather") for P in WORLD_SIZES for r, u in MESHES[P]]
+
+
+@pytest.mark.parametrize("world_size,key", MESH_ITEMS, ids=[f"ws{P}-{k}" for P, k in MESH_ITEMS])
+def test_attention_matches_reference(runs, world_size, key):
+    runs.assert_ok(world_size, key)
+
+
+@pytest.mark.parametrize("world_size,key", SHARD_ITEMS, ids=[f"ws{P}-{k}" for P, k in SHARD_ITEMS])
+def test_shard_then_gather_is_identity(runs, world_size, key):
+    runs.assert_ok(world_size, key)
+
+
+@pytest.mark.parametrize("world_size", WORLD_SIZES)
+def test_given_mesh(runs, world_size):
+    runs.assert_ok(world_size, "given-mesh")
+
+
+@pytest.mark.parametrize("world_size", WORLD_SIZES)
+def test_misuse_raises_on_every_rank(runs, world_size):
+    runs.assert_ok(world_size, "misuse")
+
+
+def test_needs_initialised_process_group():
+    import cp_attention
+
+    with pytest.raises(RuntimeError, match="init_process_group"):
+        cp_attention.ContextParallel(ring_degree=1)
