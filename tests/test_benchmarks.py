@@ -11,7 +11,7 @@ import sys
 import pytest
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-QUICK_BENCHMARKS = ["bench_flash_fwd.py"]
+QUICK_BENCHMARKS = ["bench_flash_fwd.py", "bench_a2a_pack.py"]
 
 
 @pytest.mark.parametrize("script", QUICK_BENCHMARKS)
@@ -20,3 +20,13 @@ def test_benchmark_quick_mode_runs(script):
                           capture_output=True, text=True, timeout=300, cwd=ROOT)
     assert proc.returncode == 0, f"{script} --quick failed:\n{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}"
     assert "ours" in proc.stdout, f"{script} --quick printed no result table:\n{proc.stdout[-2000:]}"
+
+
+def test_cp_benchmark_quick_mode_runs_under_torchrun():
+    # Two gloo ranks: every mode runs, is checked against single-process attention, and is tabulated.
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+           os.path.join(ROOT, "benchmarks", "bench_cp.py"), "--quick", "--no-json"]
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=300, cwd=ROOT)
+    assert proc.returncode == 0, f"bench_cp.py --quick failed:\n{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}"
+    for mode in ("single-process", "allgather+sdpa", "ring", "ulysses"):
+        assert mode in proc.stdout, f"bench_cp.py --quick printed no {mode} row:\n{proc.stdout[-2000:]}"
