@@ -1,9 +1,12 @@
-"""Attention forward: our kernel against torch's own kernels on the same inputs, in one run.
+"""Attention forward: our kernels against torch's own kernels on the same inputs, in one run.
 
-    python benchmarks/bench_flash_fwd.py            # full sweep (a few minutes on 2 cores)
-    python benchmarks/bench_flash_fwd.py --quick    # smoke run (seconds)
+    python benchmarks/bench_flash_fwd.py                          # CPU sweep (a few minutes on 2 cores)
+    python benchmarks/bench_flash_fwd.py --quick                  # smoke run (seconds)
+    python benchmarks/bench_flash_fwd.py --device cuda            # GPU sweep: every GPU backend of ours
 
-Ours is `cp_attention.flash_attn(q, k, v, backend=..., return_lse=True)` on BSHD inputs. torch's kernels get
+Ours is `cp_attention.flash_attn(q, k, v, backend=..., return_lse=True)` on BSHD inputs, for each backend
+given (`--backends`), and the fused ring step `cp_attention.flash_attn_acc_` of the same backend into a
+float32 running state (`acc` rows: its cost over the plain forward). torch's kernels get
 the very same tensors viewed as BHSD (`q.transpose(1, 2)`, no copy), which is how a BSHD caller such as
 diffusers hands them over. Every shape is checked against torch before it is timed, so a wrong kernel
 cannot post a number. Throughput ratios are torch time / our time: above 1.0 means we are faster.
@@ -81,12 +84,6 @@ def baselines_for(device: torch.device) -> list[Baseline]:
     raise SystemExit(f"bench_flash_fwd: no torch baselines for device {device}")
 
 
-def device_for_backend(backend: str) -> torch.device:
-    if backend in ("cpu", "aten_cpu_flash"):
-        return torch.device("cpu")
-    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-
-
 # ---------------------------------------------------------------------------------------------- shapes
 @dataclass(frozen=True)
 class Shape:
@@ -97,16 +94,25 @@ class Shape:
     note: str = ""
 
 
-def shapes_for(quick: bool) -> list[Shape]:
+def shapes_for(quick: bool, device: torch.device) -> list[Shape]:
     if quick:
         return [Shape(1, 8, 64, 256), Shape(1, 4, 128, 1024)]
+    if device.type == "cuda":
+        # About 16k tokens per call (B * S), H = 16: the GPU anchors of DESIGN section 4.
+        return [Shape(16384 // S, 16, D, S) for D in (64, 128) for S in (1024, 4096, 16384)]
     grid = [Shape(1, H, D, S) for H in (8, 24) for D in (64, 128) for S in (256, 1024, 4096)]
     # PixArt/SD3-class layer: a head dim that is not a power of two (DESIGN section 3).
     return grid + [Shape(1, 16, 72, 4096, "pixart")]
 
 
+def default_backends(device: torch.device) -> list[str]:
+    """Our own backends on the device (not the aten wrappers, which are torch's kernels)."""
+    return [b for b in cp_attention.available_backends(device) if not b.startswith("aten")]
+
+
 # ---------------------------------------------------------------------------------------------- checks
-def check_against(shape: Shape, dtype: torch.dtype, ours: tuple, ref_name: str, ref: tuple) -> dict:
+def check_against(shape: Shape, dtype: torch.dtype, name: str, ours: tuple, ref_name: str,
+                  ref: tuple) -> dict:
     """Compares our (out BSHD, lse) with torch's (out BHSD, lse or None); exits on a mismatch."""
     out, lse = ours
     ref_out = ref[0].transpose(1, 2).float()
@@ -125,22 +131,31 @@ def check_against(shape: Shape, dtype: torch.dtype, ours: tuple, ref_name: str, 
     if lse_diff is not None and not lse_diff <= LSE_ATOL[dtype]:
         bad.append(f"lse: max|diff| {lse_diff:.3e} (allowed {LSE_ATOL[dtype]:.0e})")
     if bad:
-        sys.exit(f"FAILED correctness check vs {ref_name} at {SHORT[dtype]} B={shape.B} H={shape.H} "
-                 f"D={shape.D} S={shape.S}: " + "; ".join(bad) + ". No timing recorded.")
-    return {"max_abs_diff": diff, "rel_diff": rel, "lse_max_abs_diff": lse_diff, "check_ref": ref_name}
+        sys.exit(f"FAILED correctness check of {name} vs {ref_name} at {SHORT[dtype]} B={shape.B} "
+                 f"H={shape.H} D={shape.D} S={shape.S}: " + "; ".join(bad) + ". No timing recorded.")
+    return {f"{name}_max_abs_diff": diff, f"{name}_rel_diff": rel, f"{name}_lse_max_abs_diff": lse_diff,
+            "check_ref": ref_name}
 
 
 # ---------------------------------------------------------------------------------------------- run
-def bench_shape(shape: Shape, dtype: torch.dtype, backend: str, device: torch.device,
-                bases: list[Baseline], timing: dict) -> dict:
+def bench_shape(shape: Shape, dtype: torch.dtype, backends: list[str], device: torch.device,
+                bases: list[Baseline], timing: dict, acc: bool) -> dict:
     B, H, D, S = shape.B, shape.H, shape.D, shape.S
     gen = torch.Generator(device="cpu").manual_seed(1234 + S + 7 * H + 13 * D)
     q, k, v = (torch.randn(B, S, H, D, generator=gen).to(device=device, dtype=dtype) for _ in range(3))
     qt, kt, vt = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)  # BHSD views of the same data
     scale = 1.0 / math.sqrt(D)
 
-    def ours():
-        return cp_attention.flash_attn(q, k, v, scale=scale, backend=backend, return_lse=True)
+    ours = {b: (lambda b=b: cp_attention.flash_attn(q, k, v, scale=scale, backend=b, return_lse=True))
+            for b in backends}
+    if acc:
+        # The fused ring step into a float32 state. Calls keep merging the same chunk in: the state stays
+        # finite (out unchanged, lse + log 2 per call), and each call does exactly a ring step's work.
+        state = torch.zeros(B, S, H, D, dtype=torch.float32, device=device)
+        state_lse = torch.full((B, H, S), float("-inf"), device=device)
+        for b in backends:
+            ours[f"{b}_acc"] = (lambda b=b: cp_attention.flash_attn_acc_(q, k, v, state, state_lse,
+                                                                         scale=scale, backend=b))
 
     # Correctness first, so a wrong kernel never gets timed.
     ref_name, ref = None, None
@@ -159,60 +174,98 @@ def bench_shape(shape: Shape, dtype: torch.dtype, backend: str, device: torch.de
         sys.exit(f"bench_flash_fwd: no torch baseline runs {SHORT[dtype]} D={D} on {device}")
     row = {"dtype": SHORT[dtype], "B": B, "H": H, "D": D, "S": S, "note": shape.note,
            "flops": attn_fwd_flops(B, H, S, S, D)}
-    row.update(check_against(shape, dtype, ours(), ref_name, ref))
+    for b in backends:
+        row.update(check_against(shape, dtype, b, ours[b](), ref_name, ref))
+    if acc:
+        for b in backends:
+            state.zero_()
+            state_lse.fill_(float("-inf"))
+            ours[f"{b}_acc"]()
+            row.update(check_against(shape, dtype, f"{b}_acc", (state.to(dtype), state_lse), ref_name, ref))
     del ref
 
     # Ours and torch's kernels take turns call by call, so machine noise cannot favour either side.
     timed = [b for b in bases if supported[b.name] is True]
-    fns = {"ours": ours, **{b.name: (lambda b=b: b.run(qt, kt, vt, scale)) for b in timed}}
+    fns = {**ours, **{b.name: (lambda b=b: b.run(qt, kt, vt, scale)) for b in timed}}
     stats = time_interleaved(fns, device=device, contexts={b.name: b.context for b in timed}, **timing)
-    row["ours"] = stats["ours"]
-    row["ours_ms"] = stats["ours"]["median"]
-    row["ours_gflops"] = gflops(row["flops"], row["ours_ms"])
+    for name in fns:
+        row[name] = stats[name]
+        row[f"{name}_ms"] = stats[name]["median"]
+        row[f"{name}_gflops"] = gflops(row["flops"], row[f"{name}_ms"])
     for base in bases:
         if base not in timed:
             row[base.name] = supported[base.name]
-            continue
-        row[base.name] = stats[base.name]
-        row[f"{base.name}_ms"] = stats[base.name]["median"]
-        row[f"{base.name}_gflops"] = gflops(row["flops"], row[f"{base.name}_ms"])
-        row[f"ratio_{base.name}"] = row[f"{base.name}_ms"] / row["ours_ms"]
-    torch_ms = [row[f"{b.name}_ms"] for b in bases if f"{b.name}_ms" in row]
-    row["ratio_best_torch"] = min(torch_ms) / row["ours_ms"]
+    torch_ms = [row[f"{b.name}_ms"] for b in timed]
+    for b in backends:
+        for base in timed:
+            row[f"ratio_{b}_{base.name}"] = row[f"{base.name}_ms"] / row[f"{b}_ms"]
+        row[f"ratio_{b}_best_torch"] = min(torch_ms) / row[f"{b}_ms"]
+        if acc:
+            row[f"acc_overhead_{b}"] = row[f"{b}_acc_ms"] / row[f"{b}_ms"] - 1.0
     return row
 
 
-def summarize(rows: list[dict], bases: list[Baseline]) -> dict:
-    """Per dtype, over S >= TARGET_MIN_S: geometric-mean and minimum throughput ratio against each torch
-    kernel and against the fastest torch kernel of each shape; the target is met when even the minimum
-    ratio against the fastest torch kernel is at least 1.0."""
+def summarize(rows: list[dict], backends: list[str], bases: list[Baseline], device: torch.device) -> dict:
+    """Per dtype and backend of ours, over S >= TARGET_MIN_S: geometric-mean and minimum throughput ratio
+    against each torch kernel and against the fastest torch kernel of each shape, and the fused step's
+    overhead. Targets: on CPUs ours >= 1.0x the fastest torch kernel; on GPUs (bf16, DESIGN section 4)
+    triton >= 0.9x cuDNN at D = 128, S >= 4k, cuda >= triton, and the fused step <= 3% over the forward at
+    S >= 4k."""
     summary = {}
     for dtype in dict.fromkeys(r["dtype"] for r in rows):
         big = [r for r in rows if r["dtype"] == dtype and r["S"] >= TARGET_MIN_S]
         if not big:
             continue
         entry = {"shapes": len(big)}
-        for key in [f"ratio_{b.name}" for b in bases] + ["ratio_best_torch"]:
-            vals = [r[key] for r in big if key in r]
-            if vals:
-                entry[key] = {"geomean": geomean(vals), "min": min(vals)}
-        entry["target_met"] = entry["ratio_best_torch"]["min"] >= 1.0
+        for b in backends:
+            per = {}
+            for key in [f"ratio_{b}_{base.name}" for base in bases] + [f"ratio_{b}_best_torch"]:
+                vals = [r[key] for r in big if key in r]
+                if vals:
+                    per[key[len(f"ratio_{b}_"):]] = {"geomean": geomean(vals), "min": min(vals)}
+            over = [r[f"acc_overhead_{b}"] for r in big if f"acc_overhead_{b}" in r and r["S"] >= 4096]
+            if over:
+                per["acc_overhead_max_s4k"] = max(over)
+            entry[b] = per
+        targets = {}
+        if device.type == "cpu":
+            for b in backends:
+                targets[f"{b} >= 1.0x best torch"] = entry[b]["best_torch"]["min"] >= 1.0
+        else:
+            d128 = [r for r in big if r["D"] == 128 and r["S"] >= 4096]
+            if "triton" in backends and d128 and all("ratio_triton_sdpa_cudnn" in r for r in d128):
+                targets["triton >= 0.9x cudnn (D=128, S>=4k)"] = min(r["ratio_triton_sdpa_cudnn"]
+                                                                     for r in d128) >= 0.9
+            if "triton" in backends and "cuda" in backends:
+                targets["cuda >= triton (S>=1k)"] = all(r["cuda_ms"] <= r["triton_ms"] for r in big)
+        for b in backends:
+            over = entry[b].get("acc_overhead_max_s4k")
+            if over is not None:
+                targets[f"{b} fused step <= 3% over forward (S>=4k)"] = over <= 0.03
+        entry["targets"] = targets
         summary[dtype] = entry
     return summary
 
 
 def main() -> None:
     p = make_parser(__doc__.splitlines()[0])
-    p.add_argument("--backend", default="cpu",
-                   help="which of our backends to time (a cp_attention.flash_attn backend name; default cpu)")
-    p.add_argument("--device", default=None, help="device of the inputs (default: the backend's device)")
-    p.add_argument("--dtypes", default="float32,bfloat16",
-                   help=f"comma-separated, from {', '.join(DTYPES)} (default float32,bfloat16)")
+    p.add_argument("--backends", default=None,
+                   help="comma-separated cp_attention.flash_attn backends of ours to time (default: "
+                        "every one of ours on the device)")
+    p.add_argument("--device", default=None, help="cpu or cuda (default: cpu)")
+    p.add_argument("--dtypes", default=None,
+                   help=f"comma-separated, from {', '.join(DTYPES)} (default float32,bfloat16 on CPUs, "
+                        "bfloat16 on GPUs)")
+    p.add_argument("--no-acc", action="store_true", help="skip the fused ring step (flash_attn_acc_)")
     args = p.parse_args()
     apply_common(args)
 
-    device = torch.device(args.device) if args.device else device_for_backend(args.backend)
-    dtypes = [DTYPES[d.strip()] for d in args.dtypes.split(",") if d.strip()]
+    device = torch.device(args.device or "cpu")
+    backends = args.backends.split(",") if args.backends else default_backends(device)
+    if not backends:
+        sys.exit(f"bench_flash_fwd: none of our backends runs on {device}")
+    dtype_names = args.dtypes or ("bfloat16" if device.type == "cuda" else "float32,bfloat16")
+    dtypes = [DTYPES[d.strip()] for d in dtype_names.split(",") if d.strip()]
     bases = baselines_for(device)
     timing = {
         "warmup": args.warmup if args.warmup is not None else 1,
@@ -221,40 +274,51 @@ def main() -> None:
         "budget_s": args.budget if args.budget is not None else (0.1 if args.quick else 1.0),
         "min_iters": 2 if args.quick else 3,
     }
-    print(f"bench_flash_fwd: ours = cp_attention.flash_attn(backend={args.backend!r}) on {device}, "
+    rate, unit = (1e3, "TFLOP/s") if device.type == "cuda" else (1.0, "GFLOP/s")
+    print(f"bench_flash_fwd: ours = cp_attention.flash_attn(backend in {backends}) on {device}, "
           f"{torch.get_num_threads()} threads; torch: {', '.join(b.name for b in bases)}")
 
     rows = []
     with torch.inference_mode():
         for dtype in dtypes:
-            for shape in shapes_for(args.quick):
-                row = bench_shape(shape, dtype, args.backend, device, bases, timing)
+            for shape in shapes_for(args.quick, device):
+                row = bench_shape(shape, dtype, backends, device, bases, timing, not args.no_acc)
                 rows.append(row)
-                ratios = "  ".join(f"x{row[f'ratio_{b.name}']:.2f} vs {b.name}" for b in bases
-                                   if f"ratio_{b.name}" in row)
-                print(f"  {row['dtype']} H={shape.H} D={shape.D} S={shape.S}: max|diff| "
-                      f"{row['max_abs_diff']:.2e} (rel {row['rel_diff']:.1e}) vs {row['check_ref']}; "
-                      f"ours {row['ours_ms']:.2f} ms ({row['ours']['iters']} it)  {ratios}", flush=True)
+                line = "  ".join(
+                    f"{b} {row[f'{b}_ms']:.2f} ms ({row[f'{b}_gflops'] / rate:.1f} {unit}, "
+                    f"x{row[f'ratio_{b}_best_torch']:.2f} vs best torch"
+                    + (f", fused step {100 * row[f'acc_overhead_{b}']:+.1f}%" if f"acc_overhead_{b}" in row
+                       else "") + ")" for b in backends)
+                print(f"  {row['dtype']} B={shape.B} H={shape.H} D={shape.D} S={shape.S}: {line}",
+                      flush=True)
 
-    columns = [("dtype", "dtype", ""), ("H", "H", "d"), ("D", "D", "d"), ("S", "S", "d"),
-               ("ours ms", "ours_ms", ".2f"), ("ours GFLOP/s", "ours_gflops", ".1f")]
-    columns += [(f"{b.name} ms", f"{b.name}_ms", ".2f") for b in bases]
-    columns += [(f"ours/{b.name}", f"ratio_{b.name}", ".2f") for b in bases]
-    columns += [("rel err", "rel_diff", ".1e")]
+    columns = [("dtype", "dtype", ""), ("B", "B", "d"), ("H", "H", "d"), ("D", "D", "d"), ("S", "S", "d")]
+    for name in backends + [b.name for b in bases]:
+        for r in rows:
+            if f"{name}_gflops" in r:
+                r[f"{name}_rate"] = r[f"{name}_gflops"] / rate
+        columns.append((f"{name} {unit}", f"{name}_rate", ".1f"))
+    columns += [(f"{b}/best", f"ratio_{b}_best_torch", ".2f") for b in backends]
+    if not args.no_acc:
+        for b in backends:
+            for r in rows:
+                r[f"acc_pct_{b}"] = 100 * r[f"acc_overhead_{b}"]
+        columns += [(f"{b} fused +%", f"acc_pct_{b}", ".1f") for b in backends]
     print()
     print_table(rows, columns)
 
-    summary = summarize(rows, bases)
+    summary = summarize(rows, backends, bases, device)
     print()
     for dtype, entry in summary.items():
-        parts = [f"vs {key[len('ratio_'):]} geomean {v['geomean']:.2f}x min {v['min']:.2f}x"
-                 for key, v in entry.items() if key.startswith("ratio_")]
-        print(f"{dtype} (S >= {TARGET_MIN_S}, {entry['shapes']} shapes): " + "; ".join(parts))
-        print(f"{dtype}: target ours >= 1.0x torch at S >= {TARGET_MIN_S}: "
-              f"{'met' if entry['target_met'] else 'not met'}")
+        for b in backends:
+            parts = [f"vs {key} geomean {v['geomean']:.2f}x min {v['min']:.2f}x"
+                     for key, v in entry[b].items() if isinstance(v, dict)]
+            print(f"{dtype} {b} (S >= {TARGET_MIN_S}, {entry['shapes']} shapes): " + "; ".join(parts))
+        for name, met in entry["targets"].items():
+            print(f"{dtype} target {name}: {'met' if met else 'not met'}")
 
     if not args.no_json:
-        extra = {"args": vars(args), "backend": args.backend, "baselines": [b.name for b in bases],
+        extra = {"args": vars(args), "backends": backends, "baselines": [b.name for b in bases],
                  "timing": timing, "summary": summary}
         write_json("flash_fwd", rows, extra, device=device, out_dir=args.out_dir, tmp=args.quick)
 

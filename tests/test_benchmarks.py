@@ -11,7 +11,7 @@ import sys
 import pytest
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-QUICK_BENCHMARKS = ["bench_flash_fwd.py", "bench_a2a_pack.py"]
+QUICK_BENCHMARKS = ["bench_flash_fwd.py", "bench_a2a_pack.py", "bench_merge.py"]
 
 
 @pytest.mark.parametrize("script", QUICK_BENCHMARKS)
@@ -30,3 +30,13 @@ def test_cp_benchmark_quick_mode_runs_under_torchrun():
     assert proc.returncode == 0, f"bench_cp.py --quick failed:\n{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}"
     for mode in ("single-process", "allgather+sdpa", "ring", "ulysses"):
         assert mode in proc.stdout, f"bench_cp.py --quick printed no {mode} row:\n{proc.stdout[-2000:]}"
+
+
+def test_gpu_check_dry_run(tmp_path):
+    # The GPU check's own plumbing (build info, test selection, every benchmark, the summary) on the CPU.
+    cmd = ["bash", os.path.join(ROOT, "benchmarks", "gpu_check.sh"), "--dry-run", "--python", sys.executable,
+           "--out-dir", str(tmp_path)]
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=600, cwd=ROOT)
+    assert proc.returncode == 0, f"gpu_check.sh --dry-run failed:\n{proc.stdout[-4000:]}\n{proc.stderr[-2000:]}"
+    assert "gpu_check: PASS" in proc.stdout
+    assert list(tmp_path.glob("gpu_check-dry-run-*.json")), "no summary JSON written"
