@@ -332,6 +332,28 @@ def print_table(rows: list[dict], columns: Sequence[tuple[str, str, str]]) -> No
 
 
 # --------------------------------------------------------------------------------------------- CLI
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+def parse_dtypes(text: str) -> list[torch.dtype]:
+    """Comma-separated dtype names (keys of DTYPES) -> torch dtypes."""
+    names = [n.strip() for n in text.split(",") if n.strip()]
+    unknown = [n for n in names if n not in DTYPES]
+    if unknown:
+        raise SystemExit(f"unknown dtype(s) {unknown}; expected some of {', '.join(DTYPES)}")
+    return [DTYPES[n] for n in names]
+
+
+def timing_from_args(args: argparse.Namespace, *, warmup: int, budget_s: tuple[float, float],
+                     min_iters: tuple[int, int], warmup_s: tuple[float, float] = (0.0, 0.0)) -> dict:
+    """Keyword arguments for time_fn / time_interleaved from the shared flags; the (quick, full) pairs give
+    the defaults of --quick and of full runs."""
+    pick = 0 if args.quick else 1
+    return {"warmup": args.warmup if args.warmup is not None else warmup, "warmup_s": warmup_s[pick],
+            "iters": args.iters, "budget_s": args.budget if args.budget is not None else budget_s[pick],
+            "min_iters": min_iters[pick]}
+
+
 def make_parser(description: str) -> argparse.ArgumentParser:
     """ArgumentParser with the flags every benchmark shares; scripts add their own on top."""
     p = argparse.ArgumentParser(description=description)

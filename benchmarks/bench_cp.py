@@ -23,11 +23,9 @@ import torch.distributed as dist
 import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _harness import apply_common, make_parser, print_table, write_json  # noqa: E402
+from _harness import DTYPES, apply_common, make_parser, print_table, write_json  # noqa: E402
 
 import cp_attention  # noqa: E402
-
-DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
 class Problem(NamedTuple):

@@ -23,20 +23,22 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 from _harness import (
+    DTYPES,
     apply_common,
     attn_fwd_flops,
     geomean,
     gflops,
     make_parser,
+    parse_dtypes,
     print_table,
     time_interleaved,
+    timing_from_args,
     write_json,
 )
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
 import cp_attention
 
-DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 SHORT = {torch.float32: "fp32", torch.bfloat16: "bf16", torch.float16: "fp16"}
 
 # Output error allowed relative to max|out| of torch's result. For half types the two kernels may round
@@ -265,15 +267,9 @@ def main() -> None:
     if not backends:
         sys.exit(f"bench_flash_fwd: none of our backends runs on {device}")
     dtype_names = args.dtypes or ("bfloat16" if device.type == "cuda" else "float32,bfloat16")
-    dtypes = [DTYPES[d.strip()] for d in dtype_names.split(",") if d.strip()]
+    dtypes = parse_dtypes(dtype_names)
     bases = baselines_for(device)
-    timing = {
-        "warmup": args.warmup if args.warmup is not None else 1,
-        "warmup_s": 0.05 if args.quick else 0.3,
-        "iters": args.iters,
-        "budget_s": args.budget if args.budget is not None else (0.1 if args.quick else 1.0),
-        "min_iters": 2 if args.quick else 3,
-    }
+    timing = timing_from_args(args, warmup=1, warmup_s=(0.05, 0.3), budget_s=(0.1, 1.0), min_iters=(2, 3))
     rate, unit = (1e3, "TFLOP/s") if device.type == "cuda" else (1.0, "GFLOP/s")
     print(f"bench_flash_fwd: ours = cp_attention.flash_attn(backend in {backends}) on {device}, "
           f"{torch.get_num_threads()} threads; torch: {', '.join(b.name for b in bases)}")

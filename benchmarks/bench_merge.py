@@ -18,11 +18,19 @@ from typing import NamedTuple
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _harness import apply_common, gbps, make_parser, print_table, time_interleaved, write_json  # noqa: E402
+from _harness import (  # noqa: E402
+    DTYPES,
+    apply_common,
+    gbps,
+    make_parser,
+    parse_dtypes,
+    print_table,
+    time_interleaved,
+    timing_from_args,
+    write_json,
+)
 
 import cp_attention  # noqa: E402, F401  (registers the ops)
-
-DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
 class Shape(NamedTuple):
@@ -114,10 +122,8 @@ def main() -> None:
     args = p.parse_args()
     apply_common(args)
     device = torch.device(args.device)
-    dtypes = [DTYPES[d.strip()] for d in args.dtypes.split(",") if d.strip()]
-    timing = {"warmup": args.warmup if args.warmup is not None else 3, "iters": args.iters,
-              "budget_s": args.budget if args.budget is not None else (0.05 if args.quick else 0.5),
-              "min_iters": 3 if args.quick else 10}
+    dtypes = parse_dtypes(args.dtypes)
+    timing = timing_from_args(args, warmup=3, budget_s=(0.05, 0.5), min_iters=(3, 10))
     backends = list(our_backends(device))
     print(f"bench_merge: merge ops {backends} vs plain torch on {device}, {torch.get_num_threads()} threads")
     rows = []

@@ -37,6 +37,7 @@ def test_gpu_check_dry_run(tmp_path):
     cmd = ["bash", os.path.join(ROOT, "benchmarks", "gpu_check.sh"), "--dry-run", "--python", sys.executable,
            "--out-dir", str(tmp_path)]
     proc = subprocess.run(cmd, capture_output=True, text=True, timeout=600, cwd=ROOT)
-    assert proc.returncode == 0, f"gpu_check.sh --dry-run failed:\n{proc.stdout[-4000:]}\n{proc.stderr[-2000:]}"
+    assert proc.returncode == 0, (f"gpu_check.sh --dry-run failed:\n{proc.stdout[-4000:]}\n"
+                                  f"{proc.stderr[-2000:]}")
     assert "gpu_check: PASS" in proc.stdout
     assert list(tmp_path.glob("gpu_check-dry-run-*.json")), "no summary JSON written"

@@ -43,14 +43,9 @@ def _attend_chunk(q, k, v, kv_mask, s, e, causal, backend):
     return torch.cat([o1, o2], dim=1), torch.cat([l1, l2], dim=2)
 
 
-@pytest.mark.parametrize("dtype", DTYPES, ids=str)
-@pytest.mark.parametrize("masked", [False, True], ids=["nomask", "mask"])
-@pytest.mark.parametrize("causal", [False, True], ids=["full", "causal"])
-@pytest.mark.parametrize("shape,n_chunks", CASES, ids=[f"{s}-{n}chunks" for s, n in CASES])
-def test_chunks_merge_to_whole(target, shape, n_chunks, causal, masked, dtype):
+def _problem(target, shape, causal, masked, dtype, seed):
+    """(gen, q, k, v, kv_mask) for one case; skips what the target's kernel does not cover."""
     B, Sq, Sk, H, Hkv, D = shape
-    seed = n_chunks * 100 + causal * 10 + masked
-    torch.manual_seed(seed)
     gen = torch.Generator().manual_seed(seed)
     q = randn(B, Sq, H, D, dtype=dtype, device=target.device, gen=gen)
     k = randn(B, Sk, Hkv, D, dtype=dtype, device=target.device, gen=gen)
@@ -58,6 +53,17 @@ def test_chunks_merge_to_whole(target, shape, n_chunks, causal, masked, dtype):
     kv_mask = make_kv_mask(B, Sk, gen, target.device) if masked else None
     skip_unsupported(target, q, Sk, causal, masked)
     skip_unsupported(target, q, Sk, False, masked)  # the chunks run non-causal parts, too
+    return gen, q, k, v, kv_mask
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("masked", [False, True], ids=["nomask", "mask"])
+@pytest.mark.parametrize("causal", [False, True], ids=["full", "causal"])
+@pytest.mark.parametrize("shape,n_chunks", CASES, ids=[f"{s}-{n}chunks" for s, n in CASES])
+def test_chunks_merge_to_whole(target, shape, n_chunks, causal, masked, dtype):
+    B, Sq, Sk, H, Hkv, D = shape
+    seed = n_chunks * 100 + causal * 10 + masked
+    gen, q, k, v, kv_mask = _problem(target, shape, causal, masked, dtype, seed)
 
     bounds = _boundaries(Sk, n_chunks, gen)
     parts = [_attend_chunk(q, k, v, kv_mask, s, e, causal, target.backend)
@@ -95,13 +101,7 @@ def test_fused_accumulation_equals_whole(target, shape, n_chunks, causal, masked
     chunks run as two calls on row slices of the state (strided out and lse), as in _attend_chunk."""
     B, Sq, Sk, H, Hkv, D = shape
     seed = 7 + n_chunks * 100 + causal * 10 + masked
-    gen = torch.Generator().manual_seed(seed)
-    q = randn(B, Sq, H, D, dtype=dtype, device=target.device, gen=gen)
-    k = randn(B, Sk, Hkv, D, dtype=dtype, device=target.device, gen=gen)
-    v = randn(B, Sk, Hkv, D, dtype=dtype, device=target.device, gen=gen)
-    kv_mask = make_kv_mask(B, Sk, gen, target.device) if masked else None
-    skip_unsupported(target, q, Sk, causal, masked)
-    skip_unsupported(target, q, Sk, False, masked)
+    gen, q, k, v, kv_mask = _problem(target, shape, causal, masked, dtype, seed)
 
     state_dtype = torch.float32 if acc_dtype == "float32" else dtype
     acc = torch.full((B, Sq, H, D), float("nan"), dtype=state_dtype, device=target.device)
