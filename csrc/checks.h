@@ -82,6 +82,20 @@ inline void check_merge_side(const char* op, const char* out_name, const char* l
               out_name, ", got ", lse.device());
 }
 
+// The running state (out, lse) of flash_attn_fwd_acc_ for q [B, Sq, H, D]: out [B, Sq, H, D] in q's dtype or
+// float32 (any strides, the last one 1), lse [B, H, Sq] float32 (any strides), both on q's device.
+inline void check_attn_accumulator(const char* op, const at::Tensor& q, const at::Tensor& out,
+                                   const at::Tensor& lse) {
+  check_merge_side(op, "out", "lse", out, lse);
+  TORCH_CHECK_VALUE(out.sizes() == q.sizes(), op, ": out must have q's shape ", q.sizes(), ", got ", out.sizes());
+  TORCH_CHECK_VALUE(out.scalar_type() == q.scalar_type() || out.scalar_type() == at::kFloat, op,
+                    ": out must be float32 or q's dtype ", q.scalar_type(), ", got ", out.scalar_type());
+  TORCH_CHECK_VALUE(out.device() == q.device(), op, ": out must be on ", q.device(), " like q, got ",
+                    out.device());
+  TORCH_CHECK_VALUE(out.stride(3) == 1 || out.size(3) == 1, op,
+                    ": out's last dimension must be contiguous (stride 1), got strides ", out.strides());
+}
+
 inline void check_merge_inputs(const char* op, const char* a_name, const at::Tensor& out_a,
                                const at::Tensor& lse_a, const at::Tensor& out_b, const at::Tensor& lse_b) {
   const std::string a_lse = std::string("lse") + (a_name[3] ? a_name + 3 : "");

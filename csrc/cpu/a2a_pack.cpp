@@ -20,41 +20,11 @@
 #include <cstring>
 #include <vector>
 
+#include "a2a_layout.h"
 #include "checks.h"
 
 namespace cp_attention::cpu {
 namespace {
-
-struct HeadSplit {
-  int64_t h, hk;           // query / kv heads per rank
-  int64_t kv_group;        // ranks sharing one kv head (1 when P divides Hkv)
-  int64_t kv_start(int64_t r) const { return kv_group == 1 ? r * hk : r / kv_group; }
-};
-
-HeadSplit head_split(const char* op, int64_t H, int64_t Hkv, int64_t P) {
-  TORCH_CHECK_VALUE(P >= 1, op, ": world_size must be >= 1, got ", P);
-  TORCH_CHECK_VALUE(H % P == 0, op, ": the number of query heads H=", H,
-                    " must be divisible by world_size=", P, " (Ulysses splits heads evenly across ranks)");
-  if (Hkv % P == 0) return {H / P, Hkv / P, 1};
-  TORCH_CHECK_VALUE(P % Hkv == 0, op, ": the number of k/v heads Hkv=", Hkv,
-                    " must be a multiple or a divisor of world_size=", P,
-                    " so that every rank's query heads read whole k/v heads");
-  return {H / P, 1, P / Hkv};
-}
-
-void check_seq_lens(const char* op, at::IntArrayRef seq_lens) {
-  TORCH_CHECK_VALUE(!seq_lens.empty(), op, ": seq_lens must list one length per rank, got an empty list");
-  for (int64_t s : seq_lens)
-    TORCH_CHECK_VALUE(s >= 0, op, ": seq_lens must be >= 0, got ", seq_lens);
-}
-
-void check_recv(const char* op, const at::Tensor& recv, int64_t expected) {
-  TORCH_CHECK_VALUE(is_attn_dtype(recv.scalar_type()), op, ": recv must be float32, float16 or bfloat16, got ",
-                    recv.scalar_type());
-  TORCH_CHECK_VALUE(recv.is_contiguous(), op, ": recv must be contiguous (it is read in memory order)");
-  TORCH_CHECK_VALUE(recv.numel() == expected, op, ": recv must hold ", expected,
-                    " elements for the given sizes, got ", recv.numel(), " (shape ", recv.sizes(), ")");
-}
 
 // Copies n heads [h0, h0 + n) of row (b, s) of a BSHD tensor (last dim contiguous) to dst, densely.
 inline void copy_heads(char* dst, const at::Tensor& t, const char* base, int64_t b, int64_t s, int64_t h0,
@@ -70,9 +40,7 @@ inline void copy_heads(char* dst, const at::Tensor& t, const char* base, int64_t
 at::Tensor a2a_pack_seq_to_head_cpu(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
                                     int64_t world_size) {
   const char* op = "cp_attention.a2a_pack_seq_to_head";
-  const AttnDims d = check_attn_inputs(op, q, k, v, std::nullopt);
-  TORCH_CHECK_VALUE(d.Sq == d.Sk, op, ": q, k and v must be shards of one sequence (same length), got q ",
-                    q.sizes(), ", k ", k.sizes());
+  const AttnDims d = check_pack_seq_to_head(op, q, k, v);
   const HeadSplit hs = head_split(op, d.H, d.Hkv, world_size);
   const int64_t B = d.B, S = d.Sq, D = d.D, P = world_size, elem = q.element_size();
   const int64_t block = B * S * (hs.h + 2 * hs.hk) * D;
@@ -105,9 +73,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> a2a_unpack_seq_to_head_cpu(const 
                                                                          int64_t kv_heads, int64_t head_dim) {
   const char* op = "cp_attention.a2a_unpack_seq_to_head";
   check_seq_lens(op, seq_lens);
-  TORCH_CHECK_VALUE(batch >= 0 && heads >= 1 && kv_heads >= 1 && head_dim >= 1, op,
-                    ": batch must be >= 0 and heads, kv_heads, head_dim >= 1, got batch=", batch, ", heads=",
-                    heads, ", kv_heads=", kv_heads, ", head_dim=", head_dim);
+  check_unpack_seq_to_head_sizes(op, batch, heads, kv_heads, head_dim);
   const int64_t P = static_cast<int64_t>(seq_lens.size()), B = batch, D = head_dim;
   const int64_t width = heads + 2 * kv_heads;
   std::vector<int64_t> start(P + 1, 0), src_base(P + 1, 0);
@@ -143,18 +109,10 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> a2a_unpack_seq_to_head_cpu(const 
 
 at::Tensor a2a_pack_head_to_seq_cpu(const at::Tensor& out, at::IntArrayRef seq_lens) {
   const char* op = "cp_attention.a2a_pack_head_to_seq";
-  check_seq_lens(op, seq_lens);
-  TORCH_CHECK_VALUE(out.dim() == 4, op, ": out must be a 4-D tensor [B, S, h, D], got shape ", out.sizes());
-  TORCH_CHECK_VALUE(is_attn_dtype(out.scalar_type()), op, ": out must be float32, float16 or bfloat16, got ",
-                    out.scalar_type());
-  TORCH_CHECK_VALUE(out.stride(3) == 1 || out.size(3) == 1, op,
-                    ": out's last dimension must be contiguous (stride 1), got strides ", out.strides());
+  check_pack_head_to_seq(op, out, seq_lens);
   const int64_t B = out.size(0), Sg = out.size(1), h = out.size(2), D = out.size(3);
   const int64_t P = static_cast<int64_t>(seq_lens.size()), elem = out.element_size();
-  std::vector<int64_t> start(P + 1, 0);
-  for (int64_t s = 0; s < P; ++s) start[s + 1] = start[s] + seq_lens[s];
-  TORCH_CHECK_VALUE(start[P] == Sg, op, ": seq_lens must sum to out's sequence length ", Sg, ", got ",
-                    seq_lens);
+  const std::vector<int64_t> start = seq_starts(seq_lens);
   at::Tensor buf = at::empty({B * Sg * h * D}, out.options().memory_format(at::MemoryFormat::Contiguous));
   if (buf.numel() == 0) return buf;
   std::vector<int64_t> owner(Sg);
@@ -176,10 +134,7 @@ at::Tensor a2a_pack_head_to_seq_cpu(const at::Tensor& out, at::IntArrayRef seq_l
 at::Tensor a2a_unpack_head_to_seq_cpu(const at::Tensor& recv, int64_t world_size, int64_t batch,
                                       int64_t seq_len, int64_t heads, int64_t head_dim) {
   const char* op = "cp_attention.a2a_unpack_head_to_seq";
-  TORCH_CHECK_VALUE(world_size >= 1, op, ": world_size must be >= 1, got ", world_size);
-  TORCH_CHECK_VALUE(batch >= 0 && seq_len >= 0 && heads >= 1 && head_dim >= 1, op,
-                    ": batch and seq_len must be >= 0 and heads, head_dim >= 1, got batch=", batch,
-                    ", seq_len=", seq_len, ", heads=", heads, ", head_dim=", head_dim);
+  check_unpack_head_to_seq_sizes(op, world_size, batch, seq_len, heads, head_dim);
   const int64_t P = world_size, B = batch, S = seq_len, h = heads, D = head_dim;
   check_recv(op, recv, P * B * S * h * D);
   const int64_t elem = recv.element_size();

@@ -1,0 +1,652 @@
+// Device code of the CUDA flash-attention forward (host side: flash_attn_fwd.cu).
+//
+// Tensor-core kernel (float16 / bfloat16), FlashAttention-2 style. One CTA owns kBlockM query rows of one
+// (batch, head); each of its kBlockM / 16 warps owns 16 of those rows, so the whole softmax of a row lives
+// in the four lanes of one quad and needs no shared memory. Per key block of kBlockN keys:
+//   S = Q K^T   mma.sync m16n8k16 (fp32 accumulate), Q and K fragments by ldmatrix from shared memory
+//   online softmax in registers, exp2 with log2(e) folded into the scale
+//   O += P V    P re-packed from the S accumulators in registers, V fragments by ldmatrix.trans
+// K/V blocks are double-buffered: block n + 1 streams in by cp.async while block n is computed. Shared
+// rows are padded by 16 bytes, which puts the 8 rows of every ldmatrix phase in 8 different bank groups.
+// Head dims are compiled for kD in {32, 64, 96, 128, 256}; a smaller D is zero-padded up to kD by the
+// loads (zeros change neither q.k nor the unused output columns, which are never stored).
+//
+// Fragment layouts used below (PTX ISA, mma.m16n8k16 with 16-bit inputs; g = lane / 4, t = lane % 4):
+//   A (16 x 16): a0 = (row g, cols 2t, 2t+1), a1 = (row g+8, same cols), a2/a3 = a0/a1 at cols + 8
+//   B (16 x 8):  b0 = (rows 2t, 2t+1, col g), b1 = same at rows + 8
+//   C (16 x 8):  c0, c1 = (row g, cols 2t, 2t+1), c2, c3 = (row g+8, same cols)
+// ldmatrix.x4 hands lanes 8i..8i+7 the row addresses of matrix i and returns matrix i in register i, lane l
+// holding row l/4, elements 2(l%4), 2(l%4)+1 (with .trans: column l/4, rows 2(l%4), 2(l%4)+1).
+//
+// The float32 kernel is a plain SIMT fallback (no tensor cores), one warp per query row at a time.
+#pragma once
+
+#include <cuda_bf16.h>
+#include <cuda_fp16.h>
+#include <cuda_runtime.h>
+
+#include <cmath>
+#include <cstdint>
+
+#include "cuda/cuda_utils.cuh"
+
+namespace cp_attention {
+namespace flash {
+
+constexpr float kNegInf = -INFINITY;
+constexpr float kLn2 = 0.6931471805599453f;
+
+// Everything a launch needs; strides are in elements. A CTA's work is (query block, batch, head).
+struct FwdParams {
+  const void* q;
+  const void* k;
+  const void* v;
+  void* out;                 // q's dtype, or float32 (accumulate only)
+  float* lse;
+  const uint8_t* mask;       // kv_mask [B, Sk] as bytes, or nullptr
+  int64_t q_sb, q_ss, q_sh;  // [B, S, H] strides; the last dim is contiguous (checked on the host)
+  int64_t k_sb, k_ss, k_sh;
+  int64_t v_sb, v_ss, v_sh;
+  int64_t o_sb, o_ss, o_sh, o_sd;
+  int64_t l_sb, l_sh, l_ss;  // lse [B, H, Sq]
+  int64_t m_sb, m_ss;        // kv_mask [B, Sk]
+  int B, H, group;           // group = H / Hkv: query head h reads kv head h / group
+  int Sq, Sk, D;             // D is the real head dim (<= the kernel's kD)
+  int n_mblocks;             // query blocks per (batch, head)
+  float scale_log2;          // scale * log2(e); > 0 for the tensor-core kernel (see the host)
+  bool causal;               // bottom-right: query i sees key j iff j <= i + Sk - Sq
+  bool accumulate;           // merge into (out, lse) instead of overwriting them
+  bool out_f32;              // out is float32 (else q's dtype)
+  bool out_pair;             // out rows allow 2-element vector access (o_sd == 1, aligned)
+  bool q_vec, k_vec, v_vec;  // rows 16-byte aligned and D % 8 == 0: cp.async in 16-byte chunks
+};
+
+// ---------------------------------------------------------------------------------------------------------
+// PTX wrappers.
+
+__device__ __forceinline__ uint32_t smem_u32(const void* p) {
+  return static_cast<uint32_t>(__cvta_generic_to_shared(p));
+}
+
+// 16-byte global -> shared copy; src_bytes == 0 writes 16 zero bytes and reads nothing.
+__device__ __forceinline__ void cp_async_16(uint32_t dst, const void* src, int src_bytes) {
+  asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;\n" ::"r"(dst), "l"(src), "r"(src_bytes)
+               : "memory");
+}
+
+__device__ __forceinline__ void cp_async_commit() { asm volatile("cp.async.commit_group;\n" ::: "memory"); }
+
+// Waits until at most N of this thread's most recent cp.async groups are still in flight.
+template <int N>
+__device__ __forceinline__ void cp_async_wait() {
+  asm volatile("cp.async.wait_group %0;\n" ::"n"(N) : "memory");
+}
+
+__device__ __forceinline__ void ldmatrix_x4(uint32_t (&r)[4], uint32_t addr) {
+  asm volatile("ldmatrix.sync.aligned.m8n8.x4.shared.b16 {%0, %1, %2, %3}, [%4];\n"
+               : "=r"(r[0]), "=r"(r[1]), "=r"(r[2]), "=r"(r[3])
+               : "r"(addr));
+}
+
+__device__ __forceinline__ void ldmatrix_x4_trans(uint32_t (&r)[4], uint32_t addr) {
+  asm volatile("ldmatrix.sync.aligned.m8n8.x4.trans.shared.b16 {%0, %1, %2, %3}, [%4];\n"
+               : "=r"(r[0]), "=r"(r[1]), "=r"(r[2]), "=r"(r[3])
+               : "r"(addr));
+}
+
+// c += a * b for one m16n8k16 tile, fp32 accumulators.
+__device__ __forceinline__ void mma_16816(float (&c)[4], const uint32_t (&a)[4], uint32_t b0, uint32_t b1,
+                                          __half) {
+  asm volatile(
+      "mma.sync.aligned.m16n8k16.row.col.f32.f16.f16.f32 {%0, %1, %2, %3}, {%4, %5, %6, %7}, {%8, %9}, "
+      "{%0, %1, %2, %3};\n"
+      : "+f"(c[0]), "+f"(c[1]), "+f"(c[2]), "+f"(c[3])
+      : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b0), "r"(b1));
+}
+
+__device__ __forceinline__ void mma_16816(float (&c)[4], const uint32_t (&a)[4], uint32_t b0, uint32_t b1,
+                                          __nv_bfloat16) {
+  asm volatile(
+      "mma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32 {%0, %1, %2, %3}, {%4, %5, %6, %7}, {%8, %9}, "
+      "{%0, %1, %2, %3};\n"
+      : "+f"(c[0]), "+f"(c[1]), "+f"(c[2]), "+f"(c[3])
+      : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b0), "r"(b1));
+}
+
+// 2^x with the hardware approximation (relative error ~2^-22); 2^-inf = +0, which masking relies on.
+__device__ __forceinline__ float fast_exp2(float x) {
+  float y;
+  asm("ex2.approx.ftz.f32 %0, %1;\n" : "=f"(y) : "f"(x));
+  return y;
+}
+
+// ---------------------------------------------------------------------------------------------------------
+// Epilogue: how a row's new result (lse_new, out_new) combines with what is in (out, lse). Shared by both
+// kernels so that they agree bit for bit on the merge decisions (the same rules as merge_attn_states_).
+
+enum RowMode : int {
+  kRowKeep = 0,  // leave out and lse as they are
+  kRowZero,      // out = 0, lse = -inf: the row has seen no key at all
+  kRowNew,       // out = out_new, lse = lse_new (the old side holds nothing, or is not accumulated)
+  kRowBlend,     // out = out_old * ca + out_new * cb, lse as given
+};
+
+struct RowPlan {
+  int mode;
+  float lse, ca, cb;
+};
+
+__device__ __forceinline__ RowPlan plan_row(bool accumulate, float lse_new, float lse_old) {
+  RowPlan r{kRowNew, lse_new, 0.f, 1.f};
+  if (lse_new == kNegInf) {
+    // This K/V chunk holds no visible key for the row: keep the old state, which only needs writing when it
+    // is empty too (then out must read 0, whatever the buffer held).
+    r.mode = (!accumulate || lse_old == kNegInf) ? kRowZero : kRowKeep;
+    return r;
+  }
+  if (!accumulate || lse_old == kNegInf) return r;  // old side empty: the new one passes through unread
+  // A side whose weight underflows to 0 is dropped without reading its out (as merge_attn_states_ does).
+  const float m = fmaxf(lse_old, lse_new);
+  const float wa = expf(lse_old - m), wb = expf(lse_new - m);
+  if (wb == 0.f) {
+    r.mode = kRowKeep;
+    return r;
+  }
+  if (wa == 0.f) return r;
+  const float sum = wa + wb;  // in (1, 2]
+  r.mode = kRowBlend;
+  r.lse = m + logf(sum);
+  r.ca = wa / sum;
+  r.cb = wb / sum;
+  return r;
+}
+
+// out_old * ca + out_new * cb, products rounded separately as in merge_attn_states_.
+__device__ __forceinline__ float blend(float old_v, float new_v, const RowPlan& pl) {
+  return __fadd_rn(__fmul_rn(old_v, pl.ca), __fmul_rn(new_v, pl.cb));
+}
+
+__device__ __forceinline__ float2 load_pair(const float* p) { return *reinterpret_cast<const float2*>(p); }
+template <typename T>
+__device__ __forceinline__ float2 load_pair(const T* p) {
+  return cuda_util::detail::unpack2(*reinterpret_cast<const uint32_t*>(p), T{});
+}
+__device__ __forceinline__ void store_pair(float* p, float a, float b) {
+  *reinterpret_cast<float2*>(p) = make_float2(a, b);
+}
+template <typename T>
+__device__ __forceinline__ void store_pair(T* p, float a, float b) {
+  *reinterpret_cast<uint32_t*>(p) = cuda_util::detail::pack2(a, b, T{});
+}
+
+// Element c of an out row (real columns only; the caller checks c < D).
+template <typename TO>
+__device__ __forceinline__ void write_elem(TO* row, int64_t sd, int c, float new_v, const RowPlan& pl) {
+  TO* ptr = row + static_cast<int64_t>(c) * sd;
+  float v = pl.mode == kRowZero ? 0.f : new_v;
+  if (pl.mode == kRowBlend) v = blend(cuda_util::to_float(*ptr), new_v, pl);
+  *ptr = cuda_util::from_float<TO>(v);
+}
+
+// Elements c, c + 1 (c even) of an out row; only those below D are touched.
+template <typename TO>
+__device__ __forceinline__ void write_two(TO* row, int64_t sd, bool pair_ok, int c, int D, float v0, float v1,
+                                          const RowPlan& pl) {
+  if (pair_ok && c + 1 < D) {
+    TO* ptr = row + c;
+    if (pl.mode == kRowZero) {
+      v0 = 0.f;
+      v1 = 0.f;
+    } else if (pl.mode == kRowBlend) {
+      const float2 o = load_pair(ptr);
+      v0 = blend(o.x, v0, pl);
+      v1 = blend(o.y, v1, pl);
+    }
+    store_pair(ptr, v0, v1);
+  } else {
+    if (c < D) write_elem(row, sd, c, v0, pl);
+    if (c + 1 < D) write_elem(row, sd, c + 1, v1, pl);
+  }
+}
+
+// Keys [0, n_end) can be visible to the query block starting at row m0 (bottom-right causal cuts the rest).
+__device__ __forceinline__ int block_key_end(const FwdParams& p, int m0, int block_m) {
+  if (!p.causal) return p.Sk;
+  const int64_t end = static_cast<int64_t>(m0) + block_m + (static_cast<int64_t>(p.Sk) - p.Sq);
+  return static_cast<int>(end < 0 ? 0 : (end > p.Sk ? p.Sk : end));
+}
+
+// Last key query row i may see (-1: none): Sk - 1, or under causal min(i + Sk - Sq, Sk - 1).
+__device__ __forceinline__ int row_key_limit(const FwdParams& p, int64_t i) {
+  if (!p.causal) return p.Sk - 1;
+  const int64_t lim = i + (static_cast<int64_t>(p.Sk) - p.Sq);
+  return static_cast<int>(lim < -1 ? -1 : (lim > p.Sk - 1 ? p.Sk - 1 : lim));
+}
+
+// ---------------------------------------------------------------------------------------------------------
+// Tensor-core kernel.
+
+template <int kD_, int kBlockM_, int kBlockN_>
+struct TcConfig {
+  static constexpr int kD = kD_, kBlockM = kBlockM_, kBlockN = kBlockN_;
+  static constexpr int kWarps = kBlockM / 16;
+  static constexpr int kThreads = kWarps * 32;
+  static constexpr int kStride = kD + 8;  // shared row stride in elements: 16 bytes of padding
+  static constexpr int kQElems = kBlockM * kStride;
+  static constexpr int kKVElems = kBlockN * kStride;
+  // Q, then K stage 0 and 1, then V stage 0 and 1.
+  static constexpr int kSmemBytes = (kQElems + 4 * kKVElems) * 2;
+  static constexpr int kKSteps = kD / 16;     // k-steps of Q K^T
+  static constexpr int kNTiles = kBlockN / 8;  // 8-column tiles of S per warp
+  static constexpr int kDTiles = kD / 8;       // 8-column tiles of O per warp
+  // Q fragments stay in registers for the whole key loop up to D = 128 (kD / 4 registers); at 256 they
+  // would crowd out the 128 registers of O, so they are re-read from shared memory per block instead.
+  static constexpr bool kQInRegs = kD <= 128;
+  static_assert(kD % 32 == 0 && kBlockM % 16 == 0 && kBlockN % 16 == 0, "tile shapes");
+  static_assert(kNTiles <= 16, "the per-thread kv_mask bits must fit in 32 bits");
+};
+
+// Loads a kRows x kD tile (rows [0, rows) of g, columns [0, D), the rest zero) into shared memory with row
+// stride kStride. vec: 16-byte cp.async chunks (the caller must commit the group); else element loads.
+template <int kRows, int kD, int kThreads>
+__device__ __forceinline__ void load_tile(uint16_t* s, const uint16_t* g, int64_t row_stride, int rows, int D,
+                                          bool vec, int tid) {
+  constexpr int kChunksPerRow = kD / 8, kChunks = kRows * kChunksPerRow, kStride = kD + 8;
+  static_assert(kChunks % kThreads == 0, "every thread copies the same number of chunks");
+  if (vec) {
+    // vec implies D % 8 == 0, so a chunk is wholly inside or outside the row. Out-of-range chunks copy 0
+    // bytes from a valid address (the tile's first row) and zero-fill.
+#pragma unroll
+    for (int i = 0; i < kChunks / kThreads; ++i) {
+      const int c = tid + i * kThreads;
+      const int r = c / kChunksPerRow, d0 = (c % kChunksPerRow) * 8;
+      const bool in = r < rows && d0 < D;
+      cp_async_16(smem_u32(s + r * kStride + d0), in ? g + r * row_stride + d0 : g, in ? 16 : 0);
+    }
+  } else {
+    // Unaligned rows or D % 8 != 0: element loads, one chunk at a time (unrolling would keep every chunk's
+    // loads in flight at once and raise the register peak of the whole kernel for this rare path).
+#pragma unroll 1
+    for (int i = 0; i < kChunks / kThreads; ++i) {
+      const int c = tid + i * kThreads;
+      const int r = c / kChunksPerRow, d0 = (c % kChunksPerRow) * 8;
+      const bool in = r < rows;
+      uint16_t x[8];
+#pragma unroll
+      for (int e = 0; e < 8; ++e) x[e] = (in && d0 + e < D) ? g[r * row_stride + d0 + e] : uint16_t{0};
+      uint4 w;
+      w.x = x[0] | (static_cast<uint32_t>(x[1]) << 16);
+      w.y = x[2] | (static_cast<uint32_t>(x[3]) << 16);
+      w.z = x[4] | (static_cast<uint32_t>(x[5]) << 16);
+      w.w = x[6] | (static_cast<uint32_t>(x[7]) << 16);
+      *reinterpret_cast<uint4*>(s + r * kStride + d0) = w;
+    }
+  }
+}
+
+template <typename T>
+__device__ __forceinline__ uint32_t pack_rn(float a, float b) {
+  return cuda_util::detail::pack2(a, b, T{});  // a in the low half: the lower column index
+}
+
+template <typename T, typename Cfg, int kMinBlocks>
+__global__ void __launch_bounds__(Cfg::kThreads, kMinBlocks) flash_fwd_tc_kernel(const FwdParams p) {
+  constexpr int kD = Cfg::kD, kBlockM = Cfg::kBlockM, kBlockN = Cfg::kBlockN, kThreads = Cfg::kThreads;
+  constexpr int kStride = Cfg::kStride, kKSteps = Cfg::kKSteps, kNTiles = Cfg::kNTiles, kDTiles = Cfg::kDTiles;
+  constexpr bool kQInRegs = Cfg::kQInRegs;
+
+  extern __shared__ __align__(16) unsigned char smem_raw[];
+  uint16_t* sQ = reinterpret_cast<uint16_t*>(smem_raw);
+  uint16_t* sK = sQ + Cfg::kQElems;         // stage s at sK + s * kKVElems
+  uint16_t* sV = sK + 2 * Cfg::kKVElems;    // stage s at sV + s * kKVElems
+
+  const int tid = static_cast<int>(threadIdx.x);
+  const int warp = tid >> 5, lane = tid & 31;
+  const int g = lane >> 2, tq = lane & 3;
+
+  // Block -> (query block, batch, head). Query blocks of one head are adjacent, so CTAs running together
+  // share K/V in L2; under causal masking the heaviest (last) query blocks go first.
+  const int bh = static_cast<int>(blockIdx.x / static_cast<unsigned>(p.n_mblocks));
+  int mb = static_cast<int>(blockIdx.x) - bh * p.n_mblocks;
+  if (p.causal) mb = p.n_mblocks - 1 - mb;
+  const int b = bh / p.H, h = bh - b * p.H, hk = h / p.group;
+  const int m0 = mb * kBlockM;
+  const int n_end = block_key_end(p, m0, kBlockM);
+  const int n_blocks = (n_end + kBlockN - 1) / kBlockN;
+
+  const uint16_t* qg = static_cast<const uint16_t*>(p.q) + b * p.q_sb + static_cast<int64_t>(m0) * p.q_ss + h * p.q_sh;
+  const uint16_t* kg = static_cast<const uint16_t*>(p.k) + b * p.k_sb + hk * p.k_sh;
+  const uint16_t* vg = static_cast<const uint16_t*>(p.v) + b * p.v_sb + hk * p.v_sh;
+  const uint8_t* mrow = p.mask != nullptr ? p.mask + b * p.m_sb : nullptr;
+
+  // This thread's two rows: warp * 16 + g and + 8 of the block.
+  const int64_t row0 = static_cast<int64_t>(m0) + warp * 16 + g;
+  int lim[2] = {row_key_limit(p, row0), row_key_limit(p, row0 + 8)};
+  // The block's first row sees the fewest keys: key blocks past its limit (or past Sk) need masking.
+  const int block_lim = row_key_limit(p, m0);
+
+  float o[kDTiles][4];
+#pragma unroll
+  for (int i = 0; i < kDTiles; ++i) o[i][0] = o[i][1] = o[i][2] = o[i][3] = 0.f;
+  float row_m[2] = {kNegInf, kNegInf};  // running max of the scaled scores (log2 units)
+  float row_l[2] = {0.f, 0.f};          // this lane's part of the running sum (summed over the quad at the end)
+
+  // Per-lane ldmatrix offsets (elements). Q/A operand: matrices (rows 0-7 | 8-15) x (cols 0-7 | 8-15) in
+  // the order a0..a3. K/B operand of two n-tiles: (keys 0-7, d 0-7), (keys 0-7, d 8-15), (keys 8-15, d 0-7),
+  // (keys 8-15, d 8-15) = b0, b1 of n-tile 0, then of n-tile 1. V (.trans) likewise with keys as the k axis:
+  // (keys 0-7, d 0-7), (keys 8-15, d 0-7), (keys 0-7, d 8-15), (keys 8-15, d 8-15).
+  const int q_off = (warp * 16 + (lane & 7) + ((lane >> 3) & 1) * 8) * kStride + (lane >> 4) * 8;
+  const int k_off = ((lane & 7) + (lane >> 4) * 8) * kStride + ((lane >> 3) & 1) * 8;
+  const int v_off = ((lane & 7) + ((lane >> 3) & 1) * 8) * kStride + (lane >> 4) * 8;
+  const uint32_t sQ_u = smem_u32(sQ), sK_u = smem_u32(sK), sV_u = smem_u32(sV);
+
+  uint32_t qf[kQInRegs ? kKSteps : 1][4];
+
+  if (n_blocks > 0) {
+    load_tile<kBlockM, kD, kThreads>(sQ, qg, p.q_ss, min(kBlockM, p.Sq - m0), p.D, p.q_vec, tid);
+    cp_async_commit();
+    load_tile<kBlockN, kD, kThreads>(sK, kg, p.k_ss, min(kBlockN, p.Sk), p.D, p.k_vec, tid);
+    load_tile<kBlockN, kD, kThreads>(sV, vg, p.v_ss, min(kBlockN, p.Sk), p.D, p.v_vec, tid);
+    cp_async_commit();
+    if constexpr (kQInRegs) {
+      cp_async_wait<1>();  // Q has landed (K/V block 0 may still be in flight)
+      __syncthreads();
+#pragma unroll
+      for (int ks = 0; ks < kKSteps; ++ks) ldmatrix_x4(qf[ks], sQ_u + (q_off + ks * 16) * 2);
+    }
+  }
+
+  for (int it = 0; it < n_blocks; ++it) {
+    const int n0 = it * kBlockN;
+    const int st = it & 1;
+    if (it + 1 < n_blocks) {
+      // Prefetch the next block into the other stage; the barrier that ended the previous iteration
+      // guarantees every warp is done reading it.
+      const int n1 = n0 + kBlockN;
+      const int rows = min(kBlockN, p.Sk - n1);
+      load_tile<kBlockN, kD, kThreads>(sK + (st ^ 1) * Cfg::kKVElems, kg + n1 * p.k_ss, p.k_ss, rows, p.D,
+                                       p.k_vec, tid);
+      load_tile<kBlockN, kD, kThreads>(sV + (st ^ 1) * Cfg::kKVElems, vg + n1 * p.v_ss, p.v_ss, rows, p.D,
+                                       p.v_vec, tid);
+      cp_async_commit();
+      cp_async_wait<1>();
+    } else {
+      cp_async_wait<0>();
+    }
+    __syncthreads();
+
+    // kv_mask bits of this lane's columns: bit 2 * nt + e is key n0 + 8 nt + 2 tq + e. Issued before the
+    // matrix products so the loads overlap them.
+    uint32_t mbits = 0xffffffffu;
+    if (mrow != nullptr) {
+      mbits = 0;
+#pragma unroll
+      for (int nt = 0; nt < kNTiles; ++nt) {
+#pragma unroll
+        for (int e = 0; e < 2; ++e) {
+          const int j = n0 + nt * 8 + 2 * tq + e;
+          if (j < p.Sk && mrow[static_cast<int64_t>(j) * p.m_ss] != 0) mbits |= 1u << (2 * nt + e);
+        }
+      }
+    }
+    const bool need_mask = mrow != nullptr || n0 + kBlockN - 1 > block_lim;
+
+    // S = Q K^T over this block: 16 x kBlockN per warp.
+    float s[kNTiles][4];
+#pragma unroll
+    for (int i = 0; i < kNTiles; ++i) s[i][0] = s[i][1] = s[i][2] = s[i][3] = 0.f;
+    const uint32_t sK_st = sK_u + st * Cfg::kKVElems * 2, sV_st = sV_u + st * Cfg::kKVElems * 2;
+#pragma unroll
+    for (int ks = 0; ks < kKSteps; ++ks) {
+      uint32_t a[4];
+      if constexpr (kQInRegs) {
+#pragma unroll
+        for (int x = 0; x < 4; ++x) a[x] = qf[ks][x];
+      } else {
+        ldmatrix_x4(a, sQ_u + (q_off + ks * 16) * 2);
+      }
+#pragma unroll
+      for (int np = 0; np < kNTiles / 2; ++np) {
+        uint32_t bk[4];
+        ldmatrix_x4(bk, sK_st + (k_off + np * 16 * kStride + ks * 16) * 2);
+        mma_16816(s[2 * np], a, bk[0], bk[1], T{});
+        mma_16816(s[2 * np + 1], a, bk[2], bk[3], T{});
+      }
+    }
+
+    // Masking, in the key blocks that need it only (a block-uniform branch, not per-element predication).
+    if (need_mask) {
+#pragma unroll
+      for (int r = 0; r < 2; ++r) {
+#pragma unroll
+        for (int nt = 0; nt < kNTiles; ++nt) {
+#pragma unroll
+          for (int e = 0; e < 2; ++e) {
+            const int j = n0 + nt * 8 + 2 * tq + e;
+            if (j > lim[r] || ((mbits >> (2 * nt + e)) & 1u) == 0) s[nt][2 * r + e] = kNegInf;
+          }
+        }
+      }
+    }
+
+    // Online softmax on raw scores: scale_log2 > 0 (the host makes it so), hence max(s) * c = max(s * c) and
+    // p = 2^(s c - m) is one FFMA and one MUFU per score. Row r of this lane is block row warp * 16 + g + 8 r;
+    // its columns are s[nt][2 r + e].
+    const float c = p.scale_log2;
+#pragma unroll
+    for (int r = 0; r < 2; ++r) {
+      float mx = kNegInf;
+#pragma unroll
+      for (int nt = 0; nt < kNTiles; ++nt) mx = fmaxf(mx, fmaxf(s[nt][2 * r], s[nt][2 * r + 1]));
+      // The quad's four lanes hold the row's columns.
+      mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, 1));
+      mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, 2));
+      const float m_new = fmaxf(row_m[r], mx * c);
+      // A row that has seen no visible key yet keeps m = -inf; exponentiating against 0 then gives 0 for its
+      // (all -inf) scores instead of NaN from -inf - -inf.
+      const float m_use = m_new == kNegInf ? 0.f : m_new;
+      const float alpha = fast_exp2(row_m[r] - m_use);
+      row_m[r] = m_new;
+      float sum = 0.f;
+#pragma unroll
+      for (int nt = 0; nt < kNTiles; ++nt) {
+#pragma unroll
+        for (int e = 0; e < 2; ++e) {
+          const float pe = fast_exp2(fmaf(s[nt][2 * r + e], c, -m_use));
+          s[nt][2 * r + e] = pe;
+          sum += pe;
+        }
+      }
+      row_l[r] = row_l[r] * alpha + sum;
+#pragma unroll
+      for (int dt = 0; dt < kDTiles; ++dt) {
+        o[dt][2 * r] *= alpha;
+        o[dt][2 * r + 1] *= alpha;
+      }
+    }
+
+    // O += P V. The A fragment of keys [16 kk, 16 kk + 16) is S's n-tiles 2 kk and 2 kk + 1 as they lie in
+    // the accumulators (C layout row g / g + 8, cols 2t, 2t + 1 = A layout of a0..a3).
+#pragma unroll
+    for (int kk = 0; kk < kBlockN / 16; ++kk) {
+      uint32_t a[4];
+      a[0] = pack_rn<T>(s[2 * kk][0], s[2 * kk][1]);
+      a[1] = pack_rn<T>(s[2 * kk][2], s[2 * kk][3]);
+      a[2] = pack_rn<T>(s[2 * kk + 1][0], s[2 * kk + 1][1]);
+      a[3] = pack_rn<T>(s[2 * kk + 1][2], s[2 * kk + 1][3]);
+#pragma unroll
+      for (int dp = 0; dp < kD / 16; ++dp) {
+        uint32_t bv[4];
+        ldmatrix_x4_trans(bv, sV_st + (v_off + kk * 16 * kStride + dp * 16) * 2);
+        mma_16816(o[2 * dp], a, bv[0], bv[1], T{});
+        mma_16816(o[2 * dp + 1], a, bv[2], bv[3], T{});
+      }
+    }
+    __syncthreads();  // every warp is done with this stage before the next iteration refills it
+  }
+
+  // Epilogue: normalize, then write or merge into (out, lse).
+#pragma unroll
+  for (int r = 0; r < 2; ++r) {
+    float l = row_l[r];
+    l += __shfl_xor_sync(0xffffffffu, l, 1);
+    l += __shfl_xor_sync(0xffffffffu, l, 2);
+    const int64_t i = row0 + 8 * r;
+    const bool valid = i < p.Sq;
+    // l > 0 iff the row saw a visible key (its maximum contributes 2^0 = 1).
+    const float lse_new = l > 0.f ? row_m[r] * kLn2 + logf(l) : kNegInf;
+    const float inv = l > 0.f ? 1.f / l : 0.f;
+    float* lse_ptr = p.lse + b * p.l_sb + h * p.l_sh + i * p.l_ss;
+    float lse_old = kNegInf;
+    if (p.accumulate) {
+      // The quad's first lane reads the old lse and alone writes the new one, after every lane has it.
+      float x = kNegInf;
+      if (valid && tq == 0) x = *lse_ptr;
+      lse_old = __shfl_sync(0xffffffffu, x, lane & ~3);
+    }
+    const RowPlan pl = plan_row(p.accumulate, lse_new, lse_old);
+    if (!valid || pl.mode == kRowKeep) continue;
+    if (tq == 0) *lse_ptr = pl.lse;
+    const int64_t orow = b * p.o_sb + i * p.o_ss + h * p.o_sh;
+    if (p.out_f32) {
+      float* op = static_cast<float*>(p.out) + orow;
+#pragma unroll
+      for (int dt = 0; dt < kDTiles; ++dt)
+        write_two(op, p.o_sd, p.out_pair, dt * 8 + 2 * tq, p.D, o[dt][2 * r] * inv, o[dt][2 * r + 1] * inv, pl);
+    } else {
+      T* op = static_cast<T*>(p.out) + orow;
+#pragma unroll
+      for (int dt = 0; dt < kDTiles; ++dt)
+        write_two(op, p.o_sd, p.out_pair, dt * 8 + 2 * tq, p.D, o[dt][2 * r] * inv, o[dt][2 * r + 1] * inv, pl);
+    }
+  }
+}
+
+// ---------------------------------------------------------------------------------------------------------
+// float32 SIMT kernel: kF32Warps warps, kF32RowsPerWarp query rows each, key blocks of 32 (one per lane).
+
+constexpr int kF32Warps = 4;
+constexpr int kF32RowsPerWarp = 4;
+constexpr int kF32BlockM = kF32Warps * kF32RowsPerWarp;
+constexpr int kF32BlockN = 32;
+constexpr int kF32Threads = kF32Warps * 32;
+constexpr int kF32MaxCols = 8;  // output columns per lane: d = lane + 32 c, D <= 256
+
+// Shared memory: Q (pre-scaled) [kF32BlockM][D], K [32][D + 1] (odd stride: lane j reads row j without
+// bank conflicts), V [32][D].
+inline size_t f32_smem_bytes(int D) {
+  return sizeof(float) * (static_cast<size_t>(kF32BlockM) * D + static_cast<size_t>(kF32BlockN) * (D + 1) +
+                          static_cast<size_t>(kF32BlockN) * D);
+}
+
+__global__ void __launch_bounds__(kF32Threads) flash_fwd_f32_kernel(const FwdParams p) {
+  extern __shared__ __align__(16) unsigned char smem_raw[];
+  const int D = p.D;
+  float* sQ = reinterpret_cast<float*>(smem_raw);
+  float* sK = sQ + kF32BlockM * D;
+  float* sV = sK + kF32BlockN * (D + 1);
+
+  const int tid = static_cast<int>(threadIdx.x);
+  const int warp = tid >> 5, lane = tid & 31;
+  const int bh = static_cast<int>(blockIdx.x / static_cast<unsigned>(p.n_mblocks));
+  int mb = static_cast<int>(blockIdx.x) - bh * p.n_mblocks;
+  if (p.causal) mb = p.n_mblocks - 1 - mb;
+  const int b = bh / p.H, h = bh - b * p.H, hk = h / p.group;
+  const int m0 = mb * kF32BlockM;
+  const int n_end = block_key_end(p, m0, kF32BlockM);
+
+  const float* qg = static_cast<const float*>(p.q) + b * p.q_sb + h * p.q_sh;
+  const float* kg = static_cast<const float*>(p.k) + b * p.k_sb + hk * p.k_sh;
+  const float* vg = static_cast<const float*>(p.v) + b * p.v_sb + hk * p.v_sh;
+  const uint8_t* mrow = p.mask != nullptr ? p.mask + b * p.m_sb : nullptr;
+
+  for (int x = tid; x < kF32BlockM * D; x += kF32Threads) {
+    const int r = x / D, d = x - r * D;
+    const int i = m0 + r;
+    sQ[x] = i < p.Sq ? qg[static_cast<int64_t>(i) * p.q_ss + d] * p.scale_log2 : 0.f;
+  }
+
+  float o[kF32RowsPerWarp][kF32MaxCols];
+  float row_m[kF32RowsPerWarp], row_l[kF32RowsPerWarp];
+  int lim[kF32RowsPerWarp];
+#pragma unroll
+  for (int rr = 0; rr < kF32RowsPerWarp; ++rr) {
+    row_m[rr] = kNegInf;
+    row_l[rr] = 0.f;
+    lim[rr] = row_key_limit(p, static_cast<int64_t>(m0) + warp * kF32RowsPerWarp + rr);
+#pragma unroll
+    for (int c = 0; c < kF32MaxCols; ++c) o[rr][c] = 0.f;
+  }
+  const int n_cols = (D + 31) / 32;
+
+  for (int n0 = 0; n0 < n_end; n0 += kF32BlockN) {
+    __syncthreads();  // the previous block's K/V (and, first time round, nothing) are no longer read
+    for (int x = tid; x < kF32BlockN * D; x += kF32Threads) {
+      const int j = x / D, d = x - j * D;
+      const bool in = n0 + j < p.Sk;
+      sK[j * (D + 1) + d] = in ? kg[static_cast<int64_t>(n0 + j) * p.k_ss + d] : 0.f;
+      sV[x] = in ? vg[static_cast<int64_t>(n0 + j) * p.v_ss + d] : 0.f;
+    }
+    __syncthreads();
+
+    const int j = n0 + lane;  // this lane's key
+    bool key_ok = j < p.Sk;
+    if (key_ok && mrow != nullptr) key_ok = mrow[static_cast<int64_t>(j) * p.m_ss] != 0;
+    const float* krow = sK + lane * (D + 1);
+
+#pragma unroll
+    for (int rr = 0; rr < kF32RowsPerWarp; ++rr) {
+      const float* qrow = sQ + (warp * kF32RowsPerWarp + rr) * D;
+      float sc = 0.f;
+      for (int d = 0; d < D; ++d) sc = fmaf(qrow[d], krow[d], sc);
+      const float x = (key_ok && j <= lim[rr]) ? sc : kNegInf;
+      float mx = x;
+#pragma unroll
+      for (int w = 16; w > 0; w >>= 1) mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, w));
+      const float m_new = fmaxf(row_m[rr], mx);
+      const float m_use = m_new == kNegInf ? 0.f : m_new;
+      const float alpha = fast_exp2(row_m[rr] - m_use);
+      row_m[rr] = m_new;
+      const float pj = fast_exp2(x - m_use);
+      float sum = pj;
+#pragma unroll
+      for (int w = 16; w > 0; w >>= 1) sum += __shfl_xor_sync(0xffffffffu, sum, w);
+      row_l[rr] = row_l[rr] * alpha + sum;
+#pragma unroll
+      for (int c = 0; c < kF32MaxCols; ++c) o[rr][c] *= alpha;
+      for (int jj = 0; jj < kF32BlockN; ++jj) {
+        const float pb = __shfl_sync(0xffffffffu, pj, jj);
+        const float* vrow = sV + jj * D + lane;
+#pragma unroll
+        for (int c = 0; c < kF32MaxCols; ++c)
+          if (c < n_cols && lane + 32 * c < D) o[rr][c] = fmaf(pb, vrow[32 * c], o[rr][c]);
+      }
+    }
+  }
+
+#pragma unroll
+  for (int rr = 0; rr < kF32RowsPerWarp; ++rr) {
+    const int64_t i = static_cast<int64_t>(m0) + warp * kF32RowsPerWarp + rr;
+    const bool valid = i < p.Sq;
+    const float l = row_l[rr];  // already the warp-wide sum
+    const float lse_new = l > 0.f ? row_m[rr] * kLn2 + logf(l) : kNegInf;
+    const float inv = l > 0.f ? 1.f / l : 0.f;
+    float* lse_ptr = p.lse + b * p.l_sb + h * p.l_sh + i * p.l_ss;
+    float lse_old = kNegInf;
+    if (p.accumulate) {
+      float x = kNegInf;
+      if (valid && lane == 0) x = *lse_ptr;
+      lse_old = __shfl_sync(0xffffffffu, x, 0);
+    }
+    const RowPlan pl = plan_row(p.accumulate, lse_new, lse_old);
+    if (!valid || pl.mode == kRowKeep) continue;
+    if (lane == 0) *lse_ptr = pl.lse;
+    float* op = static_cast<float*>(p.out) + b * p.o_sb + i * p.o_ss + h * p.o_sh;
+#pragma unroll
+    for (int c = 0; c < kF32MaxCols; ++c)
+      if (lane + 32 * c < D) write_elem(op, p.o_sd, lane + 32 * c, o[rr][c] * inv, pl);
+  }
+}
+
+}  // namespace flash
+}  // namespace cp_attention
