@@ -11,7 +11,10 @@ from ._checks import check_acc_state, check_attn_inputs
 from .aten_backend import ATEN_KERNELS, aten_attention
 
 # Our own kernels, by the device type they run on.
-_OWN_BACKENDS = {"cpu": "cpu"}
+_OWN_BACKENDS = {"cpu": "cpu", "cuda": "cuda"}
+# Own kernels that "auto" does not pick yet: the CUDA kernels compile and pass emulations of their index
+# math, but they have not been run on a GPU here, so torch's kernels stay the default there until they have.
+_NOT_AUTO = {"cuda"}
 
 
 def _has_kernel(op: torch._ops.OpOverload, device: torch.device) -> bool:
@@ -20,13 +23,17 @@ def _has_kernel(op: torch._ops.OpOverload, device: torch.device) -> bool:
 
 
 def available_backends(device: torch.device | str = "cpu") -> list[str]:
-    """Backends that can run on `device`, fastest first ("auto" picks the first)."""
+    """Backends that can run on `device`, the one "auto" picks first (fastest first, except that our CUDA
+    kernel follows "aten" until it has been verified on a GPU)."""
     device = torch.device(device)
     names = []
     own = _OWN_BACKENDS.get(device.type)
-    if own is not None and _has_kernel(ops.ALL_OPS[0], device):
+    has_own = own is not None and _has_kernel(ops.ALL_OPS[0], device)
+    if has_own and own not in _NOT_AUTO:
         names.append(own)
     names.append("aten")
+    if has_own and own in _NOT_AUTO:
+        names.append(own)
     if device.type == "cpu":
         names.append("aten_cpu_flash")
     elif device.type == "cuda":
@@ -47,7 +54,8 @@ def flash_attn(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, scale: floa
         causal: query i sees key j iff j <= i + Sk - Sq (bottom-right aligned).
         kv_mask: bool [B, Sk], True = attend (a key-padding mask).
         return_lse: also return the LSE.
-        backend: "auto" (fastest available for the device and inputs), "cpu" (our C++ kernel), "aten"
+        backend: "auto" (fastest available for the device and inputs), "cpu" / "cuda" (our C++ / CUDA
+            kernel; the CUDA one takes float16/bfloat16 on tensor cores, float32 on a simple kernel), "aten"
             (torch's best LSE-returning kernel, normalized to this contract), or one torch kernel:
             "aten_cpu_flash", "aten_flash", "aten_cudnn", "aten_efficient".
 

@@ -2,6 +2,7 @@
 // same messages: each names the argument and what was expected.
 #pragma once
 
+#include <ATen/MemoryOverlap.h>
 #include <ATen/core/Tensor.h>
 #include <c10/util/Exception.h>
 
@@ -82,20 +83,6 @@ inline void check_merge_side(const char* op, const char* out_name, const char* l
               out_name, ", got ", lse.device());
 }
 
-// The running state (out, lse) of flash_attn_fwd_acc_ for q [B, Sq, H, D]: out [B, Sq, H, D] in q's dtype or
-// float32 (any strides, the last one 1), lse [B, H, Sq] float32 (any strides), both on q's device.
-inline void check_attn_accumulator(const char* op, const at::Tensor& q, const at::Tensor& out,
-                                   const at::Tensor& lse) {
-  check_merge_side(op, "out", "lse", out, lse);
-  TORCH_CHECK_VALUE(out.sizes() == q.sizes(), op, ": out must have q's shape ", q.sizes(), ", got ", out.sizes());
-  TORCH_CHECK_VALUE(out.scalar_type() == q.scalar_type() || out.scalar_type() == at::kFloat, op,
-                    ": out must be float32 or q's dtype ", q.scalar_type(), ", got ", out.scalar_type());
-  TORCH_CHECK_VALUE(out.device() == q.device(), op, ": out must be on ", q.device(), " like q, got ",
-                    out.device());
-  TORCH_CHECK_VALUE(out.stride(3) == 1 || out.size(3) == 1, op,
-                    ": out's last dimension must be contiguous (stride 1), got strides ", out.strides());
-}
-
 inline void check_merge_inputs(const char* op, const char* a_name, const at::Tensor& out_a,
                                const at::Tensor& lse_a, const at::Tensor& out_b, const at::Tensor& lse_b) {
   const std::string a_lse = std::string("lse") + (a_name[3] ? a_name + 3 : "");
@@ -109,7 +96,8 @@ inline void check_merge_inputs(const char* op, const char* a_name, const at::Ten
 
 // The running state of flash_attn_fwd_acc_: out [B, Sq, H, D] in q's dtype or float32 (last dim contiguous,
 // other strides free, so row slices of a bigger accumulator work) and lse [B, H, Sq] float32 (any strides).
-inline void check_acc_state(const char* op, const AttnDims& d, const at::Tensor& q, const at::Tensor& out,
+inline void check_acc_state(const char* op, const AttnDims& d, const at::Tensor& q, const at::Tensor& k,
+                            const at::Tensor& v, const std::optional<at::Tensor>& kv_mask, const at::Tensor& out,
                             const at::Tensor& lse) {
   TORCH_CHECK_VALUE(out.dim() == 4 && out.size(0) == d.B && out.size(1) == d.Sq && out.size(2) == d.H &&
                         out.size(3) == d.D,
@@ -125,6 +113,19 @@ inline void check_acc_state(const char* op, const AttnDims& d, const at::Tensor&
                     ": lse must have shape [B, H, Sq] = [", d.B, ", ", d.H, ", ", d.Sq, "], got ", lse.sizes());
   TORCH_CHECK_VALUE(lse.device() == q.device(), op, ": lse must be on ", q.device(), " like q, got ",
                     lse.device());
+  // Every (row, head) of out and lse is read and written once while q, k, v and the mask are read
+  // throughout: any sharing of memory between the state and the rest would race or read updated values.
+  at::assert_no_internal_overlap(out);
+  at::assert_no_internal_overlap(lse);
+  at::assert_no_overlap(out, lse);
+  for (const at::Tensor* t : {&q, &k, &v}) {
+    at::assert_no_overlap(out, *t);
+    at::assert_no_overlap(lse, *t);
+  }
+  if (kv_mask.has_value()) {
+    at::assert_no_overlap(out, *kv_mask);
+    at::assert_no_overlap(lse, *kv_mask);
+  }
 }
 
 }  // namespace cp_attention

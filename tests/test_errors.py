@@ -206,3 +206,14 @@ def test_merge_rejects(case, fn):
     with pytest.raises(ValueError) as err:
         func(i["out_a"], i["lse_a"], i["out_b"], i["lse_b"])
     _assert_message(err, patterns)
+
+
+def test_flash_attn_acc_rejects_state_overlapping_inputs():
+    # The state is written while q, k and v are read: sharing memory with them is refused, not raced.
+    q, k, v = _t(B, SQ, H, D), _t(B, SK, HKV, D), _t(B, SK, HKV, D)
+    lse = torch.full((B, H, SQ), float("-inf"))
+    with pytest.raises(RuntimeError, match="memory location"):
+        OPS.flash_attn_fwd_acc_(q, k, v, q, lse, None, False, None)
+    with pytest.raises(RuntimeError, match="memory location"):
+        OPS.flash_attn_fwd_acc_(q, k, v, torch.zeros(B, SQ, H, D), k.view(-1)[: B * H * SQ].view(B, H, SQ),
+                                None, False, None)

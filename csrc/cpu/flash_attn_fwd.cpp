@@ -325,7 +325,7 @@ void flash_attn_fwd_acc_cpu(const at::Tensor& q, const at::Tensor& k, const at::
                             const std::optional<at::Tensor>& kv_mask) {
   constexpr const char* op = "cp_attention.flash_attn_fwd_acc_";
   const AttnDims d = check_attn_inputs(op, q, k, v, kv_mask);
-  check_acc_state(op, d, q, out, lse);
+  check_acc_state(op, d, q, k, v, kv_mask, out, lse);
   check_cpu_isa();
   if (out.numel() == 0) return;
   const Problem p = make_problem(d, scale, causal, kv_mask);

@@ -178,21 +178,8 @@ void flash_attn_fwd_acc_cuda(const at::Tensor& q, const at::Tensor& k, const at:
                              const std::optional<at::Tensor>& kv_mask) {
   constexpr const char* op = "cp_attention.flash_attn_fwd_acc_";
   const AttnDims d = check_attn_inputs(op, q, k, v, kv_mask);
-  check_attn_accumulator(op, q, out, lse);
+  check_acc_state(op, d, q, k, v, kv_mask, out, lse);
   check_on_cuda(op, q);
-  // Each (row, head) of out and lse is read and written by one thread only, while every CTA reads q, k, v
-  // and the mask: any sharing between an accumulator and the rest would race.
-  at::assert_no_internal_overlap(out);
-  at::assert_no_internal_overlap(lse);
-  at::assert_no_overlap(out, lse);
-  for (const at::Tensor* t : {&q, &k, &v}) {
-    at::assert_no_overlap(out, *t);
-    at::assert_no_overlap(lse, *t);
-  }
-  if (kv_mask.has_value()) {
-    at::assert_no_overlap(out, *kv_mask);
-    at::assert_no_overlap(lse, *kv_mask);
-  }
   c10::cuda::CUDAGuard device_guard(q.device());
   run_flash_fwd(op, d, q, k, v, out, lse, scale, causal, kv_mask, /*accumulate=*/true);
 }
