@@ -295,8 +295,8 @@ Problem make_problem(const AttnDims& d, std::optional<double> scale, bool causal
 }
 
 template <typename scalar_t, typename out_t>
-void run(const Problem& p, const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, at::Tensor& out,
-         at::Tensor& lse, bool accumulate) {
+void run(const Problem& p, const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, const at::Tensor& out,
+         const at::Tensor& lse, bool accumulate) {
   const Sink<out_t> sink{out.mutable_data_ptr<out_t>(), {out.stride(0), out.stride(1), out.stride(2)},
                          lse.mutable_data_ptr<float>(), {lse.stride(0), lse.stride(1), lse.stride(2)},
                          accumulate};
@@ -320,8 +320,10 @@ std::tuple<at::Tensor, at::Tensor> flash_attn_fwd_cpu(const at::Tensor& q, const
   return {out, lse};
 }
 
-void flash_attn_fwd_acc_cpu(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, at::Tensor& out,
-                            at::Tensor& lse, std::optional<double> scale, bool causal,
+// out and lse are written through const references: the convention for mutated arguments (Tensor(a!)) that
+// every backend's kernel of this op must share.
+void flash_attn_fwd_acc_cpu(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, const at::Tensor& out,
+                            const at::Tensor& lse, std::optional<double> scale, bool causal,
                             const std::optional<at::Tensor>& kv_mask) {
   constexpr const char* op = "cp_attention.flash_attn_fwd_acc_";
   const AttnDims d = check_attn_inputs(op, q, k, v, kv_mask);
