@@ -79,3 +79,15 @@ def check_merge_inputs(op: str, a_name: str, out_a, lse_a, out_b, lse_b):
         _fail(op, f"out_b must have the shape of {a_name} {list(out_a.shape)}, got {list(out_b.shape)}")
     if out_b.device != out_a.device:
         _fail(op, f"out_b must be on {out_a.device} like {a_name}, got {out_b.device}")
+
+
+def check_attn_accumulator(op: str, q: torch.Tensor, out: torch.Tensor, lse: torch.Tensor):
+    """The running state (out, lse) that an accumulating forward merges into, for q [B, Sq, H, D]: out
+    [B, Sq, H, D] in q's dtype or float32, lse [B, H, Sq] float32, both on q's device; any strides."""
+    check_merge_side(op, "out", "lse", out, lse)
+    if tuple(out.shape) != tuple(q.shape):
+        _fail(op, f"out must have q's shape {list(q.shape)}, got {list(out.shape)}")
+    if out.dtype not in (q.dtype, torch.float32):
+        _fail(op, f"out must be float32 or q's dtype {q.dtype}, got {out.dtype}")
+    if out.device != q.device:
+        _fail(op, f"out must be on {q.device} like q, got {out.device}")

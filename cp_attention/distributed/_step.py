@@ -29,7 +29,7 @@ import math
 import torch
 
 import cp_attention
-from cp_attention.attention import _has_kernel
+from cp_attention.attention import TRITON, _check_triton_device, _has_kernel
 
 _OP = "cp_attention.distributed.attend_chunk"
 
@@ -70,9 +70,14 @@ def _fused_available(device: torch.device) -> bool:
 
 def _attend_merge(q, k, v, acc_out, acc_lse, scale, causal, kv_mask, backend):
     """acc <- merge(acc, attention(q, k, v)). Uses the fused kernel flash_attn_fwd_acc_ when the library has
-    one for q's device: it merges in its epilogue, saving the write and re-read of a partial out/lse."""
+    one for q's device (and the Triton one for backend "triton"): it merges in its epilogue, saving the write
+    and re-read of a partial out/lse."""
     if backend == "auto" and _fused_available(q.device):
         torch.ops.cp_attention.flash_attn_fwd_acc_(q, k, v, acc_out, acc_lse, scale, causal, kv_mask)
+        return
+    if backend == TRITON:
+        _check_triton_device(_OP, q.device)
+        torch.ops.cp_attention.triton_flash_attn_fwd_acc_(q, k, v, acc_out, acc_lse, scale, causal, kv_mask)
         return
     out, lse = cp_attention.flash_attn(q, k, v, scale=scale, causal=causal, kv_mask=kv_mask,
                                        return_lse=True, backend=backend)
