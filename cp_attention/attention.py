@@ -6,7 +6,7 @@ import math
 
 import torch
 
-from . import ops
+from . import ops, triton_kernels
 from ._checks import check_acc_state, check_attn_inputs
 from .aten_backend import ATEN_KERNELS, aten_attention
 
@@ -15,6 +15,16 @@ _OWN_BACKENDS = {"cpu": "cpu", "cuda": "cuda"}
 # Own kernels that "auto" does not pick yet: the CUDA kernels compile and pass emulations of their index
 # math, but they have not been run on a GPU here, so torch's kernels stay the default there until they have.
 _NOT_AUTO = {"cuda"}
+# The Triton kernels: on CUDA tensors, and on CPU tensors under Triton's interpreter (a test vehicle).
+TRITON = "triton"
+_MERGE_BACKENDS = ("auto", TRITON)
+
+
+@torch._dynamo.assume_constant_result
+def _triton_runs_on(device_type: str) -> bool:
+    """Whether the Triton backend runs on this device type; fixed for a process, so torch.compile may take
+    it as a constant (the lookup reads the environment and tries an import, which it cannot trace)."""
+    return triton_kernels.available_on(device_type)
 
 
 def _has_kernel(op: torch._ops.OpOverload, device: torch.device) -> bool:
@@ -24,7 +34,11 @@ def _has_kernel(op: torch._ops.OpOverload, device: torch.device) -> bool:
 
 def available_backends(device: torch.device | str = "cpu") -> list[str]:
     """Backends that can run on `device`, the one "auto" picks first (fastest first, except that our CUDA
-    kernel follows "aten" until it has been verified on a GPU)."""
+    kernel follows "aten" until it has been verified on a GPU).
+
+    "triton" is listed on CUDA when triton imports, and on the CPU only when TRITON_INTERPRET=1 is set (the
+    interpreter is far too slow for real work: it is there so the test suites can run the Triton kernels).
+    """
     device = torch.device(device)
     names = []
     own = _OWN_BACKENDS.get(device.type)
@@ -38,6 +52,8 @@ def available_backends(device: torch.device | str = "cpu") -> list[str]:
         names.append("aten_cpu_flash")
     elif device.type == "cuda":
         names += [n for n in ATEN_KERNELS if n != "aten_cpu_flash"]
+    if _triton_runs_on(device.type):
+        names.append(TRITON)
     return names
 
 
@@ -55,9 +71,10 @@ def flash_attn(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, scale: floa
         kv_mask: bool [B, Sk], True = attend (a key-padding mask).
         return_lse: also return the LSE.
         backend: "auto" (fastest available for the device and inputs), "cpu" / "cuda" (our C++ / CUDA
-            kernel; the CUDA one takes float16/bfloat16 on tensor cores, float32 on a simple kernel), "aten"
-            (torch's best LSE-returning kernel, normalized to this contract), or one torch kernel:
-            "aten_cpu_flash", "aten_flash", "aten_cudnn", "aten_efficient".
+            kernel; the CUDA one runs float16/bfloat16 on tensor cores, float32 on a simple kernel), "triton"
+            (our Triton kernel: CUDA, or the CPU under TRITON_INTERPRET=1), "aten" (torch's best
+            LSE-returning kernel, normalized to this contract), or one torch kernel: "aten_cpu_flash",
+            "aten_flash", "aten_cudnn", "aten_efficient".
 
     Returns:
         out [B, Sq, H, D] in q's dtype, contiguous; with return_lse also lse [B, H, Sq] float32,
@@ -72,17 +89,42 @@ def flash_attn(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, scale: floa
             raise ValueError(f"cp_attention.flash_attn: backend {backend!r} runs on {backend} tensors, "
                              f"got q on {q.device}")
         out, lse = ops.flash_attn_fwd(q, k, v, scale, causal, kv_mask)
+    elif backend == TRITON:
+        _check_triton_device("cp_attention.flash_attn", q.device)
+        out, lse = ops.triton_flash_attn_fwd(q, k, v, scale, causal, kv_mask)
     elif backend == "aten" or backend in ATEN_KERNELS:
         s = 1.0 / math.sqrt(q.shape[-1]) if scale is None else float(scale)
         out, lse = aten_attention(q, k, v, s, causal, kv_mask, kernel=backend)
     else:
         raise ValueError(f"cp_attention.flash_attn: unknown backend {backend!r}; expected 'auto' or one of "
-                         f"{sorted(set(_OWN_BACKENDS.values()) | {'aten', *ATEN_KERNELS})}")
+                         f"{sorted(set(_OWN_BACKENDS.values()) | {'aten', TRITON, *ATEN_KERNELS})}")
     return (out, lse) if return_lse else out
 
 
-def merge_attn_states(out_a: torch.Tensor, lse_a: torch.Tensor, out_b: torch.Tensor, lse_b: torch.Tensor
-                      ) -> tuple[torch.Tensor, torch.Tensor]:
+def _check_triton_device(op: str, device: torch.device):
+    if not _triton_runs_on(device.type):
+        if device.type not in ("cpu", "cuda"):
+            why = "Triton kernels run on CUDA tensors (and CPU tensors under TRITON_INTERPRET=1)"
+        elif not triton_kernels.triton_importable():
+            why = "triton is not importable here"
+        else:
+            why = "Triton runs CPU tensors only under its interpreter (TRITON_INTERPRET=1)"
+        raise ValueError(f"{op}: backend 'triton' cannot run on {device}: {why}")
+
+
+def _merge_backend(op: str, backend: str, out: torch.Tensor) -> bool:
+    """True for the Triton merge, False for the library's compiled (C++/CUDA) one."""
+    if backend not in _MERGE_BACKENDS:
+        raise ValueError(f"{op}: unknown backend {backend!r}; expected one of {list(_MERGE_BACKENDS)}")
+    if backend == TRITON:
+        if isinstance(out, torch.Tensor):  # otherwise the op's own checks name the bad argument
+            _check_triton_device(op, out.device)
+        return True
+    return False
+
+
+def merge_attn_states(out_a: torch.Tensor, lse_a: torch.Tensor, out_b: torch.Tensor, lse_b: torch.Tensor,
+                      *, backend: str = "auto") -> tuple[torch.Tensor, torch.Tensor]:
     """Merges partial attention states over disjoint key sets A and B into the state over A and B.
 
     out_a, out_b: [B, S, H, D] float32/float16/bfloat16, any strides; lse_a, lse_b: [B, H, S] float32, any
@@ -90,19 +132,26 @@ def merge_attn_states(out_a: torch.Tensor, lse_a: torch.Tensor, out_b: torch.Ten
     out = out_a * exp(lse_a - lse) + out_b * exp(lse_b - lse), computed in float32. A side with lse -inf
     contributes nothing (its out is not read into the sum); both -inf gives out 0, lse -inf.
 
+    backend: "auto" (the library's C++/CUDA kernel for the device) or "triton".
+
     Returns (out [B, S, H, D] contiguous, dtype promoted from out_a and out_b; lse [B, H, S] float32).
     """
+    if _merge_backend("cp_attention.merge_attn_states", backend, out_a):
+        return ops.triton_merge_attn_states(out_a, lse_a, out_b, lse_b)
     return ops.merge_attn_states(out_a, lse_a, out_b, lse_b)
 
 
 def merge_attn_states_(out: torch.Tensor, lse: torch.Tensor, out_b: torch.Tensor,
-                       lse_b: torch.Tensor) -> None:
+                       lse_b: torch.Tensor, *, backend: str = "auto") -> None:
     """In-place merge_attn_states: (out, lse) <- merge((out, lse), (out_b, lse_b)).
 
     out [B, S, H, D] (a float32 accumulator is recommended for half-precision chunks), lse [B, H, S]
-    float32; out_b/lse_b as in merge_attn_states. Any strides.
+    float32; out_b/lse_b as in merge_attn_states. Any strides. backend: as in merge_attn_states.
     """
-    ops.merge_attn_states_(out, lse, out_b, lse_b)
+    if _merge_backend("cp_attention.merge_attn_states_", backend, out):
+        ops.triton_merge_attn_states_(out, lse, out_b, lse_b)
+    else:
+        ops.merge_attn_states_(out, lse, out_b, lse_b)
 
 
 def flash_attn_acc_(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, out: torch.Tensor,
@@ -116,9 +165,10 @@ def flash_attn_acc_(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, out: torc
     rule). out: [B, Sq, H, D] in q's dtype or float32 (recommended for half inputs), last dim contiguous,
     other strides free (a row slice of a bigger accumulator works); lse: [B, H, Sq] float32, any strides.
     Start from out 0 and lse -inf (attention over no key); rows that see no key of this chunk keep their
-    state. Our own kernels (backend "cpu", or "auto" where one is built) merge in the kernel's epilogue
-    (op flash_attn_fwd_acc_), so the partial result never goes to memory; other backends run the forward
-    and merge_attn_states_.
+    state. Our own kernels ("cpu", "cuda", "triton", or "auto" where it picks one) merge in the kernel's
+    epilogue (ops flash_attn_fwd_acc_ / triton_flash_attn_fwd_acc_), so the partial result never goes to
+    memory; torch's kernels run the forward, then merge_attn_states_. out and lse must not share memory
+    with q, k, v or kv_mask.
     """
     op = "cp_attention.flash_attn_acc_"
     check_attn_inputs(op, q, k, v, kv_mask)
@@ -128,6 +178,10 @@ def flash_attn_acc_(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, out: torc
     if backend in _OWN_BACKENDS.values() and q.device.type == backend and _has_kernel(
             torch.ops.cp_attention.flash_attn_fwd_acc_.default, q.device):
         ops.flash_attn_fwd_acc_(q, k, v, out, lse, scale, causal, kv_mask)
+        return
+    if backend == TRITON:
+        _check_triton_device(op, q.device)
+        ops.triton_flash_attn_fwd_acc_(q, k, v, out, lse, scale, causal, kv_mask)
         return
     part_out, part_lse = flash_attn(q, k, v, scale=scale, causal=causal, kv_mask=kv_mask, return_lse=True,
                                     backend=backend)

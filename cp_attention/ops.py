@@ -8,6 +8,8 @@ visible keys (natural log); a row that sees no key gives out 0 and lse -inf.
 
 from __future__ import annotations
 
+import importlib
+
 import torch
 import torch.distributed as dist
 from torch.distributed.distributed_c10d import _resolve_process_group
@@ -352,6 +354,131 @@ def _(out, lse, seq_lens, group_name):
 a2a_head_to_seq.register_autograd(_no_backward("a2a_head_to_seq"), setup_context=_setup_none)
 
 
+# ========================================================================================================
+# Triton kernels (cp_attention/triton_kernels/). Same contracts as flash_attn_fwd, flash_attn_fwd_acc_,
+# merge_attn_states and merge_attn_states_ above. Registered from Python with custom_op, so the ops (schemas,
+# fake kernels) exist wherever cp_attention imports; the kernel modules import triton on first use. They
+# run on CUDA tensors, and on CPU tensors under Triton's interpreter (TRITON_INTERPRET=1 set before the
+# first Triton op runs).
+#
+# An in-place op cannot take an autograd formula, and custom_op's own Autograd kernel would let backward
+# run through it silently (missing gradients). Like merge_attn_states_, the two in-place Triton ops get an
+# Autograd kernel that refuses at the call when a graph would be recorded (it replaces custom_op's, hence
+# the override).
+_triton_autograd_lib = torch.library.Library("cp_attention", "FRAGMENT")
+
+
+def _refuse_grad_in_place(op_name: str) -> None:
+    op = getattr(_lib, op_name).default
+
+    def autograd_kernel(*args):
+        if torch.is_grad_enabled() and any(isinstance(a, torch.Tensor) and a.requires_grad for a in args):
+            _no_backward(op_name)(None)
+        with torch._C._AutoDispatchBelowAutograd():
+            return op(*args)
+
+    _triton_autograd_lib.impl(op_name, autograd_kernel, "Autograd", allow_override=True)
+
+
+def _triton_kernels(module: str):
+    try:
+        return importlib.import_module(f"cp_attention.triton_kernels.{module}")
+    except ImportError as e:
+        raise RuntimeError(f"cp_attention: the Triton ops need triton, which failed to import: {e}") from e
+
+
+@torch.library.custom_op("cp_attention::triton_flash_attn_fwd", mutates_args=())
+def triton_flash_attn_fwd(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float | None = None,
+                          causal: bool = False, kv_mask: torch.Tensor | None = None
+                          ) -> tuple[torch.Tensor, torch.Tensor]:
+    """flash_attn_fwd in Triton: q [B, Sq, H, D], k/v [B, Sk, Hkv, D] -> (out [B, Sq, H, D] q.dtype,
+    contiguous; lse [B, H, Sq] float32, natural log). Bottom-right causal; kv_mask bool [B, Sk]."""
+    check_attn_inputs("cp_attention.triton_flash_attn_fwd", q, k, v, kv_mask)
+    return _triton_kernels("flash_fwd").flash_fwd(q, k, v, scale, causal, kv_mask)
+
+
+@triton_flash_attn_fwd.register_fake
+def _(q, k, v, scale=None, causal=False, kv_mask=None):
+    B, Sq, _, H, _, D = check_attn_inputs("cp_attention.triton_flash_attn_fwd", q, k, v, kv_mask)
+    return q.new_empty((B, Sq, H, D)), q.new_empty((B, H, Sq), dtype=torch.float32)
+
+
+triton_flash_attn_fwd.register_autograd(_no_backward("triton_flash_attn_fwd"), setup_context=_setup_none)
+
+
+@torch.library.custom_op("cp_attention::triton_flash_attn_fwd_acc_", mutates_args=("out", "lse"))
+def triton_flash_attn_fwd_acc_(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, out: torch.Tensor,
+                               lse: torch.Tensor, scale: float | None = None, causal: bool = False,
+                               kv_mask: torch.Tensor | None = None) -> None:
+    """flash_attn_fwd_acc_ in Triton: attends q to this K/V chunk and merges the result into the running
+    state in the kernel's epilogue. out [B, Sq, H, D] (q's dtype or float32) and lse [B, H, Sq] float32 are
+    updated in place and may be strided views (e.g. row slices of a larger accumulator). Rows of out whose
+    lse is -inf are never read."""
+    op = "cp_attention.triton_flash_attn_fwd_acc_"
+    check_attn_inputs(op, q, k, v, kv_mask)
+    check_acc_state(op, q, out, lse)
+    _triton_kernels("flash_fwd").flash_fwd(q, k, v, scale, causal, kv_mask, out=out, lse=lse)
+
+
+@triton_flash_attn_fwd_acc_.register_fake
+def _(q, k, v, out, lse, scale=None, causal=False, kv_mask=None):
+    op = "cp_attention.triton_flash_attn_fwd_acc_"
+    check_attn_inputs(op, q, k, v, kv_mask)
+    check_acc_state(op, q, out, lse)
+    return None
+
+
+_refuse_grad_in_place("triton_flash_attn_fwd_acc_")
+
+
+@torch.library.custom_op("cp_attention::triton_merge_attn_states", mutates_args=())
+def triton_merge_attn_states(out_a: torch.Tensor, lse_a: torch.Tensor, out_b: torch.Tensor,
+                             lse_b: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """merge_attn_states in Triton: (out [B, S, H, D] contiguous, dtype promoted from out_a and out_b;
+    lse [B, H, S] float32). Any strides in; float32 math."""
+    check_merge_inputs("cp_attention.triton_merge_attn_states", "out_a", out_a, lse_a, out_b, lse_b)
+    out = torch.empty(out_a.shape, dtype=torch.promote_types(out_a.dtype, out_b.dtype), device=out_a.device)
+    lse = torch.empty(lse_a.shape, dtype=torch.float32, device=lse_a.device)
+    _triton_kernels("merge").merge(out_a, lse_a, out_b, lse_b, out, lse)
+    return out, lse
+
+
+@triton_merge_attn_states.register_fake
+def _(out_a, lse_a, out_b, lse_b):
+    check_merge_inputs("cp_attention.triton_merge_attn_states", "out_a", out_a, lse_a, out_b, lse_b)
+    out = out_a.new_empty(out_a.shape, dtype=torch.promote_types(out_a.dtype, out_b.dtype))
+    return out, lse_a.new_empty(lse_a.shape)
+
+
+triton_merge_attn_states.register_autograd(_no_backward("triton_merge_attn_states"),
+                                           setup_context=_setup_none)
+
+
+@torch.library.custom_op("cp_attention::triton_merge_attn_states_", mutates_args=("out", "lse"))
+def triton_merge_attn_states_(out: torch.Tensor, lse: torch.Tensor, out_b: torch.Tensor,
+                              lse_b: torch.Tensor) -> None:
+    """merge_attn_states_ in Triton: (out, lse) <- merge((out, lse), (out_b, lse_b)) in place, any strides."""
+    check_merge_inputs("cp_attention.triton_merge_attn_states_", "out", out, lse, out_b, lse_b)
+    _triton_kernels("merge").merge(out, lse, out_b, lse_b, out, lse)
+
+
+@triton_merge_attn_states_.register_fake
+def _(out, lse, out_b, lse_b):
+    check_merge_inputs("cp_attention.triton_merge_attn_states_", "out", out, lse, out_b, lse_b)
+    return None
+
+
+_refuse_grad_in_place("triton_merge_attn_states_")
+
+
+TRITON_OPS = (
+    _lib.triton_flash_attn_fwd.default,
+    _lib.triton_flash_attn_fwd_acc_.default,
+    _lib.triton_merge_attn_states.default,
+    _lib.triton_merge_attn_states_.default,
+)
+
+
 # Every op of the library, for tests that must visit them all (opcheck, fake kernels, autograd errors).
 ALL_OPS = (
     _lib.flash_attn_fwd.default,
@@ -364,4 +491,5 @@ ALL_OPS = (
     _lib.a2a_unpack_head_to_seq.default,
     _lib.a2a_seq_to_head.default,
     _lib.a2a_head_to_seq.default,
+    *TRITON_OPS,
 )

@@ -2,9 +2,15 @@
 
 A test that takes a `target` argument runs once per backend of `cp_attention.available_backends("cpu")` on
 CPU tensors, and once per backend of `available_backends("cuda")` on CUDA tensors. A test that takes a
-`device` argument (merges, ops without a backend choice) runs on "cpu" and on "cuda". CUDA cases carry the
-`gpu` marker (`pytest -m gpu` selects them) and are skipped, with the reason given, only when no CUDA
-device is present. A new backend therefore gets the whole suite without touching the tests.
+`device` argument (ops without a backend choice) runs on "cpu" and on "cuda". A test that takes a
+`merge_target` argument runs once per merge backend of each device: "auto" (the compiled C++/CUDA kernel)
+and "triton" wherever the "triton" attention backend is available. CUDA cases carry the `gpu` marker
+(`pytest -m gpu` selects them) and are skipped, with the reason given, only when no CUDA device is present.
+A new backend therefore gets the whole suite without touching the tests.
+
+The "triton" backend is available on CUDA when triton imports, and on the CPU only when TRITON_INTERPRET=1
+is set before the run (Triton's interpreter: slow, so `make test` runs a subset of it in a subprocess, see
+tests/test_triton.py; `TRITON_INTERPRET=1 pytest tests/test_flash_attn.py -k triton` runs a whole suite).
 """
 
 from __future__ import annotations
@@ -50,6 +56,22 @@ def _target_params():
     return params
 
 
+def merge_backends(device: str) -> list[str]:
+    """The merge_attn_states backends that run on `device`."""
+    return ["auto"] + (["triton"] if "triton" in cp_attention.available_backends(device) else [])
+
+
+def _merge_target_params():
+    params = [pytest.param(Target("cpu", b), id=f"cpu-{b}") for b in merge_backends("cpu")]
+    if HAS_CUDA:
+        params += [pytest.param(Target("cuda", b), id=f"cuda-{b}", marks=pytest.mark.gpu)
+                   for b in merge_backends("cuda")]
+    else:
+        skip = [pytest.mark.gpu, pytest.mark.skip(reason=NO_CUDA)]
+        params.append(pytest.param(None, id="cuda", marks=skip))
+    return params
+
+
 def _device_params():
     marks = [pytest.mark.gpu] + ([] if HAS_CUDA else [pytest.mark.skip(reason=NO_CUDA)])
     return [pytest.param("cpu", id="cpu"), pytest.param("cuda", id="cuda", marks=marks)]
@@ -61,6 +83,8 @@ def pytest_generate_tests(metafunc):
         metafunc.parametrize("target", _target_params())
     if "device" in metafunc.fixturenames:
         metafunc.parametrize("device", _device_params())
+    if "merge_target" in metafunc.fixturenames:
+        metafunc.parametrize("merge_target", _merge_target_params())
 
 
 # torch's own CUDA kernels each cover part of the contract; tests hand them only what they document

@@ -12,6 +12,7 @@ from hypothesis import strategies as st
 from reference import assert_lse_float32_grade, attention_ref, check_attention
 
 import cp_attention
+from cp_attention import triton_kernels
 
 DTYPES = [torch.float32, torch.float16, torch.bfloat16]
 # Every D from 1 to 256 must work: the DiT sizes (64, 72, 128), the edges, and odd sizes that no kernel
@@ -192,7 +193,9 @@ def test_outputs_fresh_and_inputs_untouched(target):
 
 def test_available_backends_cpu():
     names = cp_attention.available_backends("cpu")
-    assert names == ["cpu", "aten", "aten_cpu_flash"], names
+    # Triton joins, last, only under its interpreter (TRITON_INTERPRET=1): a test vehicle, never "auto".
+    triton = ["triton"] if triton_kernels.available_on("cpu") else []
+    assert names == ["cpu", "aten", "aten_cpu_flash", *triton], names
     assert cp_attention.available_backends(torch.device("cpu")) == names
 
 

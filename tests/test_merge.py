@@ -1,4 +1,5 @@
-"""merge_attn_states and merge_attn_states_ against the float64 merge of DESIGN section 1."""
+"""merge_attn_states and merge_attn_states_ against the float64 merge of DESIGN section 1, on every merge
+backend of every device (conftest's `merge_target`: the compiled kernel, and Triton where it runs)."""
 
 from __future__ import annotations
 
@@ -79,13 +80,14 @@ def check_merge(out, lse, out_a, lse_a, out_b, lse_b, dtype):
 
 @pytest.mark.parametrize("dtypes", DTYPE_PAIRS, ids=_ids)
 @pytest.mark.parametrize("shape", SHAPES, ids=str)
-def test_merge_matches_reference(device, shape, dtypes):
+def test_merge_matches_reference(merge_target, shape, dtypes):
+    device, backend = merge_target
     torch.manual_seed(0)
     gen = torch.Generator().manual_seed(sum(shape))
     out_a, lse_a = _state(shape, dtypes[0], device, gen)
     out_b, lse_b = _state(shape, dtypes[1], device, gen)
     before = [t.clone() for t in (out_a, lse_a, out_b, lse_b)]
-    out, lse = cp_attention.merge_attn_states(out_a, lse_a, out_b, lse_b)
+    out, lse = cp_attention.merge_attn_states(out_a, lse_a, out_b, lse_b, backend=backend)
     assert out.is_contiguous(), f"out must be contiguous, got strides {out.stride()}"
     for t, b in zip((out_a, lse_a, out_b, lse_b), before):
         assert torch.equal(t.nan_to_num(), b.nan_to_num()), "merge_attn_states must not modify its inputs"
@@ -105,18 +107,20 @@ HUGE_CASES = {
 
 @pytest.mark.parametrize("dtype", [F32, F16], ids=str)
 @pytest.mark.parametrize("case", list(HUGE_CASES))
-def test_merge_huge_lse(device, case, dtype):
+def test_merge_huge_lse(merge_target, case, dtype):
+    device, backend = merge_target
     torch.manual_seed(1)
     gen = torch.Generator().manual_seed(1)
     shape = (2, 40, 3, 24)
     out_a, x = _state(shape, dtype, device, gen, dead=0.0)
     out_b, y = _state(shape, dtype, device, gen, dead=0.0)
     lse_a, lse_b = HUGE_CASES[case](x, y)
-    out, lse = cp_attention.merge_attn_states(out_a, lse_a, out_b, lse_b)
+    out, lse = cp_attention.merge_attn_states(out_a, lse_a, out_b, lse_b, backend=backend)
     check_merge(out, lse, out_a, lse_a, out_b, lse_b, dtype)
 
 
-def test_merge_strided_inputs(device):
+def test_merge_strided_inputs(merge_target):
+    device, backend = merge_target
     # lse laid out [B, S, H] and transposed, lse with a step, out in BHSD seen as BSHD, and out whose last
     # dimension is not contiguous (merge takes any strides).
     torch.manual_seed(2)
@@ -133,11 +137,12 @@ def test_merge_strided_inputs(device):
     step[..., ::2] = lse_b
     lse_b = step[..., ::2]
     assert not any(t.is_contiguous() for t in (out_a, lse_a, out_b, lse_b))
-    out, lse = cp_attention.merge_attn_states(out_a, lse_a, out_b, lse_b)
+    out, lse = cp_attention.merge_attn_states(out_a, lse_a, out_b, lse_b, backend=backend)
     check_merge(out, lse, out_a, lse_a, out_b, lse_b, F32)
 
 
-def test_merge_with_empty_side_is_identity(device):
+def test_merge_with_empty_side_is_identity(merge_target):
+    device, backend = merge_target
     torch.manual_seed(3)
     gen = torch.Generator().manual_seed(3)
     shape = (2, 13, 4, 32)
@@ -145,16 +150,17 @@ def test_merge_with_empty_side_is_identity(device):
     out_b = torch.full(shape, NAN, dtype=F16, device=device)  # never read
     lse_b = torch.full((2, 4, 13), NEG_INF, device=device)
     for args in ((out_a, lse_a, out_b, lse_b), (out_b, lse_b, out_a, lse_a)):
-        out, lse = cp_attention.merge_attn_states(*args)
+        out, lse = cp_attention.merge_attn_states(*args, backend=backend)
         assert torch.equal(out, out_a) and torch.equal(lse, lse_a)
-    out, lse = cp_attention.merge_attn_states(out_b, lse_b, out_b, lse_b)
+    out, lse = cp_attention.merge_attn_states(out_b, lse_b, out_b, lse_b, backend=backend)
     assert (out == 0).all() and torch.isneginf(lse).all(), "both sides empty must give out 0, lse -inf"
 
 
 @pytest.mark.parametrize("dtypes", INPLACE_DTYPES, ids=_ids)
 @pytest.mark.parametrize("shape", [(1, 1, 1, 1), (2, 17, 3, 64), (3, 5, 2, 5), (2, 257, 4, 96), (1, 0, 2, 8)],
                          ids=str)
-def test_merge_inplace(device, shape, dtypes):
+def test_merge_inplace(merge_target, shape, dtypes):
+    device, backend = merge_target
     # The destination's own -inf rows hold NaN too: in place, the destination is one of the two sides.
     torch.manual_seed(4)
     gen = torch.Generator().manual_seed(4 + sum(shape))
@@ -162,17 +168,20 @@ def test_merge_inplace(device, shape, dtypes):
     out_b, lse_b = _state(shape, dtypes[1], device, gen)
     out_a, lse_a = out.clone(), lse.clone()
     ptrs = (out.data_ptr(), lse.data_ptr())
-    assert cp_attention.merge_attn_states_(out, lse, out_b, lse_b) is None
+    assert cp_attention.merge_attn_states_(out, lse, out_b, lse_b, backend=backend) is None
     assert (out.data_ptr(), lse.data_ptr()) == ptrs and out.dtype == dtypes[0]
     check_merge(out, lse, out_a, lse_a, out_b, lse_b, dtypes[0])
     # The raw op is the same operation.
     out2, lse2 = out_a.clone(), lse_a.clone()
-    torch.ops.cp_attention.merge_attn_states_(out2, lse2, out_b, lse_b)
+    ops = torch.ops.cp_attention
+    raw = ops.triton_merge_attn_states_ if backend == "triton" else ops.merge_attn_states_
+    raw(out2, lse2, out_b, lse_b)
     torch.testing.assert_close(out2, out, rtol=0, atol=0)
     torch.testing.assert_close(lse2, lse, rtol=0, atol=0)
 
 
-def test_merge_inplace_strided_destination(device):
+def test_merge_inplace_strided_destination(merge_target):
+    device, backend = merge_target
     # The destination is a view into larger buffers (BHSD out seen as BSHD with spare heads, lse laid out
     # [B, S, H]): results must land in the view and nowhere else.
     torch.manual_seed(5)
@@ -187,7 +196,7 @@ def test_merge_inplace_strided_destination(device):
     big_lse = torch.full((B, S, H + 1), sentinel, device=device)
     lse = big_lse[:, :, :H].transpose(1, 2)
     lse.copy_(lse_a)
-    cp_attention.merge_attn_states_(out, lse, out_b, lse_b)
+    cp_attention.merge_attn_states_(out, lse, out_b, lse_b, backend=backend)
     check_merge(out, lse, out_a, lse_a, out_b, lse_b, F32)
     assert (big_out[:, 0] == sentinel).all() and (big_out[:, H + 1] == sentinel).all(), "wrote outside out"
     assert (big_lse[:, :, H] == sentinel).all(), "wrote outside lse"

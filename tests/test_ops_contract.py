@@ -10,6 +10,7 @@ import torch
 from conftest import randn
 from torch._subclasses.fake_tensor import FakeTensorMode
 
+import cp_attention
 from cp_attention import ops
 
 OPS = torch.ops.cp_attention
@@ -41,25 +42,6 @@ def _fwd_mask_bf16(device, gen):
 
 def _fwd_empty_keys(device, gen):
     return _qkv(1, 4, 0, 2, 2, 8, torch.float32, device, gen) + (None, True, None), {}
-
-
-def _acc_fp32_state_gqa(device, gen):
-    q, k, v = _qkv(2, 9, 13, 4, 2, 16, torch.float16, device, gen)
-    out, lse = _state(2, 9, 4, 16, torch.float32, device, gen, dead=True)
-    return (q, k, v, out, lse, None, False, None), {}
-
-
-def _acc_rowslice_causal_mask_bf16(device, gen):
-    # The running state is a row slice of a bigger accumulator (strided out and lse).
-    q, k, v = _qkv(1, 6, 10, 2, 1, 40, torch.bfloat16, device, gen)
-    out, lse = _state(1, 11, 2, 40, torch.bfloat16, device, gen, dead=True)
-    mask = torch.rand(1, 10, generator=gen) < 0.6
-    return (q, k, v, out[:, 3:9], lse[:, :, 3:9]), {"scale": 0.3, "causal": True, "kv_mask": mask.to(device)}
-
-
-def _acc_empty_keys_fp32(device, gen):
-    q, k, v = _qkv(1, 5, 0, 3, 3, 8, torch.float32, device, gen)
-    return (q, k, v) + _state(1, 5, 3, 8, torch.float32, device, gen, dead=True) + (None, True, None), {}
 
 
 def _state(B, S, H, D, dtype, device, gen, dead=False):
@@ -167,10 +149,53 @@ def _a2a_head_to_seq_no_lse(device, gen):
     return (out, None, [5], _single_rank_group_name()), {}
 
 
+def _on_triton(build):
+    """The sample builder `build` for a Triton op: skipped where Triton does not run on the device (on the
+    CPU it runs only under TRITON_INTERPRET=1; tests/test_triton.py runs these cases that way)."""
+    def builder(device, gen):
+        if "triton" not in cp_attention.available_backends(device):
+            pytest.skip(f"Triton does not run on {device} here (the CPU needs TRITON_INTERPRET=1)")
+        return build(device, gen)
+
+    builder.__name__ = build.__name__
+    return builder
+
+
+def _acc_state(q, gen, dtype=torch.float32, dead_every=3):
+    """A running state for q [B, Sq, H, D]: out (dtype) and lse [B, H, Sq]; every `dead_every`-th row is
+    dead (lse -inf, out NaN: never to be read)."""
+    B, Sq, H, D = q.shape
+    lse = torch.randn(B, H, Sq, generator=gen) * 2
+    lse[:, :, ::dead_every] = NEG_INF
+    out = torch.randn(B, Sq, H, D, generator=gen)
+    out = out.masked_fill(torch.isneginf(lse).transpose(1, 2)[..., None], float("nan"))
+    return out.to(device=q.device, dtype=dtype), lse.to(q.device)
+
+
+def _acc_fp32_causal_mask(device, gen):
+    q, k, v = _qkv(2, 9, 13, 4, 2, 32, torch.float16, device, gen)
+    out, lse = _acc_state(q, gen)
+    mask = torch.rand(2, 13, generator=gen) < 0.6
+    mask[1] = False
+    return (q, k, v, out, lse, None, True, mask.to(device)), {}
+
+
+def _acc_q_dtype_row_slice(device, gen):
+    # The state is a row slice of a larger accumulator (strided views), in q's dtype.
+    q, k, v = _qkv(1, 11, 10, 2, 2, 24, torch.float16, device, gen)
+    big_out, big_lse = _acc_state(q, gen, dtype=torch.float16)
+    return (q[:, 3:9], k, v, big_out[:, 3:9], big_lse[:, :, 3:9], 0.3, False, None), {}
+
+
+def _acc_empty_chunk(device, gen):
+    q, k, v = _qkv(1, 5, 0, 2, 1, 8, torch.float32, device, gen)
+    out, lse = _acc_state(q, gen, dead_every=2)
+    return (q, k, v, out, lse, None, False, None), {}
+
+
 SAMPLES = {
     OPS.flash_attn_fwd.default: [_fwd_plain, _fwd_gqa_causal_fp16, _fwd_mask_bf16, _fwd_empty_keys],
-    OPS.flash_attn_fwd_acc_.default: [_acc_fp32_state_gqa, _acc_rowslice_causal_mask_bf16,
-                                      _acc_empty_keys_fp32],
+    OPS.flash_attn_fwd_acc_.default: [_acc_fp32_causal_mask, _acc_q_dtype_row_slice, _acc_empty_chunk],
     OPS.merge_attn_states.default: [_merge_fp32, _merge_mixed_dead, _merge_strided_bf16],
     OPS.merge_attn_states_.default: [_merge_inplace_acc, _merge_inplace_same],
     OPS.a2a_pack_seq_to_head.default: [_a2a_pack_seq_fp32, _a2a_pack_seq_mqa_strided_fp16],
@@ -179,10 +204,19 @@ SAMPLES = {
     OPS.a2a_unpack_head_to_seq.default: [_a2a_unpack_head_fp32],
     OPS.a2a_seq_to_head.default: [_a2a_seq_to_head_mask],
     OPS.a2a_head_to_seq.default: [_a2a_head_to_seq_lse, _a2a_head_to_seq_no_lse],
+    OPS.triton_flash_attn_fwd.default: [
+        _on_triton(b) for b in (_fwd_plain, _fwd_gqa_causal_fp16, _fwd_mask_bf16, _fwd_empty_keys)],
+    OPS.triton_flash_attn_fwd_acc_.default: [
+        _on_triton(b) for b in (_acc_fp32_causal_mask, _acc_q_dtype_row_slice, _acc_empty_chunk)],
+    OPS.triton_merge_attn_states.default: [
+        _on_triton(b) for b in (_merge_fp32, _merge_mixed_dead, _merge_strided_bf16)],
+    OPS.triton_merge_attn_states_.default: [_on_triton(b) for b in (_merge_inplace_acc, _merge_inplace_same)],
 }
+# Ops that update their inputs in place and return nothing.
+IN_PLACE = {OPS.merge_attn_states_.default, OPS.triton_merge_attn_states_.default,
+            OPS.flash_attn_fwd_acc_.default, OPS.triton_flash_attn_fwd_acc_.default}
 SAMPLE_CASES = [pytest.param(op, b, id=f"{op.name().split('::')[1]}-{b.__name__.lstrip('_')}")
                 for op, builders in SAMPLES.items() for b in builders]
-MUTATING_OPS = (OPS.merge_attn_states_.default, OPS.flash_attn_fwd_acc_.default)
 # The inputs that an autograd test marks requires_grad (the float tensors an op only reads).
 FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 
@@ -207,7 +241,7 @@ def test_opcheck_autograd_registration(device, op, build):
     # aot_dispatch checks would run that backward, so only the registration-level checks run here.
     args, kwargs = build(device, torch.Generator().manual_seed(1))
     args = list(args)
-    if op in MUTATING_OPS:
+    if op in IN_PLACE:
         # A mutating op cannot carry an autograd formula: its Autograd kernel refuses to run when a graph
         # would be recorded (test_backward_raises checks the message), so opcheck sees no grad inputs here.
         assert torch._C._dispatch_has_kernel_for_dispatch_key(op.name(), "Autograd")
@@ -235,7 +269,7 @@ def test_fake_and_meta_match_real(op, build):
     meta_args = [a.to("meta") if isinstance(a, torch.Tensor) else a for a in args]
     meta_kwargs = {k: v.to("meta") if isinstance(v, torch.Tensor) else v for k, v in kwargs.items()}
     meta = op(*meta_args, **meta_kwargs)
-    if op in MUTATING_OPS:
+    if op in IN_PLACE:
         assert real is None and fake is None and meta is None
         return
     for r, f, m in zip(real, fake, meta):

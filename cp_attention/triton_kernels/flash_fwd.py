@@ -1,0 +1,286 @@
+"""Triton flash-attention forward with LSE, and its fused variant that merges into a running state.
+
+Layouts (DESIGN section 1): q [B, Sq, H, D], k/v [B, Sk, Hkv, D] (BSHD, any strides; the last one is
+passed too, so D == 1 with any last stride works), query head h reads kv head h // (H // Hkv). out
+[B, Sq, H, D], lse [B, H, Sq] float32 with lse = log sum_j exp(scale * <q_i, k_j>) over the visible keys
+(natural log). Causal is bottom-right: query i sees key j iff j <= i + Sk - Sq. kv_mask bool [B, Sk], True =
+attend. A row that sees no key gets out 0, lse -inf.
+
+One program per (query block, batch * head). Scores live in base-2 units, s2 = (scale * log2 e) * q.k, so
+the softmax is exp2 (one MUFU op) and the LSE is converted back to natural log once per row at the end.
+The key loop runs in two phases: key blocks that every row of the query block sees in full (no bounds, no
+causal masking: the bulk of the work), then the causal diagonal and the ragged last block, masked. Key blocks
+past the diagonal are never visited.
+
+With ACCUMULATE the epilogue merges the block's result (o_b, lse_b) into the running (out, lse) it reads
+from the destination: m = max(lse_a, lse_b), lse = m + log(exp(lse_a - m) + exp(lse_b - m)),
+out = out_a * exp(lse_a - lse) + o_b * exp(lse_b - lse); rows of out whose lse is -inf are never loaded
+(they may hold NaN), both sides -inf give out 0 and lse -inf, and one -inf side passes the other through
+exactly (its weight is exp(0) / 1).
+"""
+
+from __future__ import annotations
+
+import functools
+import math
+
+import torch
+import triton
+import triton.language as tl
+
+from . import configs as cfg
+from . import interpret_requested
+
+# Decided when this module is imported, as triton decides it for the kernels below.
+INTERPRETED = interpret_requested()
+
+LOG2E = 1.4426950408889634
+
+
+@triton.jit
+def _attend_blocks(acc, l_i, m_i, q, k_ptrs, v_ptrs, mask_ptrs, offs_m, offs_n, d_ok, lo, hi, Sk,
+                   causal_shift, qk_scale, stride_ks, stride_vs, stride_ms,
+                   BLOCK_N: tl.constexpr, EVEN_D: tl.constexpr, MASK_KEYS: tl.constexpr, CAUSAL: tl.constexpr,
+                   HAS_MASK: tl.constexpr, DOT_PRECISION: tl.constexpr, UPCAST: tl.constexpr):
+    """Online softmax over key blocks [lo, hi) (lo a multiple of BLOCK_N; k_ptrs, v_ptrs, mask_ptrs point at
+    key lo). acc [BLOCK_M, BLOCK_D] float32 (unnormalized output), l_i [BLOCK_M] (sum of exp2(s2 - m_i)),
+    m_i [BLOCK_M] (running max of s2, -inf before any visible key). MASK_KEYS: blocks may hold keys past Sk
+    or past the causal diagonal, so they are masked."""
+    # A row may have seen no visible key yet (its max still -inf) only where something masks keys; only
+    # then does the exp2 need the guard that keeps exp2(-inf - -inf) from making NaN.
+    GUARD: tl.constexpr = MASK_KEYS or HAS_MASK
+    for start_n in range(lo, hi, BLOCK_N):
+        cols = start_n + offs_n
+        if MASK_KEYS:
+            key_ok = cols < Sk
+            k = tl.load(k_ptrs, mask=key_ok[:, None] & d_ok[None, :], other=0.0)
+        elif EVEN_D:
+            k = tl.load(k_ptrs)
+        else:
+            k = tl.load(k_ptrs, mask=d_ok[None, :], other=0.0)
+        if UPCAST:  # the interpreter multiplies bfloat16 wrongly: do its dots in float32
+            k = k.to(tl.float32)
+        s = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION)
+        if GUARD:
+            if MASK_KEYS:
+                vis = key_ok[None, :]
+                if CAUSAL:
+                    vis = vis & (cols[None, :] <= offs_m[:, None] + causal_shift)
+                if HAS_MASK:
+                    km = tl.load(mask_ptrs, mask=key_ok, other=0) != 0
+                    vis = vis & km[None, :]
+            else:
+                vis = (tl.load(mask_ptrs) != 0)[None, :]
+            s = tl.where(vis, s * qk_scale, float("-inf"))
+            m_new = tl.maximum(m_i, tl.max(s, 1))
+            m_use = tl.where(m_new == float("-inf"), 0.0, m_new)
+            p = tl.math.exp2(s - m_use[:, None])
+            alpha = tl.math.exp2(m_i - m_use)
+        else:
+            # Nothing masked: every score is finite, so is m_new. qk_scale >= 0 (the launcher makes it so)
+            # lets max(s) * qk_scale stand for max(s * qk_scale) and the scaling fuse into one FMA.
+            m_new = tl.maximum(m_i, tl.max(s, 1) * qk_scale)
+            p = tl.math.exp2(s * qk_scale - m_new[:, None])
+            alpha = tl.math.exp2(m_i - m_new)
+        l_i = l_i * alpha + tl.sum(p, 1)
+        acc = acc * alpha[:, None]
+        if MASK_KEYS:
+            v = tl.load(v_ptrs, mask=key_ok[:, None] & d_ok[None, :], other=0.0)
+        elif EVEN_D:
+            v = tl.load(v_ptrs)
+        else:
+            v = tl.load(v_ptrs, mask=d_ok[None, :], other=0.0)
+        p = p.to(v.dtype)  # P @ V in the input precision (half inputs: half operands, float32 accumulator)
+        if UPCAST:
+            p = p.to(tl.float32)
+            v = v.to(tl.float32)
+        acc = tl.dot(p, v, acc, input_precision=DOT_PRECISION)
+        m_i = m_new
+        k_ptrs += BLOCK_N * stride_ks
+        v_ptrs += BLOCK_N * stride_vs
+        if HAS_MASK:
+            mask_ptrs += BLOCK_N * stride_ms
+    return acc, l_i, m_i
+
+
+# Lengths, head counts and D are not specialized (their being 1 or a multiple of 16 buys nothing here), which
+# keeps the number of compiled variants down; strides are, so aligned rows load with wide vectors.
+@triton.jit(do_not_specialize=["Sq", "Sk", "H", "GROUP", "D"])
+def _flash_fwd_kernel(
+    Q, K, V, OUT, LSE, KV_MASK,
+    stride_qb, stride_qs, stride_qh, stride_qd,
+    stride_kb, stride_ks, stride_kh, stride_kd,
+    stride_vb, stride_vs, stride_vh, stride_vd,
+    stride_ob, stride_os, stride_oh, stride_od,
+    stride_lb, stride_lh, stride_ls,
+    stride_mb, stride_ms,
+    Sq, Sk, H, GROUP, D, qk_scale,
+    BLOCK_D: tl.constexpr, EVEN_D: tl.constexpr, CAUSAL: tl.constexpr, HAS_MASK: tl.constexpr,
+    ACCUMULATE: tl.constexpr, DOT_PRECISION: tl.constexpr, UPCAST: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+):
+    """Grid: (cdiv(Sq, BLOCK_M) * B * H,). qk_scale = scale * log2(e) >= 0. GROUP = H // Hkv.
+    OUT/LSE: the outputs, or with ACCUMULATE the running state merged into in place."""
+    num_m = tl.cdiv(Sq, BLOCK_M)
+    pid = tl.program_id(0)
+    bh = pid // num_m
+    start_m = pid % num_m
+    if CAUSAL:
+        # Later query blocks see more keys: launch them first so the short ones fill the tail.
+        start_m = num_m - 1 - start_m
+    b = (bh // H).to(tl.int64)
+    h = bh % H
+    hk = (h // GROUP).to(tl.int64)
+    h = h.to(tl.int64)
+
+    offs_m = start_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_n = tl.arange(0, BLOCK_N)
+    offs_d = tl.arange(0, BLOCK_D)
+    row_ok = offs_m < Sq
+    if EVEN_D:  # a mask constant along D keeps loads and stores wide (D itself is not specialized)
+        d_ok = offs_d < BLOCK_D
+    else:
+        d_ok = offs_d < D
+    rows64 = offs_m.to(tl.int64)
+
+    q_ptrs = Q + b * stride_qb + h * stride_qh + rows64[:, None] * stride_qs + offs_d[None, :] * stride_qd
+    q = tl.load(q_ptrs, mask=row_ok[:, None] & d_ok[None, :], other=0.0)
+    if UPCAST:
+        q = q.to(tl.float32)
+    k_ptrs = K + b * stride_kb + hk * stride_kh + offs_n[:, None] * stride_ks + offs_d[None, :] * stride_kd
+    v_ptrs = V + b * stride_vb + hk * stride_vh + offs_n[:, None] * stride_vs + offs_d[None, :] * stride_vd
+    mask_ptrs = KV_MASK + b * stride_mb + offs_n * stride_ms
+
+    # Key ranges of this query block (rows [m_lo, m_hi)). Query i sees key j iff j <= i + causal_shift.
+    causal_shift = Sk - Sq
+    m_lo = start_m * BLOCK_M
+    if CAUSAL:
+        m_hi = tl.minimum(m_lo + BLOCK_M, Sq)
+        hi = tl.maximum(tl.minimum(Sk, m_hi + causal_shift), 0)  # keys past the last row's diagonal: skipped
+        full = tl.maximum(tl.minimum(Sk, m_lo + causal_shift + 1), 0)  # keys every row of the block sees
+    else:
+        hi = Sk
+        full = Sk
+    full_hi = (full // BLOCK_N) * BLOCK_N
+
+    m_i = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
+    l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
+    acc = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
+    acc, l_i, m_i = _attend_blocks(acc, l_i, m_i, q, k_ptrs, v_ptrs, mask_ptrs, offs_m, offs_n, d_ok,
+                                   0, full_hi, Sk, causal_shift, qk_scale, stride_ks, stride_vs, stride_ms,
+                                   BLOCK_N, EVEN_D, False, CAUSAL, HAS_MASK, DOT_PRECISION, UPCAST)
+    # The masked phase: at most a few blocks (the causal diagonal, the ragged end); often none.
+    start = tl.cast(full_hi, tl.int64)  # 64-bit: full_hi * stride may pass 2**31
+    acc, l_i, m_i = _attend_blocks(acc, l_i, m_i, q, k_ptrs + start * stride_ks, v_ptrs + start * stride_vs,
+                                   mask_ptrs + start * stride_ms, offs_m, offs_n, d_ok, full_hi, hi, Sk,
+                                   causal_shift, qk_scale, stride_ks, stride_vs, stride_ms,
+                                   BLOCK_N, EVEN_D, True, CAUSAL, HAS_MASK, DOT_PRECISION, UPCAST)
+
+    # l_i >= 1 once a row saw a key (its max term is exp2(0)), so l_i == 0 marks the rows that saw none.
+    empty = l_i == 0.0
+    l_safe = tl.where(empty, 1.0, l_i)
+    lse_b = tl.where(empty, float("-inf"), (m_i + tl.math.log2(l_safe)) * 0.6931471805599453)  # * ln 2
+
+    o_ptrs = OUT + b * stride_ob + h * stride_oh + rows64[:, None] * stride_os + offs_d[None, :] * stride_od
+    lse_ptrs = LSE + b * stride_lb + h * stride_lh + rows64 * stride_ls
+    o_mask = row_ok[:, None] & d_ok[None, :]
+    if ACCUMULATE:
+        lse_a = tl.load(lse_ptrs, mask=row_ok, other=float("-inf"))
+        m = tl.maximum(lse_a, lse_b)
+        m_use = tl.where(m == float("-inf"), 0.0, m)
+        e_a = tl.exp(lse_a - m_use)
+        e_b = tl.exp(lse_b - m_use)
+        total = e_a + e_b  # 0 only when both sides are -inf
+        t_safe = tl.where(total == 0.0, 1.0, total)
+        lse_out = tl.where(total == 0.0, float("-inf"), m_use + tl.log(t_safe))
+        w_a = e_a / t_safe
+        w_b = e_b / t_safe / l_safe
+        # The running out is read only where its lse is finite: rows with lse -inf may hold anything.
+        live_a = lse_a != float("-inf")
+        o_a = tl.load(o_ptrs, mask=o_mask & live_a[:, None], other=0.0).to(tl.float32)
+        out = o_a * w_a[:, None] + acc * w_b[:, None]
+    else:
+        lse_out = lse_b
+        out = acc / l_safe[:, None]
+    tl.store(o_ptrs, out.to(OUT.dtype.element_ty), mask=o_mask)
+    tl.store(lse_ptrs, lse_out, mask=row_ok)
+
+
+# -----------------------------------------------------------------------------------------------------------
+def _prune(configs, named_args, **kwargs):
+    """Keeps the candidates of this call's dtype class and BLOCK_D (configs.fwd_candidates)."""
+    args = {**named_args, **kwargs}
+    q = args["Q"]
+    wanted = cfg.fwd_candidates(torch.cuda.get_device_capability(q.device), q.dtype == torch.float32,
+                                args["BLOCK_D"])
+    kept = [c for c in configs
+            if cfg.FwdConfig(c.kwargs["BLOCK_M"], c.kwargs["BLOCK_N"], c.num_warps, c.num_stages) in wanted]
+    return kept or configs[-1:]
+
+
+@functools.cache
+def _autotuned(capability: tuple[int, int]):
+    """The kernel behind an autotuner with this GPU generation's candidates. Keyed by BLOCK_D and causal
+    (plus, automatically, every tensor argument's dtype); OUT and LSE are restored after each trial because
+    the accumulating variant updates them in place."""
+    configs = [triton.Config({"BLOCK_M": c.block_m, "BLOCK_N": c.block_n}, num_warps=c.num_warps,
+                             num_stages=c.num_stages) for c in cfg.all_fwd_candidates(capability)]
+    return triton.autotune(configs, key=["BLOCK_D", "CAUSAL"],
+                           prune_configs_by={"early_config_prune": _prune},
+                           restore_value=["OUT", "LSE"])(_flash_fwd_kernel)
+
+
+def flash_fwd(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float | None, causal: bool,
+              kv_mask: torch.Tensor | None, out: torch.Tensor | None = None,
+              lse: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """Launches the forward kernel on checked inputs (cp_attention._checks).
+
+    Without out/lse: returns a fresh contiguous out [B, Sq, H, D] (q.dtype) and lse [B, H, Sq] float32.
+    With out [B, Sq, H, D] (q.dtype or float32, any strides) and lse [B, H, Sq] float32 (any strides): merges
+    attention over this K/V into them in place and returns them."""
+    B, Sq, H, D = q.shape
+    Sk, Hkv = k.shape[1], k.shape[2]
+    accumulate = out is not None
+    if not accumulate:
+        out = torch.empty((B, Sq, H, D), dtype=q.dtype, device=q.device)
+        lse = torch.empty((B, H, Sq), dtype=torch.float32, device=q.device)
+    if B * H * Sq == 0:
+        return out, lse
+    if q.device.type == "cpu" and not INTERPRETED:
+        raise RuntimeError("cp_attention: Triton kernels run on CPU tensors only under Triton's interpreter; "
+                           "set TRITON_INTERPRET=1 before cp_attention's Triton kernels are first used")
+    scale = 1.0 / math.sqrt(D) if scale is None else float(scale)
+    if scale < 0:
+        # The kernel's unmasked path needs a non-negative scale (see _attend_blocks); the sign flip of q is
+        # exact. Negative scales are rare enough for the copy.
+        q, scale = -q, -scale
+    if Sk == 0:
+        k = v = q  # no key is read; any valid pointer will do
+    has_mask = kv_mask is not None and Sk > 0
+    mask = kv_mask.view(torch.uint8) if has_mask else q  # a dummy pointer when there is no mask
+    mask_strides = (mask.stride(0), mask.stride(1)) if has_mask else (0, 0)
+    block_d = max(16, triton.next_power_of_2(D))  # tl.dot needs a reduction dim of at least 16
+    is_fp32 = q.dtype == torch.float32
+    args = (q, k, v, out, lse, mask, *q.stride(), *k.stride(), *v.stride(), *out.stride(), *lse.stride(),
+            *mask_strides, Sq, Sk, H, H // Hkv, D, scale * LOG2E)
+    meta = dict(BLOCK_D=block_d, EVEN_D=block_d == D, CAUSAL=bool(causal), HAS_MASK=has_mask,
+                ACCUMULATE=accumulate, DOT_PRECISION="ieee" if is_fp32 else "tf32",
+                UPCAST=INTERPRETED and q.dtype == torch.bfloat16)
+
+    def grid(m):
+        return (triton.cdiv(Sq, m["BLOCK_M"]) * B * H,)
+
+    if INTERPRETED:
+        c = cfg.INTERPRETER_FWD
+        _flash_fwd_kernel[grid](*args, **meta, BLOCK_M=c.block_m, BLOCK_N=c.block_n)
+        return out, lse
+    with torch.cuda.device(q.device):
+        capability = torch.cuda.get_device_capability(q.device)
+        if Sq * Sk < cfg.AUTOTUNE_MIN_WORK:
+            # A small problem (or an empty chunk, where only the epilogue runs) is not worth tuning.
+            c = cfg.fwd_candidates(capability, is_fp32, block_d)[0]
+            _flash_fwd_kernel[grid](*args, **meta, BLOCK_M=c.block_m, BLOCK_N=c.block_n,
+                                    num_warps=c.num_warps, num_stages=c.num_stages)
+        else:
+            _autotuned(capability)[grid](*args, **meta)
+    return out, lse
