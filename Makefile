@@ -1,4 +1,5 @@
-# cp_attention: `make test` (CI), `make demo` (the main job), `make setup` (what both run first).
+# cp_attention: `make test` (CI), `make demo` (the main job), `make bench` (CPU kernel benchmark), `make setup`
+# (what they all run first).
 PYTHON_BOOT ?= python3
 VENV        ?= .venv
 PY          := $(VENV)/bin/python
@@ -7,6 +8,9 @@ DEPS_STAMP  := $(VENV)/.deps-stamp
 BUILD_STAMP := $(VENV)/.build-stamp
 SOURCES     := $(shell find csrc -name '*.cpp' -o -name '*.cu' -o -name '*.h' -o -name '*.cuh' 2>/dev/null)
 PYTEST_ARGS ?=
+# `make demo DEMO_RANKS=2 DEMO_ARGS="--layers 1"`: see `python -m cp_attention.demo --help`.
+DEMO_RANKS  ?= 4
+DEMO_ARGS   ?=
 
 .PHONY: setup build test demo bench clean lint
 
@@ -34,10 +38,13 @@ build: $(BUILD_STAMP)
 test: setup
 	$(PY) -m pytest $(PYTEST_ARGS)
 
+# One FLUX-shaped denoising step, single-process and context-parallel (ring, Ulysses, Unified and diffusers'
+# native Ulysses), checked and timed; gloo on CPUs, NCCL on GPUs. --standalone picks a free port.
 demo: setup
-	$(PY) benchmarks/bench_flash_fwd.py
+	$(VENV)/bin/torchrun --standalone --nproc_per_node $(DEMO_RANKS) -m cp_attention.demo $(DEMO_ARGS)
 
-bench: demo
+bench: setup
+	$(PY) benchmarks/bench_flash_fwd.py
 
 lint: setup
 	$(PY) -m ruff check cp_attention tests benchmarks setup.py

@@ -5,8 +5,9 @@ from . import ops
 from ._C import build_info
 from .attention import available_backends, flash_attn, flash_attn_acc_, merge_attn_states, merge_attn_states_
 from .distributed import ContextParallel, ring_attention, ulysses_attention, unified_attention
+from .sdpa_drop_in import sdpa, use_as_sdpa
 
 __all__ = ["ContextParallel", "available_backends", "build_info", "flash_attn", "flash_attn_acc_",
-           "merge_attn_states", "merge_attn_states_", "ops", "ring_attention", "ulysses_attention",
-           "unified_attention"]
+           "merge_attn_states", "merge_attn_states_", "ops", "ring_attention", "sdpa", "ulysses_attention",
+           "unified_attention", "use_as_sdpa"]
 __version__ = "0.1.0"

@@ -22,8 +22,8 @@ import torch.multiprocessing as mp
 GRACE_S = 5.0
 
 
-def _worker(rank: int, world_size: int, port: int, timeout: float, collective_timeout: float, fn, args,
-            conn):
+def _worker(rank: int, world_size: int, port: int, timeout: float, collective_timeout: float, backend: str,
+            fn, args, conn):
     try:
         # One thread per rank: the ranks share few cores with whatever else runs on the machine.
         torch.set_num_threads(1)
@@ -31,7 +31,7 @@ def _worker(rank: int, world_size: int, port: int, timeout: float, collective_ti
                               timeout=datetime.timedelta(seconds=timeout))
         # The group's own timeout turns a missing peer into an error inside the rank, with a traceback that
         # shows where it waited, before the hard kill.
-        dist.init_process_group("gloo", store=store, rank=rank, world_size=world_size,
+        dist.init_process_group(backend, store=store, rank=rank, world_size=world_size,
                                 timeout=datetime.timedelta(seconds=collective_timeout))
         try:
             result = fn(rank, world_size, *args)
@@ -45,11 +45,13 @@ def _worker(rank: int, world_size: int, port: int, timeout: float, collective_ti
 
 
 def run_distributed(fn, world_size: int, *args, timeout: float = 60.0,
-                    collective_timeout: float | None = None) -> list:
+                    collective_timeout: float | None = None, backend: str = "gloo") -> list:
     """Runs fn(rank, world_size, *args) on `world_size` spawned processes in one gloo group.
 
     collective_timeout: how long a collective or transfer may wait for its peers before it raises in the
     rank (default: a third of `timeout`, so a deadlock is reported with tracebacks, not only killed).
+    backend: the process group's backend string; a gloo one ("gloo", or "cpu:gloo", whose name tells code
+    that picks a device from it, such as diffusers' size exchange, to stay on the CPU).
 
     fn and args must be picklable (fn a module-level function). Returns [fn's return value per rank].
     Raises AssertionError with every failing rank's traceback if any rank raised, exited without an answer
@@ -65,7 +67,7 @@ def run_distributed(fn, world_size: int, *args, timeout: float = 60.0,
     procs, conns = [], []
     for rank in range(world_size):
         recv_end, send_end = ctx.Pipe(duplex=False)
-        worker_args = (rank, world_size, store.port, timeout, collective_timeout, fn, args, send_end)
+        worker_args = (rank, world_size, store.port, timeout, collective_timeout, backend, fn, args, send_end)
         p = ctx.Process(target=_worker, args=worker_args, daemon=True, name=f"rank{rank}")
         p.start()
         send_end.close()  # only the child writes; the parent sees EOF if the child dies
@@ -123,14 +125,15 @@ class SpawnedItems:
     with `assert_ok(world_size, key)`. A spawn that failed as a whole (a hang, a crash) fails every item of
     it with the harness's message."""
 
-    def __init__(self, rank_main, timeout: float):
-        self._rank_main, self._timeout = rank_main, timeout
+    def __init__(self, rank_main, timeout: float, backend: str = "gloo"):
+        self._rank_main, self._timeout, self._backend = rank_main, timeout, backend
         self._cache: dict[int, list[dict] | str] = {}
 
     def _results(self, world_size: int):
         if world_size not in self._cache:
             try:
-                self._cache[world_size] = run_distributed(self._rank_main, world_size, timeout=self._timeout)
+                self._cache[world_size] = run_distributed(self._rank_main, world_size, timeout=self._timeout,
+                                                            backend=self._backend)
             except AssertionError as e:
                 self._cache[world_size] = str(e)
         return self._cache[world_size]

@@ -1,0 +1,209 @@
+"""cp_attention as a diffusers attention backend, context parallelism included.
+
+    import cp_attention.integrations.diffusers as cpd
+    cpd.register()                                     # once per process; idempotent
+    transformer.set_attention_backend("cp_attention")  # our kernels, single process
+    cpd.enable_parallelism(transformer, ContextParallelConfig(ring_degree=2, ulysses_degree=2))
+
+With a `ContextParallelConfig`, diffusers' hooks split the sequence (its model's `_cp_plan`) and the
+backend runs cp_attention's ring (peer-to-peer K/V rotation), Ulysses or Unified attention on the process
+groups of diffusers' own meshes (`_ring_mesh`, `_ulysses_mesh`).
+
+How it plugs in: diffusers (0.40 to 0.42) dispatches attention through a private registry keyed by the
+closed string enum `AttentionBackendName`. `register()` adds one member, CP_ATTENTION = "cp_attention", to
+that enum (the existing members are untouched) and registers the backend function with
+`supports_context_parallel=True`, the way diffusers registers its own. This touches private API, so the
+diffusers version is checked first: outside SUPPORTED_VERSIONS, `register()` raises UnsupportedDiffusers.
+
+CPU-only machines: diffusers 0.42's `enable_parallelism` (through `ModelMixin._resolve_parallel_config`)
+places each rank on `torch.device(accelerator_type, rank % torch.accelerator.device_count())`, a division
+by zero where no accelerator exists (0.40 and 0.41 asked the device module, which counts the CPU as one
+device). `no_accelerator_workaround()` makes `torch.accelerator.device_count()` answer 1 while it is active,
+only when it would answer 0; `enable_parallelism(transformer, config)` here wraps diffusers' call in it.
+Nothing is changed at import or left changed afterwards.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import re
+
+import torch
+
+from cp_attention.attention import flash_attn
+from cp_attention.distributed import ring_attention, ulysses_attention, unified_attention
+from cp_attention.sdpa_drop_in import Unsupported, plan_bshd, sdpa
+
+BACKEND_NAME = "cp_attention"
+ENUM_NAME = "CP_ATTENTION"
+# (major, minor) versions whose private attention-dispatch API this module was written against; tested on
+# TESTED_VERSION.
+SUPPORTED_VERSIONS = ((0, 40), (0, 41), (0, 42))
+TESTED_VERSION = "0.42.1"
+_OP = "cp_attention.integrations.diffusers"
+
+
+class UnsupportedDiffusers(RuntimeError):
+    """The installed diffusers is missing or is a version this integration does not support."""
+
+
+def _supported_text() -> str:
+    return ", ".join(f"{a}.{b}.x" for a, b in SUPPORTED_VERSIONS) + f" (tested on {TESTED_VERSION})"
+
+
+def check_version(version: str | None = None) -> str:
+    """Returns the installed diffusers version (or checks `version`); raises UnsupportedDiffusers naming
+    the supported versions when it is outside them or cannot be read."""
+    if version is None:
+        try:
+            import diffusers
+        except ImportError as e:
+            raise UnsupportedDiffusers(f"{_OP}: diffusers is not installed; supported versions: "
+                                       f"{_supported_text()}") from e
+        version = getattr(diffusers, "__version__", "unknown")
+    m = re.match(r"^(\d+)\.(\d+)", str(version))
+    if m is None or (int(m.group(1)), int(m.group(2))) not in SUPPORTED_VERSIONS:
+        raise UnsupportedDiffusers(f"{_OP}: diffusers {version} is not supported (the backend uses "
+                                   f"diffusers' private attention registry); supported versions: "
+                                   f"{_supported_text()}")
+    return str(version)
+
+
+def _add_enum_member(enum_cls, name: str, value: str):
+    """Adds `name = value` to a closed (str, Enum) class and returns the member; returns the existing member
+    when `value` is already there. Only the member tables gain an entry: nothing else of the enum changes."""
+    existing = enum_cls._value2member_map_.get(value)
+    if existing is not None:
+        return existing
+    if name in enum_cls._member_map_:
+        raise UnsupportedDiffusers(f"{_OP}: {enum_cls.__name__}.{name} already exists with another value "
+                                   f"({enum_cls._member_map_[name].value!r})")
+    member = str.__new__(enum_cls, value)  # a str-mixin member is the string itself, like diffusers' own
+    member._name_, member._value_ = name, value
+    member.__objclass__ = enum_cls
+    enum_cls._member_names_.append(name)
+    enum_cls._member_map_[name] = member
+    enum_cls._value2member_map_[value] = member
+    # type.__setattr__: the enum metaclass guards member attributes, and this one is new.
+    type.__setattr__(enum_cls, name, member)
+    return member
+
+
+def register():
+    """Adds the "cp_attention" backend to diffusers' attention dispatch (idempotent) and returns its
+    AttentionBackendName member. Raises UnsupportedDiffusers for a diffusers outside SUPPORTED_VERSIONS."""
+    check_version()
+    from diffusers.models import attention_dispatch as ad
+
+    registry = ad._AttentionBackendRegistry
+    member = _add_enum_member(ad.AttentionBackendName, ENUM_NAME, BACKEND_NAME)
+    if registry._backends.get(member) is not attention_backend:
+        # Constraints as diffusers' native backend declares them; they run when DIFFUSERS_ATTN_CHECKS is set.
+        registry.register(member, constraints=[ad._check_device, ad._check_shape],
+                          supports_context_parallel=True)(attention_backend)
+    return member
+
+
+def _backend_error(why) -> ValueError:
+    return ValueError(f"{_OP}: the cp_attention backend cannot run these arguments: {why}")
+
+
+def attention_backend(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
+                      attn_mask: torch.Tensor | None = None, dropout_p: float = 0.0, is_causal: bool = False,
+                      scale: float | None = None, enable_gqa: bool = False, return_lse: bool = False,
+                      _parallel_config=None):
+    """The function diffusers' dispatch_attention_fn calls for backend "cp_attention".
+
+    Args:
+        query: [B, S_q, H, D] (BSHD, diffusers' layout), float32, float16 or bfloat16, last dim contiguous.
+        key, value: [B, S_k, Hkv, D]; Hkv != H needs enable_gqa (H % Hkv == 0).
+        attn_mask: None or a bool key-padding mask (True = attend): [B, S_k], [B, 1, 1, S_k] (Qwen-Image's
+            joint mask) or anything else broadcastable to [B, 1, 1, S_k].
+        dropout_p: 0 (inference). is_causal: causal over the sequence; under context parallelism over the
+            global sequence. scale: defaults to 1 / sqrt(D).
+        return_lse: also return the LSE, in diffusers' layout [B, S_q, H] float32 (natural log of the sum
+            of exp(scale * q.k) over the visible keys; -inf for a query that sees none).
+        _parallel_config: diffusers' ParallelConfig, or None. With a context_parallel_config, q, k, v (and
+            the mask) are this rank's sequence shards and attention covers the global sequence: ring
+            attention when only ring_degree > 1, Ulysses when only ulysses_degree > 1, Unified when both,
+            on the groups of its _ring_mesh and _ulysses_mesh.
+
+    Returns:
+        out [B, S_q, H, D] in query's dtype (and lse [B, S_q, H] float32 with return_lse).
+
+    Without context parallelism, arguments our kernels do not cover run torch's SDPA (warning once per
+    reason) unless the LSE is asked for; under context parallelism, and for the LSE, they raise ValueError.
+    """
+    B = query.shape[0] if isinstance(query, torch.Tensor) else None
+    if (isinstance(attn_mask, torch.Tensor) and isinstance(key, torch.Tensor) and attn_mask.dim() == 2
+            and tuple(attn_mask.shape) == (B, key.shape[1])):
+        attn_mask = attn_mask[:, None, None, :]  # diffusers' [B, S_k] convention, as its native backend
+    cp_config = getattr(_parallel_config, "context_parallel_config", None)
+
+    if cp_config is None:
+        if not return_lse:
+            out = sdpa(query.transpose(1, 2), key.transpose(1, 2), value.transpose(1, 2), attn_mask,
+                       dropout_p, is_causal, scale=scale, enable_gqa=enable_gqa)
+            return out.transpose(1, 2)
+        try:
+            kv_mask = plan_bshd(query, key, value, attn_mask, dropout_p, is_causal, enable_gqa, local=True)
+        except Unsupported as why:
+            raise _backend_error(why) from None
+        out, lse = flash_attn(query, key, value, scale=scale, causal=is_causal, kv_mask=kv_mask,
+                              return_lse=True)
+        return out, lse.transpose(1, 2).contiguous()
+
+    try:
+        kv_mask = plan_bshd(query, key, value, attn_mask, dropout_p, is_causal, enable_gqa, local=False)
+    except Unsupported as why:
+        raise _backend_error(why) from None
+    kw = dict(scale=scale, causal=is_causal, kv_mask=kv_mask, return_lse=return_lse)
+    R, U = cp_config.ring_degree, cp_config.ulysses_degree
+    if R > 1 and U > 1:
+        result = unified_attention(query, key, value, ring_group=cp_config._ring_mesh.get_group(),
+                                   ulysses_group=cp_config._ulysses_mesh.get_group(), **kw)
+    elif R > 1:
+        result = ring_attention(query, key, value, group=cp_config._ring_mesh.get_group(), **kw)
+    else:
+        result = ulysses_attention(query, key, value, group=cp_config._ulysses_mesh.get_group(), **kw)
+    if not return_lse:
+        return result
+    out, lse = result
+    return out, lse.transpose(1, 2).contiguous()
+
+
+@contextlib.contextmanager
+def no_accelerator_workaround():
+    """While active, and only on a machine without an accelerator, torch.accelerator.device_count()
+    answers 1 instead of 0, so that diffusers 0.42's `rank % torch.accelerator.device_count()` (in
+    ModelMixin._resolve_parallel_config, run by enable_parallelism and by from_pretrained(...,
+    parallel_config=...)) places every rank on the CPU instead of dividing by zero. Restored on exit."""
+    accelerator = torch.accelerator
+    original = accelerator.device_count
+    if original() > 0:
+        yield
+        return
+    accelerator.device_count = lambda: 1
+    try:
+        yield
+    finally:
+        accelerator.device_count = original
+
+
+def enable_parallelism(transformer, config, cp_plan=None):
+    """transformer.enable_parallelism(config=config, cp_plan=cp_plan), made to work without an accelerator
+    (see no_accelerator_workaround); registers the cp_attention backend first so that it can be the
+    transformer's backend. On machines with an accelerator it is exactly diffusers' call.
+
+    On a CPU-only machine with a CUDA build of torch, the uneven-sequence modes (`ring_anything`,
+    `ulysses_anything`) also need the process group created as `init_process_group("cpu:gloo")`: diffusers
+    picks the device of its size exchange from that backend name and otherwise asks for a CUDA tensor."""
+    register()
+    with no_accelerator_workaround():
+        transformer.enable_parallelism(config=config, cp_plan=cp_plan)
+    return transformer
+
+
+__all__ = ["BACKEND_NAME", "SUPPORTED_VERSIONS", "TESTED_VERSION", "UnsupportedDiffusers",
+           "attention_backend", "check_version", "enable_parallelism", "no_accelerator_workaround",
+           "register"]

@@ -1,0 +1,63 @@
+"""Tiny diffusers transformers with random weights (no download) and their inputs, for the integration tests.
+Same seed, same model and inputs on every rank. FLUX comes from cp_attention.demo (the demo's own builder);
+Qwen-Image is built here: its processor hands the backend a [B, 1, 1, S] boolean key mask."""
+
+from __future__ import annotations
+
+import copy
+
+import torch
+
+from cp_attention.demo import flux_config, flux_inputs, make_flux
+
+TINY_FLUX = flux_config(layers=1, single_layers=1, heads=4, head_dim=16)
+
+
+def tiny_flux(seed: int = 0):
+    return make_flux(TINY_FLUX, seed)
+
+
+def tiny_flux_inputs(img_rows: int, img_cols: int, text_tokens: int, batch: int = 2, seed: int = 0) -> dict:
+    """img_rows * img_cols image tokens, text_tokens text tokens."""
+    return flux_inputs(TINY_FLUX, 16 * img_rows, 16 * img_cols, text_tokens, batch, seed)
+
+
+def tiny_qwen(seed: int = 0):
+    from diffusers import QwenImageTransformer2DModel
+
+    torch.manual_seed(seed)
+    return QwenImageTransformer2DModel(patch_size=2, in_channels=16, out_channels=4, num_layers=1,
+                                       attention_head_dim=16, num_attention_heads=4, joint_attention_dim=32,
+                                       axes_dims_rope=(4, 6, 6)).eval()
+
+
+def tiny_qwen_inputs(rows: int = 4, cols: int = 6, text_tokens: int = 8, batch: int = 2,
+                     seed: int = 0) -> dict:
+    """Batch entry 1 pads its last 3 text tokens (mask False), so the key mask matters."""
+    g = torch.Generator().manual_seed(seed + 7)
+    mask = torch.ones(batch, text_tokens, dtype=torch.bool)
+    mask[-1, text_tokens - 3:] = False
+    return dict(hidden_states=torch.randn(batch, rows * cols, 16, generator=g),
+                encoder_hidden_states=torch.randn(batch, text_tokens, 32, generator=g),
+                encoder_hidden_states_mask=mask, timestep=torch.full((batch,), 0.5),
+                img_shapes=[[(1, rows, cols)]] * batch)
+
+
+def to_double(inputs: dict) -> dict:
+    return {k: v.double() if isinstance(v, torch.Tensor) and v.is_floating_point() else v
+            for k, v in inputs.items()}
+
+
+def run(model, inputs: dict) -> torch.Tensor:
+    with torch.no_grad():
+        return model(**inputs, return_dict=False)[0]
+
+
+def references(model, inputs: dict) -> tuple[torch.Tensor, torch.Tensor]:
+    """(float64 output: the reference, float32 output: the baseline), both single-process with diffusers'
+    native attention backend (torch SDPA)."""
+    ref_model = copy.deepcopy(model).double()
+    ref_model.set_attention_backend("native")
+    base_model = copy.deepcopy(model)
+    base_model.set_attention_backend("native")
+    return run(ref_model, to_double(inputs)), run(base_model, inputs)

@@ -1,0 +1,58 @@
+"""`make demo` stays runnable: the demo end to end in a tiny configuration on 2 ranks (it launches torchrun
+itself), and its argument checks. Timings are printed, never asserted."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+
+import pytest
+
+pytest.importorskip("diffusers")
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+TINY = ["--layers", "1", "--single-layers", "1", "--heads", "4", "--head-dim", "16", "--height", "64",
+        "--width", "64", "--text-tokens", "8", "--warmup", "0", "--iters", "1"]
+
+
+def _demo(*args, timeout=300):
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join(filter(None, [ROOT, os.environ.get("PYTHONPATH")])))
+    return subprocess.run([sys.executable, "-m", "cp_attention.demo", *args], capture_output=True, text=True,
+                          timeout=timeout, cwd=ROOT, env=env)
+
+
+def test_demo_tiny_on_two_ranks_passes():
+    proc = _demo("--world-size", "2", *TINY)
+    out = proc.stdout + proc.stderr
+    assert proc.returncode == 0, f"demo failed (exit {proc.returncode}):\n{out[-4000:]}"
+    assert proc.stdout.rstrip().endswith("PASS"), out[-3000:]
+    for row in ("| single         | native", "| single         | cp_attention", "| ring ", "| ulysses ",
+                "| native-ulysses "):
+        assert row in proc.stdout, f"missing table row {row!r}:\n{proc.stdout[-3000:]}"
+    assert "[demo] ring (cp_attention attention" in proc.stdout  # progress lines
+
+
+@pytest.mark.parametrize("args,message", [
+    (["--height", "112", "--width", "80"], "must both divide by the world size 4"),
+    (["--modes", "ring,bogus"], "unknown mode"),
+    (["--unified", "3x2"], "does not multiply to the world size 4"),
+])
+def test_demo_rejects_bad_arguments_before_launching(args, message, capsys, monkeypatch):
+    from cp_attention import demo
+
+    monkeypatch.delenv("RANK", raising=False)
+    monkeypatch.setattr(demo, "_launch", lambda *a: pytest.fail("launched torchrun despite bad arguments"))
+    assert demo.main(args) == 2
+    assert message in capsys.readouterr().err
+
+
+def test_demo_help_lists_options(capsys):
+    from cp_attention import demo
+
+    with pytest.raises(SystemExit) as exit_info:
+        demo.main(["--help"])
+    assert exit_info.value.code == 0
+    out = capsys.readouterr().out
+    for option in ("--layers", "--heads", "--height", "--width", "--world-size", "--modes", "--unified"):
+        assert option in out
