@@ -43,6 +43,35 @@ def _percentile(sorted_ms: Sequence[float], p: float) -> float:
     return sorted_ms[lo] + (sorted_ms[hi] - sorted_ms[lo]) * (pos - lo)
 
 
+# What the GPU sleeps for at the start of each round of time_interleaved (about 5 ms at 2 GHz): long enough
+# for the host to queue the whole round behind it.
+_ROUND_SLEEP_CYCLES = 10_000_000
+
+
+_Call = tuple[str, Callable[[], object], Callable[[], contextlib.AbstractContextManager]]
+
+
+def _cuda_round_ms(calls: list[_Call]) -> dict[str, float]:
+    """One call of each function, back to back on the GPU, and each call's GPU time in ms.
+
+    The GPU first sleeps while the host queues the whole round, so a call's start event fires when the
+    previous call's work ends, not when the host gets to launch it: the events bracket the call's own GPU
+    work, without the host's time to launch it (Python wrappers, argument checks, dispatch). That is what a
+    kernel costs a caller that launches asynchronously, as inference does, and how kernel benchmarks are
+    usually timed; `launch_overhead=True` in time_interleaved times each call with a sync instead."""
+    torch.cuda._sleep(_ROUND_SLEEP_CYCLES)
+    events = []
+    for name, fn, ctx in calls:
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        with ctx():
+            start.record()
+            fn()
+            end.record()
+        events.append((name, start, end))
+    torch.cuda.synchronize()
+    return {name: start.elapsed_time(end) for name, start, end in events}
+
+
 def _one_call_ms(fn: Callable[[], object], device: torch.device) -> float:
     if device.type == "cuda":
         # Events read the GPU's own clock; waiting for each call keeps calls from overlapping, so every
@@ -107,8 +136,8 @@ def time_fn(fn: Callable[[], object], *, warmup: int = 2, iters: int | None = No
 def time_interleaved(fns: dict[str, Callable[[], object]], *, warmup: int = 2, iters: int | None = None,
                      device: torch.device | str = "cpu", budget_s: float = 1.0, min_iters: int = 3,
                      max_iters: int = 200, warmup_s: float = 0.0,
-                     contexts: dict[str, Callable[[], contextlib.AbstractContextManager]] | None = None
-                     ) -> dict[str, dict]:
+                     contexts: dict[str, Callable[[], contextlib.AbstractContextManager]] | None = None,
+                     launch_overhead: bool = False) -> dict[str, dict]:
     """`time_fn` for several functions that are to be compared, returning {name: stats}.
 
     The functions are called in turn (a, b, c, a, b, c, ...) rather than one after the other, so a slow
@@ -116,6 +145,10 @@ def time_interleaved(fns: dict[str, Callable[[], object]], *, warmup: int = 2, i
     fair. All get the same number of timed calls: about len(fns) * budget_s seconds in total.
     `contexts[name]()` is entered around each call of that function but outside its timed region (for
     settings such as torch's SDPA backend choice, which must not be timed).
+
+    On a GPU each round runs back to back behind a sleep (`_cuda_round_ms`), so the samples are GPU time
+    without the host's launch overhead; with `launch_overhead=True` every call is timed on its own with a
+    sync, host overhead included (on CPUs it always is).
     """
     device = torch.device(device)
     contexts = contexts or {}
@@ -128,6 +161,10 @@ def time_interleaved(fns: dict[str, Callable[[], object]], *, warmup: int = 2, i
     n = _pick_iters(iters, sum(est.values()) / len(fns), budget_s, min_iters, max_iters)
     samples: dict[str, list[float]] = {name: [] for name in fns}
     for _ in range(n):
+        if device.type == "cuda" and not launch_overhead:
+            for name, ms in _cuda_round_ms([(name, fn, ctx[name]) for name, fn in fns.items()]).items():
+                samples[name].append(ms)
+            continue
         for name, fn in fns.items():
             with ctx[name]():
                 samples[name].append(_one_call_ms(fn, device))
@@ -351,7 +388,7 @@ def timing_from_args(args: argparse.Namespace, *, warmup: int, budget_s: tuple[f
     pick = 0 if args.quick else 1
     return {"warmup": args.warmup if args.warmup is not None else warmup, "warmup_s": warmup_s[pick],
             "iters": args.iters, "budget_s": args.budget if args.budget is not None else budget_s[pick],
-            "min_iters": min_iters[pick]}
+            "min_iters": min_iters[pick], "launch_overhead": args.launch_overhead}
 
 
 def make_parser(description: str) -> argparse.ArgumentParser:
@@ -366,6 +403,9 @@ def make_parser(description: str) -> argparse.ArgumentParser:
     p.add_argument("--warmup", type=int, default=None, help="untimed calls before timing")
     p.add_argument("--budget", type=float, default=None,
                    help="seconds of timed calls per measurement when --iters is not given")
+    p.add_argument("--launch-overhead", action="store_true",
+                   help="on GPUs, time each call with a sync (host launch overhead included) instead of "
+                        "GPU time of calls queued back to back")
     return p
 
 

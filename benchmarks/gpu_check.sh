@@ -10,7 +10,14 @@
 # script itself stays tested where no GPU is at hand.
 #
 #   benchmarks/gpu_check.sh [--dry-run] [--out-dir DIR] [--python PY]
+#
+# Every step has a time limit (seconds; GPU_CHECK_BUILD_S, GPU_CHECK_TESTS_S, GPU_CHECK_BENCH_S) so one slow
+# or hung step still leaves the others' results; the tests stop with SIGINT, which pytest answers with its
+# summary and the JUnit file of what ran.
 set -uo pipefail
+BUILD_S="${GPU_CHECK_BUILD_S:-240}"
+TESTS_S="${GPU_CHECK_TESTS_S:-300}"
+BENCH_S="${GPU_CHECK_BENCH_S:-180}"
 
 DRY=0
 OUT_DIR=""
@@ -73,7 +80,7 @@ step "build"
 if [ "$DRY" -eq 0 ]; then
   ARCH="$("$PY" -c "import torch; M, m = torch.cuda.get_device_capability(); print(f'{M}.{m}' + ('a' if M >= 9 else ''))")"
   echo "building for compute capability $ARCH" | tee -a "$LOG"
-  CP_ATTENTION_CUDA_ARCHS="$ARCH" MAX_JOBS="$(nproc)" run "$PY" setup.py build_ext --inplace -q \
+  CP_ATTENTION_CUDA_ARCHS="$ARCH" MAX_JOBS="$(nproc)" run timeout "$BUILD_S" "$PY" setup.py build_ext --inplace -q \
     || { echo "build failed: see $LOG"; exit 1; }
 else
   # The CPU parts of the build that CI already checks; reuse an existing build when there is one.
@@ -81,17 +88,65 @@ else
     || CP_ATTENTION_SKIP_CUDA=1 run "$PY" setup.py build_ext --inplace -q || exit 1
 fi
 run "$PY" -c "import cp_attention, json; print(json.dumps(cp_attention.build_info()))"
+{ echo "host compilers: CC=${CC:-unset} CXX=${CXX:-unset}; $(c++ --version 2>/dev/null | head -n 1)";
+  command -v nvcc >/dev/null && nvcc --version | tail -n 1; } | tee -a "$LOG"
+
+step "error paths"
+# A rejected argument must raise, on every device, in a process of its own so that a crash shows as one.
+for dev in cpu $([ "$DRY" -eq 0 ] && echo cuda); do
+  run "$PY" -X faulthandler "$ROOT/benchmarks/error_paths.py" "$dev"
+done
 
 step "tests"
-JUNIT="$OUT_DIR/gpu_check-tests-$STAMP.xml"
+# The GPU tests run as concurrent shards, one pytest process each with an equal share of the CPU threads:
+# compiling Triton variants and the float64 references are CPU-bound, so shards finish several times sooner
+# than one process on a many-core host. Each shard writes its own JUnit report and log; the ends of the logs
+# are appended to the main log once all have ended, and the whole logs travel in one archive.
+SHARD_NAMES=()
+SHARD_PIDS=()
+if [ "$DRY" -eq 0 ]; then N_SHARDS=8; else N_SHARDS=1; fi
+SHARD_THREADS=$(( $(nproc) / N_SHARDS > 0 ? $(nproc) / N_SHARDS : 1 ))
+shard() {  # shard NAME PYTEST_ARGS...: starts one pytest process in the background
+  local name="$1"; shift
+  local junit="$OUT_DIR/gpu_check-tests-$STAMP-$name.xml"
+  ( OMP_NUM_THREADS="$SHARD_THREADS" timeout -s INT -k 30 "$TESTS_S" "$PY" -m pytest -q -rfE \
+      -p no:cacheprovider --junitxml="$junit" "$@" >"$OUT_DIR/gpu_check-tests-$STAMP-$name.log" 2>&1 ) &
+  SHARD_NAMES+=("$name")
+  SHARD_PIDS+=("$!")
+}
 if [ "$DRY" -eq 0 ]; then
-  run "$PY" -m pytest -q -m gpu -p no:cacheprovider --junitxml="$JUNIT" tests/
+  OURS="cuda-cuda or cuda-triton"
+  shard cuda_ops -m gpu tests/test_cuda_ops.py
+  shard flash_cuda -m gpu tests/test_flash_attn.py -k "cuda-cuda"
+  shard flash_triton -m gpu tests/test_flash_attn.py -k "cuda-triton"
+  shard flash_torch -m gpu tests/test_flash_attn.py -k "not ($OURS)"
+  shard chunking_cuda -m gpu tests/test_chunking.py -k "cuda-cuda"
+  shard chunking_triton -m gpu tests/test_chunking.py -k "cuda-triton"
+  shard chunking_torch -m gpu tests/test_chunking.py -k "not ($OURS)"
+  shard triton_merge_contract -m gpu tests/test_triton.py tests/test_merge.py tests/test_ops_contract.py
 else
   # What the GPU run selects, and a small CPU sample of the same tests.
   run "$PY" -m pytest -q -m gpu --collect-only -p no:cacheprovider tests/ | tail -n 3
-  run "$PY" -m pytest -q -p no:cacheprovider --junitxml="$JUNIT" tests/test_flash_attn.py tests/test_chunking.py \
-    -k "test_head_dims or (fused and 1chunks)" --maxfail=5
+  shard cpu_sample tests/test_flash_attn.py tests/test_chunking.py -k "test_head_dims or (fused and 1chunks)" \
+    --maxfail=5
 fi
+JUNIT_ARGS=()
+for i in "${!SHARD_PIDS[@]}"; do
+  name="${SHARD_NAMES[$i]}"
+  wait "${SHARD_PIDS[$i]}"
+  rc=$?
+  echo "--- shard $name (exit $rc)" | tee -a "$LOG"
+  tail -n 40 "$OUT_DIR/gpu_check-tests-$STAMP-$name.log" | tee -a "$LOG"
+  if [ "$rc" -ne 0 ]; then
+    STATUS=1
+    case "$rc" in
+      1) ;;  # failures, listed above
+      2|124|137) echo "shard $name stopped at its ${TESTS_S}s limit" | tee -a "$LOG" ;;
+      *) [ "$rc" -gt 128 ] && echo "shard $name CRASHED (signal $((rc - 128)))" | tee -a "$LOG" ;;
+    esac
+  fi
+  JUNIT_ARGS+=(--junit "$name=$OUT_DIR/gpu_check-tests-$STAMP-$name.xml:$rc")
+done
 
 step "benchmarks"
 if [ "$DRY" -eq 0 ]; then
@@ -101,12 +156,25 @@ else
   DEV=(--device cpu)
   QUICK=(--quick)
 fi
-run "$PY" benchmarks/bench_flash_fwd.py "${DEV[@]}" "${QUICK[@]}" --out-dir "$OUT_DIR"
-run "$PY" benchmarks/bench_merge.py "${DEV[@]}" "${QUICK[@]}" --out-dir "$OUT_DIR"
-run "$PY" benchmarks/bench_a2a_pack.py "${DEV[@]}" "${QUICK[@]}" --dtypes bfloat16 --out-dir "$OUT_DIR"
+run timeout -k 10 "$BENCH_S" "$PY" benchmarks/bench_flash_fwd.py "${DEV[@]}" "${QUICK[@]}" --out-dir "$OUT_DIR"
+run timeout -k 10 "$BENCH_S" "$PY" benchmarks/bench_merge.py "${DEV[@]}" "${QUICK[@]}" --out-dir "$OUT_DIR"
+run timeout -k 10 "$BENCH_S" "$PY" benchmarks/bench_a2a_pack.py "${DEV[@]}" "${QUICK[@]}" --dtypes bfloat16 --out-dir "$OUT_DIR"
 
 step "summary"
-run "$PY" benchmarks/gpu_check_summary.py --out-dir "$OUT_DIR" --since "$STAMP" --junit "$JUNIT" \
+run "$PY" benchmarks/gpu_check_summary.py --out-dir "$OUT_DIR" --since "$STAMP" "${JUNIT_ARGS[@]}" \
   --log "$LOG" $([ "$DRY" -eq 1 ] && echo --dry-run)
+# The shards' whole logs and reports as one archive: fewer files to carry off a machine.
+SHARD_FILES=()
+for name in "${SHARD_NAMES[@]}"; do
+  for ext in log xml; do
+    f="gpu_check-tests-$STAMP-$name.$ext"
+    [ -f "$OUT_DIR/$f" ] && SHARD_FILES+=("$f")
+  done
+done
+if [ "${#SHARD_FILES[@]}" -gt 0 ] && tar -czf "$OUT_DIR/gpu_check-tests-$STAMP.tar.gz" -C "$OUT_DIR" "${SHARD_FILES[@]}"; then
+  (cd "$OUT_DIR" && rm -f "${SHARD_FILES[@]}")
+  echo "test logs and reports: $OUT_DIR/gpu_check-tests-$STAMP.tar.gz" | tee -a "$LOG"
+fi
 if [ "$STATUS" -eq 0 ]; then echo "gpu_check: PASS"; else echo "gpu_check: FAIL (see $LOG)"; fi
+
 exit "$STATUS"

@@ -40,18 +40,42 @@ def test_counts(junit: Path) -> dict:
     return counts
 
 
+def shard_counts(specs: list[str]) -> dict:
+    """Counts per test shard and in total, from `NAME=REPORT.xml:EXIT` specs. A shard that exited 2 (pytest
+    interrupted: its time limit) or by a signal ran only part of its tests; `complete` says so."""
+    shards, total = {}, {"tests": 0, "failures": 0, "errors": 0, "skipped": 0, "passed": 0}
+    complete = True
+    for spec in specs:
+        name, _, rest = spec.partition("=")
+        path, _, rc = rest.rpartition(":")
+        counts = test_counts(Path(path))
+        counts["exit"] = int(rc)
+        counts["complete"] = "error" not in counts and counts["exit"] in (0, 1, 5)
+        complete &= counts["complete"]
+        for k in total:
+            total[k] += counts.get(k, 0)
+        shards[name] = counts
+    return {**total, "complete": complete, "shards": shards}
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--out-dir", required=True)
     p.add_argument("--since", required=True, help="UTC stamp of the run's start, YYYYmmddTHHMMSSZ")
-    p.add_argument("--junit", required=True)
+    p.add_argument("--junit", action="append", default=[], metavar="NAME=REPORT.xml:EXIT",
+                   help="one test shard's JUnit report and pytest exit status (repeatable)")
     p.add_argument("--log", default=None)
     p.add_argument("--dry-run", action="store_true")
     args = p.parse_args()
     out_dir = Path(args.out_dir)
 
-    tests = test_counts(Path(args.junit))
-    print(f"tests: {tests}")
+    tests = shard_counts(args.junit)
+    print("tests: " + ", ".join(f"{k} {tests[k]}" for k in ("passed", "failures", "errors", "skipped"))
+          + ("" if tests["complete"] else " (INCOMPLETE: a shard hit its time limit or wrote no report)"))
+    for name, c in tests["shards"].items():
+        print(f"  {name}: " + (c["error"] if "error" in c else
+                               f"{c['passed']} passed, {c['failures']} failed, {c['errors']} errors, "
+                               f"{c['skipped']} skipped in {c['time_s']:.0f} s") + f" (exit {c['exit']})")
     flash = newest(out_dir, "flash_fwd", args.since)
     merge = newest(out_dir, "merge", args.since)
     pack = newest(out_dir, "a2a_pack", args.since)
@@ -104,8 +128,7 @@ def main() -> None:
     name = f"gpu_check-{'dry-run-' if args.dry_run else ''}{stamp}{'.tmp' if args.dry_run else ''}.json"
     (out_dir / name).write_text(json.dumps(result, indent=2, default=str) + "\n")
     print(f"wrote {out_dir / name}")
-    bad_tests = ("error" in tests or tests.get("failures", 0) or tests.get("errors", 0)
-                 or not tests.get("tests"))
+    bad_tests = not tests["complete"] or tests["failures"] or tests["errors"] or not tests["tests"]
     sys.exit(1 if bad_tests or missing else 0)
 
 

@@ -37,7 +37,19 @@ def _expand_kv_heads(t: torch.Tensor, H: int) -> torch.Tensor:
 
 
 def _float_bias(mask: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
-    return torch.zeros(mask.shape, dtype=dtype, device=mask.device).masked_fill_(~mask, float("-inf"))
+    """The additive bias (0 where visible, -inf elsewhere) of a bool mask [B, 1, Sq, Sk]. Its rows live in
+    a buffer padded to a multiple of 16 elements: torch's memory-efficient kernel rejects a bias whose batch
+    or row stride is not 16-byte aligned, which an odd Sk would give."""
+    B, G, Sq, Sk = mask.shape
+    padded = torch.zeros(B, G, Sq, -(-Sk // 16) * 16, dtype=dtype, device=mask.device)
+    return padded[..., :Sk].masked_fill_(~mask, float("-inf"))
+
+
+def _pad_head_dim(t: torch.Tensor, multiple: int) -> torch.Tensor:
+    """t [..., D] zero-padded to the next multiple of `multiple` columns (t itself when D already is one)."""
+    D = t.shape[-1]
+    pad = -D % multiple
+    return t if pad == 0 else torch.nn.functional.pad(t, (0, pad))
 
 
 def pick_kernel(q: torch.Tensor, causal: bool, has_mask: bool) -> str:
@@ -84,9 +96,12 @@ def aten_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: flo
         out, lse = res[0], res[1]
     elif kernel == "aten_efficient":
         bias = None if explicit is None else _float_bias(explicit, q.dtype).expand(B, H, Sq, Sk)
-        res = torch.ops.aten._scaled_dot_product_efficient_attention(qt, kt, vt, bias, True, 0.0,
+        # Its CUDA kernels need D % 8 == 0 ("cutlassF: no kernel found to launch" otherwise): zero columns
+        # change no score and give output columns that are cut off again.
+        qp, kp, vp = (_pad_head_dim(t, 8) for t in (qt, kt, vt)) if q.is_cuda else (qt, kt, vt)
+        res = torch.ops.aten._scaled_dot_product_efficient_attention(qp, kp, vp, bias, True, 0.0,
                                                                      is_causal_arg, scale=scale)
-        out, lse = res[0], res[1][:, :, :Sq]
+        out, lse = res[0][..., :D], res[1][:, :, :Sq]
     elif kernel == "aten_cudnn":
         bias = None if explicit is None else _float_bias(explicit, q.dtype).expand(B, H, Sq, Sk)
         res = torch.ops.aten._scaled_dot_product_cudnn_attention(qt, kt, vt, bias, True, 0.0, is_causal_arg,

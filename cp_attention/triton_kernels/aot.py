@@ -21,15 +21,13 @@ from triton.backends.compiler import GPUTarget
 from triton.compiler import ASTSource
 
 from . import configs as cfg
-from .flash_fwd import _flash_fwd_kernel
+from .flash_fwd import NOT_SPECIALIZED, _flash_fwd_kernel
 from .merge import _merge_kernel
 
 _CONSTEXPRS = ("BLOCK_D", "EVEN_D", "CAUSAL", "HAS_MASK", "ACCUMULATE", "DOT_PRECISION", "UPCAST", "BLOCK_M",
                "BLOCK_N")
-# Strides that are 1 in a typical launch (contiguous rows, lse and mask): triton turns them into constants.
-_ONES = ("stride_qd", "stride_kd", "stride_vd", "stride_od", "stride_ls", "stride_ms")
-# Integer arguments the kernel does not specialize (do_not_specialize): no alignment hint either.
-_NOT_SPECIALIZED = ("Sq", "Sk", "H", "GROUP", "D")
+# Strides that are 1 in a typical launch (contiguous rows): triton turns them into constants.
+_ONES = ("stride_qd", "stride_kd", "stride_vd", "stride_od")
 
 
 def compile_fwd(arch: int, dtype: str, block_d: int, config: cfg.FwdConfig, *, causal: bool = True,
@@ -58,7 +56,8 @@ def compile_fwd(arch: int, dtype: str, block_d: int, config: cfg.FwdConfig, *, c
     consts.update(BLOCK_D=block_d, EVEN_D=even_d, CAUSAL=causal, HAS_MASK=has_mask, ACCUMULATE=accumulate,
                   DOT_PRECISION="ieee" if dtype == "fp32" else "tf32", UPCAST=False,
                   BLOCK_M=config.block_m, BLOCK_N=config.block_n)
-    div16 = [n for n in names if sig[n].startswith("*") or (sig[n] == "i32" and n not in _NOT_SPECIALIZED)]
+    # Arguments the kernel does not specialize (do_not_specialize) get no alignment hint.
+    div16 = [n for n in names if (sig[n].startswith("*") or sig[n] == "i32") and n not in NOT_SPECIALIZED]
     attrs = {(names.index(n),): [["tt.divisibility", 16]] for n in div16}
     src = ASTSource(_flash_fwd_kernel, sig, consts, attrs)
     return triton.compile(src, target=GPUTarget("cuda", arch, 32),

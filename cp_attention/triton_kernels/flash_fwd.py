@@ -103,9 +103,16 @@ def _attend_blocks(acc, l_i, m_i, q, k_ptrs, v_ptrs, mask_ptrs, offs_m, offs_n, 
     return acc, l_i, m_i
 
 
-# Lengths, head counts and D are not specialized (their being 1 or a multiple of 16 buys nothing here), which
-# keeps the number of compiled variants down; strides are, so aligned rows load with wide vectors.
-@triton.jit(do_not_specialize=["Sq", "Sk", "H", "GROUP", "D"])
+# Lengths, head counts and D are not specialized (their being 1 or a multiple of 16 buys nothing here), nor
+# are the LSE and mask pointers and strides (a few scalars per row or key block, where wide access buys
+# nothing): a ring step's slices of the running lse and of the mask start at any element, and each new
+# alignment would otherwise compile a new variant. Q/K/V/OUT pointers and strides are specialized, so
+# aligned rows load with wide vectors.
+NOT_SPECIALIZED = ("Sq", "Sk", "H", "GROUP", "D", "LSE", "KV_MASK", "stride_lb", "stride_lh", "stride_ls",
+                   "stride_mb", "stride_ms")
+
+
+@triton.jit(do_not_specialize=NOT_SPECIALIZED)
 def _flash_fwd_kernel(
     Q, K, V, OUT, LSE, KV_MASK,
     stride_qb, stride_qs, stride_qh, stride_qd,
@@ -225,9 +232,22 @@ def _autotuned(capability: tuple[int, int]):
     the accumulating variant updates them in place."""
     configs = [triton.Config({"BLOCK_M": c.block_m, "BLOCK_N": c.block_n}, num_warps=c.num_warps,
                              num_stages=c.num_stages) for c in cfg.all_fwd_candidates(capability)]
-    return triton.autotune(configs, key=["BLOCK_D", "CAUSAL"],
-                           prune_configs_by={"early_config_prune": _prune},
-                           restore_value=["OUT", "LSE"])(_flash_fwd_kernel)
+    tuner = triton.autotune(configs, key=["BLOCK_D", "CAUSAL"],
+                            prune_configs_by={"early_config_prune": _prune},
+                            restore_value=["OUT", "LSE"])(_flash_fwd_kernel)
+    _TUNERS[capability] = tuner
+    return tuner
+
+
+_TUNERS: dict = {}  # capability -> the autotuner _autotuned made for it
+
+
+def tuned_configs() -> dict[str, str]:
+    """What the autotuner has chosen in this process, per GPU generation and tuning key (BLOCK_D, causal and
+    the arguments' dtypes): benchmark reports record it, so a figure can be traced to the tile behind it."""
+    return {f"sm_{major}{minor} {key}": str(config)
+            for (major, minor), tuner in _TUNERS.items()
+            for key, config in getattr(tuner, "cache", {}).items()}
 
 
 def flash_fwd(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float | None, causal: bool,
@@ -284,3 +304,4 @@ def flash_fwd(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float | 
         else:
             _autotuned(capability)[grid](*args, **meta)
     return out, lse
+

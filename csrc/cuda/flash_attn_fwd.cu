@@ -1,6 +1,7 @@
 // CUDA flash-attention forward returning the LSE (DESIGN section 1), and its fused ring step
 // flash_attn_fwd_acc_, which merges the result into a running (out, lse) in the kernel's epilogue instead
-// of writing a partial (out, lse) that a merge would read back. Device code: flash_fwd_kernel.cuh.
+// of writing a partial (out, lse) that a merge would read back. Device code: flash_fwd_kernel.cuh; the
+// kernels are instantiated in flash_fwd_hdim*.cu and flash_fwd_f32.cu (flash_fwd_launch.h).
 //
 // float16 / bfloat16 run on tensor cores with the head dim compiled for 32, 64, 96, 128 and 256 (other D
 // are zero-padded up to the next of these inside the kernel); float32 runs on a SIMT kernel.
@@ -21,7 +22,7 @@
 
 #include "checks.h"
 #include "cuda/cuda_utils.cuh"
-#include "cuda/flash_fwd_kernel.cuh"
+#include "cuda/flash_fwd_launch.h"
 
 namespace cp_attention {
 namespace {
@@ -32,61 +33,19 @@ using flash::FwdParams;
 // "position + block size" from overflowing.
 constexpr int64_t kMaxSeqLen = INT_MAX - 1024;
 
-// Opts a kernel into more than the default 48 KB of dynamic shared memory.
-template <typename Kernel>
-void allow_smem(Kernel kernel, size_t bytes) {
-  if (bytes > 48 * 1024) {
-    C10_CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize,
-                                        static_cast<int>(bytes)));
-  }
-}
-
-unsigned int grid_size(const char* op, const FwdParams& p) {
-  const int64_t blocks = static_cast<int64_t>(p.B) * p.H * p.n_mblocks;
-  TORCH_CHECK_VALUE(blocks <= INT_MAX, op, ": B * H * ceil(Sq / block) = ", blocks,
-                    " exceeds the CUDA grid limit (", INT_MAX, ")");
-  return static_cast<unsigned int>(blocks);
-}
-
-// Tile shapes per head dim. kBlockM = 16 rows per warp; D <= 128 takes 128-row blocks (8 warps) and
-// 64-key blocks, D = 256 halves both to stay near 100 KB of shared memory (Q + two K/V stages), which
-// sm_80 fits once and sm_90 twice per SM. D <= 64 leaves registers for two CTAs per SM.
-template <typename T, int kD>
-void launch_tc(const char* op, FwdParams p, cudaStream_t stream) {
-  constexpr int kBlockM = kD <= 128 ? 128 : 64;
-  constexpr int kBlockN = kD <= 128 ? 64 : 32;
-  constexpr int kMinBlocks = kD <= 64 ? 2 : 1;
-  using Cfg = flash::TcConfig<kD, kBlockM, kBlockN>;
-  p.n_mblocks = static_cast<int>(cuda_util::ceil_div(p.Sq, kBlockM));
-  const unsigned int grid = grid_size(op, p);
-  auto kernel = flash::flash_fwd_tc_kernel<T, Cfg, kMinBlocks>;
-  allow_smem(kernel, Cfg::kSmemBytes);
-  kernel<<<grid, Cfg::kThreads, Cfg::kSmemBytes, stream>>>(p);
-  C10_CUDA_KERNEL_LAUNCH_CHECK();
-}
-
 template <typename T>
 void dispatch_head_dim(const char* op, const FwdParams& p, cudaStream_t stream) {
   if (p.D <= 32) {
-    launch_tc<T, 32>(op, p, stream);
+    flash::launch_fwd_tc<T, 32>(op, p, stream);
   } else if (p.D <= 64) {
-    launch_tc<T, 64>(op, p, stream);
+    flash::launch_fwd_tc<T, 64>(op, p, stream);
   } else if (p.D <= 96) {
-    launch_tc<T, 96>(op, p, stream);
+    flash::launch_fwd_tc<T, 96>(op, p, stream);
   } else if (p.D <= 128) {
-    launch_tc<T, 128>(op, p, stream);
+    flash::launch_fwd_tc<T, 128>(op, p, stream);
   } else {
-    launch_tc<T, 256>(op, p, stream);  // D <= 256 is checked by check_attn_inputs
+    flash::launch_fwd_tc<T, 256>(op, p, stream);  // D <= 256 is checked by check_attn_inputs
   }
-}
-
-void launch_f32(const char* op, FwdParams p, cudaStream_t stream) {
-  p.n_mblocks = static_cast<int>(cuda_util::ceil_div(p.Sq, flash::kF32BlockM));
-  const unsigned int grid = grid_size(op, p);
-  const size_t smem = flash::f32_smem_bytes(p.D);
-  allow_smem(flash::flash_fwd_f32_kernel, smem);
-  flash::flash_fwd_f32_kernel<<<grid, flash::kF32Threads, smem, stream>>>(p);
-  C10_CUDA_KERNEL_LAUNCH_CHECK();
 }
 
 // q, k, v, kv_mask are validated; out [B, Sq, H, D] and lse [B, H, Sq] float32 are valid outputs (any
@@ -151,7 +110,7 @@ void run_flash_fwd(const char* op, const AttnDims& d, const at::Tensor& q_in, co
   switch (q.scalar_type()) {
     case at::kHalf: dispatch_head_dim<__half>(op, p, stream); break;
     case at::kBFloat16: dispatch_head_dim<__nv_bfloat16>(op, p, stream); break;
-    default: launch_f32(op, p, stream); break;  // float32 (dtypes are checked by check_attn_inputs)
+    default: flash::launch_fwd_f32(op, p, stream); break;  // float32 (dtypes are checked by check_attn_inputs)
   }
 }
 
