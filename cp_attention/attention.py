@@ -28,9 +28,20 @@ def _triton_runs_on(device_type: str) -> bool:
     return triton_kernels.available_on(device_type)
 
 
+# Host time matters here: a ring step on a GPU can take less than the Python around its launch, so what
+# does not change within a process is looked up once. Kernels register when the library loads and stay.
+_KERNEL_FOUND: dict[tuple[str, str], bool] = {}
+_BACKENDS_FOUND: dict[tuple[str, bool], tuple[str, ...]] = {}
+
+
 def _has_kernel(op: torch._ops.OpOverload, device: torch.device) -> bool:
     key = {"cpu": "CPU", "cuda": "CUDA"}.get(device.type)
-    return key is not None and torch._C._dispatch_has_kernel_for_dispatch_key(op.name(), key)
+    if key is None:
+        return False
+    found = _KERNEL_FOUND.get((op.name(), key))
+    if found is None:
+        found = _KERNEL_FOUND[(op.name(), key)] = torch._C._dispatch_has_kernel_for_dispatch_key(op.name(), key)
+    return found
 
 
 def available_backends(device: torch.device | str = "cpu") -> list[str]:
@@ -41,6 +52,14 @@ def available_backends(device: torch.device | str = "cpu") -> list[str]:
     interpreter is far too slow for real work: it is there so the test suites can run the Triton kernels).
     """
     device = torch.device(device)
+    # The interpreter setting is part of the key: Triton reads it when its kernels are first imported.
+    key = (device.type, triton_kernels.interpret_requested())
+    if key not in _BACKENDS_FOUND:
+        _BACKENDS_FOUND[key] = tuple(_find_backends(device))
+    return list(_BACKENDS_FOUND[key])
+
+
+def _find_backends(device: torch.device) -> list[str]:
     names = []
     own = _OWN_BACKENDS.get(device.type)
     has_own = own is not None and _has_kernel(ops.ALL_OPS[0], device)

@@ -197,6 +197,8 @@ def test_available_backends_cpu():
     triton = ["triton"] if triton_kernels.available_on("cpu") else []
     assert names == ["cpu", "aten", "aten_cpu_flash", *triton], names
     assert cp_attention.available_backends(torch.device("cpu")) == names
+    names.append("mutated by the caller")  # the answer is looked up once; callers get copies
+    assert cp_attention.available_backends("cpu") == names[:-1]
 
 
 def test_auto_backend_is_first_available(target):
