@@ -38,9 +38,10 @@ def _has_kernel(op: torch._ops.OpOverload, device: torch.device) -> bool:
     key = {"cpu": "CPU", "cuda": "CUDA"}.get(device.type)
     if key is None:
         return False
-    found = _KERNEL_FOUND.get((op.name(), key))
+    name = op.name()
+    found = _KERNEL_FOUND.get((name, key))
     if found is None:
-        found = _KERNEL_FOUND[(op.name(), key)] = torch._C._dispatch_has_kernel_for_dispatch_key(op.name(), key)
+        found = _KERNEL_FOUND[(name, key)] = torch._C._dispatch_has_kernel_for_dispatch_key(name, key)
     return found
 
 
