@@ -12,7 +12,7 @@ from .aten_backend import ATEN_KERNELS, aten_attention
 
 # Our own kernels, by the device type they run on.
 _OWN_BACKENDS = {"cpu": "cpu", "cuda": "cuda"}
-# Own kernels that "auto" does not pick first: on an H200 our CUDA kernel passes the GPU tests but runs at
+# Own kernels that "auto" does not pick first: on an H200 our CUDA kernel passed the GPU tests that ran, at
 # 0.4x torch's cuDNN kernel (bf16, D 128, S >= 4k; benchmarks/results/flash_fwd-nvidia-h200-*.json), so
 # torch's kernels stay the default on GPUs.
 _NOT_AUTO = {"cuda"}
