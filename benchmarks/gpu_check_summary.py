@@ -96,6 +96,15 @@ def main() -> None:
         names = [n for n in backends + [f"{b}_acc" for b in backends] + bases if any(n in r for r in rows)]
         print_table(rows, [("dtype", "dtype", ""), ("B", "B", "d"), ("D", "D", "d"), ("S", "S", "d")]
                     + [(n, n, ".1f") for n in names])
+        tuned = flash.get("triton_tuned_configs", {})
+        if tuned:
+            print("\nTriton autotuning: per key, the chosen tile and the fastest pointer / TMA trial (ms)")
+        for key, entry in tuned.items():
+            trials = entry.get("trials_ms", {}) if isinstance(entry, dict) else {}
+            best = {kind: min((t for c, t in trials.items() if ("TMA: True" in c) == is_tma), default=None)
+                    for kind, is_tma in (("pointer", False), ("TMA", True))}
+            chosen = entry["chosen"] if isinstance(entry, dict) else entry
+            print(f"  {key}: {chosen} | " + ", ".join(f"{k} {v}" for k, v in best.items()))
         for dtype, entry in flash.get("summary", {}).items():
             for name, met in entry.get("targets", {}).items():
                 result["targets"][f"{dtype} {name}"] = met

@@ -253,6 +253,95 @@ def test_acc_rejects_bad_state(dev):
 
 
 # ---------------------------------------------------------------------------------------------------------
+# The TMA variant (loads and stores through tensor descriptors), called through the launcher with tma=True:
+# the autotuner only offers it on sm_90+ GPUs, and small problems never reach the autotuner.
+def _tma_dev(dev):
+    if dev == "cuda" and torch.cuda.get_device_capability()[0] < 9:
+        pytest.skip("TMA needs an sm_90+ GPU")
+    from cp_attention.triton_kernels import flash_fwd
+    return flash_fwd
+
+
+@pytest.fixture
+def poisoned_empty(monkeypatch):
+    """torch.empty returns NaN-filled floating tensors, so outputs the kernel fails to write show."""
+    empty = torch.empty
+
+    def poisoned(*args, **kwargs):
+        t = empty(*args, **kwargs)
+        return t.fill_(float("nan")) if t.is_floating_point() else t
+    monkeypatch.setattr(torch, "empty", poisoned)
+
+
+# (B, Sq, Sk, H, Hkv, D, causal, masked): ragged query and key blocks, D below 16, between powers of two and
+# 256, GQA, Sq > Sk with causal rows that see nothing, an all-masked batch.
+TMA_CASES = [(2, 37, 53, 4, 2, 64, False, True), (1, 40, 33, 2, 1, 72, True, False),
+             (2, 33, 33, 2, 2, 128, True, True), (1, 9, 25, 2, 1, 256, False, False),
+             (1, 20, 5, 2, 1, 8, True, False)]
+
+
+@pytest.mark.parametrize("B,Sq,Sk,H,Hkv,D,causal,masked", TMA_CASES,
+                         ids=[f"D{c[5]}-{c[1]}x{c[2]}{'-causal' if c[6] else ''}{'-mask' if c[7] else ''}"
+                              for c in TMA_CASES])
+@pytest.mark.parametrize("dtype", [F16, BF16], ids=str)
+@pytest.mark.parametrize("dev", DEVICES)
+def test_tma_variant(dev, dtype, B, Sq, Sk, H, Hkv, D, causal, masked, poisoned_empty):
+    if dev == "cpu" and dtype == BF16 and D != 64:
+        pytest.skip("the interpreter samples bfloat16 once (its dots run in float32)")
+    kernels = _tma_dev(dev)
+    q, k, v, gen = _inputs(B, Sq, Sk, H, Hkv, D, dtype, dev, seed=D + Sq)
+    kv_mask = make_kv_mask(B, Sk, gen, dev) if masked else None
+    out, lse = kernels.flash_fwd(q, k, v, None, causal, kv_mask, tma=True)
+    check_attention(out, lse, q, k, v, causal=causal, kv_mask=kv_mask)
+
+
+@pytest.mark.parametrize("masked", [False, True], ids=["nomask", "mask"])
+@pytest.mark.parametrize("dev", DEVICES)
+def test_tma_acc_chunks_equal_whole(dev, masked):
+    # The fused op's TMA path (out through pointers, K/V chunks through descriptors), chunk by chunk into a
+    # NaN-poisoned float32 state, one chunk empty (it takes the pointer path: no descriptor of an empty K).
+    kernels = _tma_dev(dev)
+    B, Sq, Sk, H, Hkv, D = 2, 37, 61, 4, 2, 40
+    q, k, v, gen = _inputs(B, Sq, Sk, H, Hkv, D, F16, dev, seed=31 + masked)
+    kv_mask = make_kv_mask(B, Sk, gen, dev) if masked else None
+    out, lse = _poisoned_state(q, F32)
+    bounds = _bounds(Sk, gen)
+    for s, e in zip(bounds, bounds[1:]):
+        chunk_mask = None if kv_mask is None else kv_mask[:, s:e]
+        kernels.flash_fwd(q, k[:, s:e], v[:, s:e], None, False, chunk_mask, out=out, lse=lse,
+                          tma=e > s or None)
+    check_attention(out.to(F16), lse, q, k, v, kv_mask=kv_mask)
+
+
+@pytest.mark.parametrize("kind", ["head_slice", "seq_step", "bhsd"])
+@pytest.mark.parametrize("dev", DEVICES)
+def test_tma_strided_views(dev, kind, poisoned_empty):
+    # Views whose strides the copy engine can address (multiples of 16 bytes, aligned bases).
+    kernels = _tma_dev(dev)
+    gen = torch.Generator().manual_seed(33)
+    q, k, v = _views(kind, 2, 21, 34, 6, 2, 48, F16, dev, gen)
+    out, lse = kernels.flash_fwd(q, k, v, None, True, None, tma=True)
+    check_attention(out, lse, q, k, v, causal=True)
+
+
+@pytest.mark.parametrize("dev", DEVICES)
+def test_tma_refuses_what_it_cannot_address(dev):
+    # Unaligned bases, broadcast (stride 0) views, 2-byte head strides and float32 take the pointer path
+    # when the launcher chooses, and raise when TMA is demanded.
+    kernels = _tma_dev(dev)
+    gen = torch.Generator().manual_seed(34)
+    unfit = {"dim_slice": _views("dim_slice", 1, 9, 12, 2, 1, 48, F16, dev, gen),
+             "broadcast": _views("broadcast", 2, 9, 12, 2, 1, 48, F16, dev, gen),
+             "D=1": _inputs(1, 9, 12, 2, 1, 1, F16, dev, seed=34)[:3],
+             "float32": _inputs(1, 9, 12, 2, 1, 64, F32, dev, seed=34)[:3]}
+    for q, k, v in unfit.values():
+        with pytest.raises(ValueError, match="TMA variant needs"):
+            kernels.flash_fwd(q, k, v, None, False, None, tma=True)
+        out, lse = kernels.flash_fwd(q, k, v, None, False, None)
+        check_attention(out, lse, q, k, v)
+
+
+# ---------------------------------------------------------------------------------------------------------
 # Wiring and torch.compile.
 def test_available_backends():
     cpu = cp_attention.available_backends("cpu")
@@ -260,6 +349,28 @@ def test_available_backends():
     assert cpu[0] == "cpu", "the Triton backend must not change what 'auto' picks"
     cuda = cp_attention.available_backends("cuda")
     assert ("triton" in cuda) == HAS_TRITON and cuda[0] != "triton", cuda
+
+
+@pytest.mark.skipif(not HAS_TRITON, reason=NO_TRITON)
+def test_tuned_configs_keep_every_tuning(monkeypatch):
+    # The autotuner keeps only its latest trials; the launcher's record keeps each key's, for the reports.
+    from types import SimpleNamespace
+
+    import triton
+
+    from cp_attention.triton_kernels import flash_fwd
+    monkeypatch.setattr(flash_fwd, "_TUNERS", {})
+    monkeypatch.setattr(flash_fwd, "_TRIALS", {})
+    a, b = triton.Config({"BLOCK_M": 128, "TMA": True}), triton.Config({"BLOCK_M": 64, "TMA": False})
+    tuner = SimpleNamespace(cache={("k1",): a}, configs_timings={a: [0.5, 0.4, 0.6], b: [0.7, 0.6, 0.8]})
+    flash_fwd._TUNERS[(9, 0)] = tuner
+    flash_fwd._record_trials((9, 0), tuner)
+    tuner.cache[("k2",)] = b
+    tuner.configs_timings = {b: [0.25, 0.2, 0.3]}
+    flash_fwd._record_trials((9, 0), tuner)
+    got = flash_fwd.tuned_configs()
+    assert got["sm_90 ('k1',)"] == {"chosen": str(a), "trials_ms": {str(a): 0.5, str(b): 0.7}}
+    assert got["sm_90 ('k2',)"] == {"chosen": str(b), "trials_ms": {str(b): 0.25}}
 
 
 @pytest.mark.skipif(INTERPRETING, reason="checks the CPU without the interpreter")
@@ -312,6 +423,27 @@ def test_kernels_compile_for_gpu(arch):
         assert "STACK:0" in aot.resource_usage(kernel), (dtype, head_dim, config, aot.resource_usage(kernel))
     merge = aot.compile_merge(arch, "bf16", 128, 32)
     assert "STACK:0" in aot.resource_usage(merge)
+
+
+@pytest.mark.skipif(not HAS_TRITON or INTERPRETING, reason="needs triton's compiler (not the interpreter)")
+def test_tma_tiles_compile_to_tma_for_sm90():
+    # The first two TMA tiles of the Hopper list at D 128, plain and accumulating (with causal and a mask):
+    # they fit shared memory and load through the copy engine (cp.async.bulk.tensor), not through per-thread
+    # cp.async; the first spills nothing (the 128 x 128 one spills 8 bytes when accumulating).
+    from cp_attention.triton_kernels import aot, configs
+
+    tiles = [c for c in configs.fwd_candidates((9, 0), False, 128) if c.tma]
+    assert len(tiles) >= 2
+    for i, config in enumerate(tiles[:2]):
+        for accumulate in (False, True):
+            kernel = aot.compile_fwd(90, "bf16", 128, config, causal=True, has_mask=accumulate,
+                                     accumulate=accumulate)
+            ptx = kernel.asm["ptx"]
+            assert kernel.metadata.shared <= 232448, (config, kernel.metadata.shared)
+            assert "cp.async.bulk.tensor" in ptx and "cp.async.cg" not in ptx, config
+            if i == 0:
+                assert "STACK:0" in aot.resource_usage(kernel), (config, accumulate,
+                                                                 aot.resource_usage(kernel))
 
 
 # ---------------------------------------------------------------------------------------------------------

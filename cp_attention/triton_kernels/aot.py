@@ -24,8 +24,9 @@ from . import configs as cfg
 from .flash_fwd import NOT_SPECIALIZED, _flash_fwd_kernel
 from .merge import _merge_kernel
 
-_CONSTEXPRS = ("BLOCK_D", "EVEN_D", "CAUSAL", "HAS_MASK", "ACCUMULATE", "DOT_PRECISION", "UPCAST", "BLOCK_M",
-               "BLOCK_N")
+_CONSTEXPRS = ("BLOCK_D", "EVEN_D", "CAUSAL", "HAS_MASK", "ACCUMULATE", "DOT_PRECISION", "UPCAST", "TMA_OK",
+               "BLOCK_M", "BLOCK_N", "TMA")
+_DESCS = {"DESC_Q": "block_m", "DESC_K": "block_n", "DESC_V": "block_n", "DESC_O": "block_m"}
 # Strides that are 1 in a typical launch (contiguous rows): triton turns them into constants.
 _ONES = ("stride_qd", "stride_kd", "stride_vd", "stride_od")
 
@@ -34,11 +35,19 @@ def compile_fwd(arch: int, dtype: str, block_d: int, config: cfg.FwdConfig, *, c
                 has_mask: bool = False, accumulate: bool = False, even_d: bool = True,
                 ones: tuple[str, ...] = _ONES):
     """Compiles _flash_fwd_kernel for `arch` (e.g. 80, 90); dtype "fp16", "bf16" or "fp32". With accumulate
-    the running out is float32. Returns triton's compiled kernel (asm, metadata)."""
+    the running out is float32. A TMA config gets tensor descriptors (out's only without accumulate), any
+    other None for them. Returns triton's compiled kernel (asm, metadata)."""
     names = _flash_fwd_kernel.arg_names
     sig, consts = {}, {}
     for n in names:
-        if n in ("Q", "K", "V"):
+        if n in _DESCS:
+            rows = getattr(config, _DESCS[n])
+            if config.tma and not (n == "DESC_O" and accumulate):
+                sig[n] = f"tensordesc<{dtype}[1,{rows},1,{block_d}]>"
+            else:
+                sig[n] = "constexpr"
+                consts[n] = None
+        elif n in ("Q", "K", "V"):
             sig[n] = "*" + dtype
         elif n == "OUT":
             sig[n] = "*fp32" if accumulate else "*" + dtype
@@ -54,8 +63,8 @@ def compile_fwd(arch: int, dtype: str, block_d: int, config: cfg.FwdConfig, *, c
             sig[n] = "i32"
     consts.update({n: 1 for n in ones})
     consts.update(BLOCK_D=block_d, EVEN_D=even_d, CAUSAL=causal, HAS_MASK=has_mask, ACCUMULATE=accumulate,
-                  DOT_PRECISION="ieee" if dtype == "fp32" else "tf32", UPCAST=False,
-                  BLOCK_M=config.block_m, BLOCK_N=config.block_n)
+                  DOT_PRECISION="ieee" if dtype == "fp32" else "tf32", UPCAST=False, TMA_OK=config.tma,
+                  BLOCK_M=config.block_m, BLOCK_N=config.block_n, TMA=config.tma)
     # Arguments the kernel does not specialize (do_not_specialize) get no alignment hint.
     div16 = [n for n in names if (sig[n].startswith("*") or sig[n] == "i32") and n not in NOT_SPECIALIZED]
     attrs = {(names.index(n),): [["tt.divisibility", 16]] for n in div16}

@@ -2,8 +2,8 @@
 
 The forward kernel's tile is (BLOCK_M query rows) x (BLOCK_N keys) x (BLOCK_D = head dim padded to a power
 of two). Candidates are chosen per (dtype class, BLOCK_D) and autotuned once per key (BLOCK_D, causal,
-tensor dtypes): few candidates, so the first call of a shape class stays cheap. Problems with fewer than
-AUTOTUNE_MIN_WORK (query, key) pairs run the first candidate untuned.
+mask, accumulation, TMA possible, tensor dtypes): few candidates, so the first call of a shape class stays
+cheap. Problems with fewer than AUTOTUNE_MIN_WORK (query, key) pairs run the first pointer tile untuned.
 
 Why these tiles:
 - BLOCK_M 128 is what wgmma (sm_90) and mma.sync (sm_80) keep busy with 4-8 warps, and it halves the K/V
@@ -15,9 +15,11 @@ Why these tiles:
   Hopper has 228 KB of shared memory per SM, A100 164 KB, consumer Ampere/Ada about 100 KB.
 - float32 inputs use IEEE-exact dots (tf32 would miss the float32 tolerance), which run on the CUDA cores,
   not the tensor cores: small tiles, since every operand lives in registers.
-Every list ends with a small tile that fits any chip of its generation, so a config that runs out of
-shared memory (skipped by the autotuner) never leaves the list empty. None of this has been timed on a GPU
-yet: the lists are what compiles well, and the autotuner picks among them.
+- TMA tiles (Hopper and newer): the copy engine moves Q, K and V into shared memory and bounds-checks them
+  itself, which frees the registers and instructions of pointer arithmetic and masks.
+The pointer tiles of every list end with a small tile that fits any chip of its generation, so a config
+that runs out of shared memory (skipped by the autotuner) never leaves the list empty. The lists are what
+compiles well; the autotuner picks among them on the GPU at hand.
 """
 
 from __future__ import annotations
@@ -30,19 +32,28 @@ class FwdConfig(NamedTuple):
     block_n: int
     num_warps: int
     num_stages: int
+    tma: bool = False  # Q/K/V tiles (and out) move through TMA descriptors (sm_90+), else through pointers
 
 
 # (dtype class, BLOCK_D) -> candidates; BLOCK_D 16, 32 and 64 share the "small D" entry. Each list was
 # compiled ahead of time for its architecture (cp_attention/triton_kernels/aot.py, Triton 3.8) and keeps
 # tiles that fit shared memory and spill no or few registers; the first of each list spilled nothing.
+# Hopper's half-precision lists end with TMA tiles (the launcher drops them where the tensors do not allow
+# TMA); compiled for sm_90 they load through cp.async.bulk.tensor and, without accumulation, use fewer
+# registers than the pointer tiles (D 128, 128 x 64: 176 vs 222). Accumulating (with a mask) spills 8 B at
+# D 128 x 128 keys and 304 B at D 256 x 128 rows; the autotuner weighs that.
+_T = True
 _HOPPER = {
     ("half", 64): [FwdConfig(128, 64, 4, 3), FwdConfig(128, 128, 8, 3), FwdConfig(128, 64, 4, 4),
-                   FwdConfig(64, 64, 4, 3)],
+                   FwdConfig(64, 64, 4, 3), FwdConfig(128, 64, 4, 3, _T), FwdConfig(128, 128, 8, 3, _T)],
     # 4 warps cannot hold a 128 x 128 float32 accumulator plus the scores without spilling: 8 warps.
+    # 128 x 128 x 3 stages with TMA takes 229,440 B of shared memory, just under Hopper's 232,448 B.
     ("half", 128): [FwdConfig(128, 64, 8, 3), FwdConfig(128, 128, 8, 3), FwdConfig(128, 64, 8, 4),
-                    FwdConfig(128, 128, 8, 2), FwdConfig(64, 64, 4, 3)],
+                    FwdConfig(128, 128, 8, 2), FwdConfig(64, 64, 4, 3), FwdConfig(128, 64, 8, 3, _T),
+                    FwdConfig(128, 128, 8, 2, _T), FwdConfig(128, 64, 8, 4, _T),
+                    FwdConfig(128, 128, 8, 3, _T)],
     ("half", 256): [FwdConfig(128, 32, 8, 3), FwdConfig(128, 64, 8, 2), FwdConfig(64, 64, 8, 2),
-                    FwdConfig(64, 32, 8, 2)],
+                    FwdConfig(64, 32, 8, 2), FwdConfig(64, 64, 8, 2, _T), FwdConfig(128, 64, 8, 2, _T)],
     ("fp32", 64): [FwdConfig(64, 32, 8, 2), FwdConfig(32, 32, 8, 2), FwdConfig(32, 32, 4, 2)],
     ("fp32", 128): [FwdConfig(32, 16, 4, 2), FwdConfig(64, 16, 8, 2), FwdConfig(32, 16, 8, 2),
                     FwdConfig(16, 16, 4, 1)],
@@ -69,7 +80,7 @@ AUTOTUNE_MIN_WORK = 1 << 20
 
 # The interpreter runs one program at a time in numpy: one config, no tuning. Small, unequal tiles make the
 # small test shapes span several query and key blocks (full, causal-diagonal and ragged ones) and keep the
-# causal block arithmetic honest (BLOCK_M != BLOCK_N).
+# causal block arithmetic honest (BLOCK_M != BLOCK_N). The launcher switches its tma field on request.
 INTERPRETER_FWD = FwdConfig(32, 16, 4, 1)
 
 # Rows of the merge kernel per program, by BLOCK_D: about 4K elements per program keeps enough bytes in
