@@ -1,7 +1,7 @@
 // Device code of the CUDA flash-attention forward (host side: flash_attn_fwd.cu; launches: flash_fwd_launch.h).
 //
 // Tensor-core kernel (float16 / bfloat16), FlashAttention-2 style. One CTA owns kBlockM query rows of one
-// (batch, head); each of its kBlockM / 16 warps owns 16 of those rows, so the whole softmax of a row lives
+// (batch, head); each warp owns kMTiles 16-row m-tiles of those rows, so the whole softmax of a row lives
 // in the four lanes of one quad and needs no shared memory. Per key block of kBlockN keys:
 //   S = Q K^T   mma.sync m16n8k16 (fp32 accumulate), Q and K fragments by ldmatrix from shared memory
 //   online softmax in registers, exp2 with log2(e) folded into the scale
@@ -18,7 +18,8 @@
 // ldmatrix.x4 hands lanes 8i..8i+7 the row addresses of matrix i and returns matrix i in register i, lane l
 // holding row l/4, elements 2(l%4), 2(l%4)+1 (with .trans: column l/4, rows 2(l%4), 2(l%4)+1).
 //
-// The float32 kernel (flash_fwd_f32.cu) is a plain SIMT fallback that shares the epilogue helpers here.
+// The float32 kernel (flash_fwd_f32_kernel.cuh) is a plain SIMT fallback that shares the epilogue helpers
+// here.
 #pragma once
 
 #include <cuda_bf16.h>
@@ -62,7 +63,16 @@ struct FwdParams {
 };
 
 // ---------------------------------------------------------------------------------------------------------
-// PTX wrappers.
+// PTX wrappers. A CPU build that emulates the kernels lane by lane (tests/cuda_emulation/) replaces them
+// with stand-ins of the same names and semantics.
+#ifdef CP_ATTENTION_LANE_EMULATION
+}  // namespace flash
+}  // namespace cp_attention
+#include "lane_emulation.h"
+namespace cp_attention {
+namespace flash {
+using namespace cp_attention::lane_emulation;
+#else
 
 __device__ __forceinline__ uint32_t smem_u32(const void* p) {
   return static_cast<uint32_t>(__cvta_generic_to_shared(p));
@@ -119,6 +129,8 @@ __device__ __forceinline__ float fast_exp2(float x) {
   asm("ex2.approx.ftz.f32 %0, %1;\n" : "=f"(y) : "f"(x));
   return y;
 }
+
+#endif  // CP_ATTENTION_LANE_EMULATION
 
 // ---------------------------------------------------------------------------------------------------------
 // Epilogue: how a row's new result (lse_new, out_new) combines with what is in (out, lse). Shared by both
@@ -209,6 +221,35 @@ __device__ __forceinline__ void write_two(TO* row, int64_t sd, bool pair_ok, int
   }
 }
 
+// A row's end of the key loop, common to both kernels: l is the row's full sum of 2^(s - m), m its running
+// max (log2 units). Plans how its result meets (out, lse) and writes the new lse. One leader lane per row
+// (leader, at lane leader_lane) reads the old lse when accumulating and shares it with the row's other
+// lanes (a full-warp shuffle: every lane of the warp must call this together); the leader alone writes the
+// lse. write: the caller must write the row's out with plan and inv (1 / l, 0 for an empty row).
+struct RowEnd {
+  RowPlan plan;
+  float inv;
+  bool write;
+};
+
+__device__ __forceinline__ RowEnd finish_row(const FwdParams& p, int b, int h, int64_t i, float l, float m,
+                                             bool leader, int leader_lane) {
+  const bool valid = i < p.Sq;
+  // l > 0 iff the row saw a visible key (its maximum contributes 2^0 = 1).
+  const float lse_new = l > 0.f ? m * kLn2 + logf(l) : kNegInf;
+  float* lse_ptr = p.lse + b * p.l_sb + h * p.l_sh + i * p.l_ss;
+  float lse_old = kNegInf;
+  if (p.accumulate) {
+    float x = kNegInf;
+    if (valid && leader) x = *lse_ptr;
+    lse_old = __shfl_sync(0xffffffffu, x, leader_lane);
+  }
+  RowEnd e{plan_row(p.accumulate, lse_new, lse_old), l > 0.f ? 1.f / l : 0.f, false};
+  e.write = valid && e.plan.mode != kRowKeep;
+  if (e.write && leader) *lse_ptr = e.plan.lse;
+  return e;
+}
+
 // The work of this CTA: query block mb of (batch b, head h), reading kv head hk. Query blocks of one head
 // are adjacent, so CTAs running together share K/V in L2; under causal masking the heaviest (last) query
 // blocks go first.
@@ -241,10 +282,12 @@ __device__ __forceinline__ int row_key_limit(const FwdParams& p, int64_t i) {
 // ---------------------------------------------------------------------------------------------------------
 // Tensor-core kernel.
 
-template <int kD_, int kBlockM_, int kBlockN_>
+template <int kD_, int kBlockM_, int kBlockN_, int kMTiles_>
 struct TcConfig {
   static constexpr int kD = kD_, kBlockM = kBlockM_, kBlockN = kBlockN_;
-  static constexpr int kWarps = kBlockM / 16;
+  static constexpr int kMTiles = kMTiles_;        // 16-row m-tiles per warp
+  static constexpr int kWarpRows = 16 * kMTiles;  // query rows per warp
+  static constexpr int kWarps = kBlockM / kWarpRows;
   static constexpr int kThreads = kWarps * 32;
   static constexpr int kStride = kD + 8;  // shared row stride in elements: 16 bytes of padding
   static constexpr int kQElems = kBlockM * kStride;
@@ -252,13 +295,31 @@ struct TcConfig {
   // Q, then K stage 0 and 1, then V stage 0 and 1.
   static constexpr int kSmemBytes = (kQElems + 4 * kKVElems) * 2;
   static constexpr int kKSteps = kD / 16;     // k-steps of Q K^T
-  static constexpr int kNTiles = kBlockN / 8;  // 8-column tiles of S per warp
-  static constexpr int kDTiles = kD / 8;       // 8-column tiles of O per warp
-  // Q fragments stay in registers for the whole key loop up to D = 128 (kD / 4 registers); at 256 they
-  // would crowd out the 128 registers of O, so they are re-read from shared memory per block instead.
-  static constexpr bool kQInRegs = kD <= 128;
-  static_assert(kD % 32 == 0 && kBlockM % 16 == 0 && kBlockN % 16 == 0, "tile shapes");
+  static constexpr int kNTiles = kBlockN / 8;  // 8-column tiles of S per m-tile
+  static constexpr int kDTiles = kD / 8;       // 8-column tiles of O per m-tile
+  // Q fragments stay in registers for the whole key loop while they take at most 32 registers (kD / 4 per
+  // m-tile); beyond that they would crowd out O's kD / 2 registers per m-tile, so they are re-read from
+  // shared memory per block instead.
+  static constexpr bool kQInRegs = kD * kMTiles <= 128;
+  static_assert(kD % 32 == 0 && kBlockM % kWarpRows == 0 && kBlockN % 16 == 0, "tile shapes");
   static_assert(kNTiles <= 16, "the per-thread kv_mask bits must fit in 32 bits");
+};
+
+// Tile shapes per head dim. D in {32, 64, 128}: 128-row blocks of 4 warps, each warp two 16-row m-tiles
+// (32 rows). Every K and V fragment a warp loads from shared memory then feeds two mma.sync instead of
+// one, which halves the shared-memory reads per tensor-core operation (with one m-tile per warp, ldmatrix
+// traffic rather than the tensor cores bounds the loop). Key blocks: 64 keys, but 32 at D = 128, where 64
+// needs more than 255 registers (ptxas spills 32-52 B per thread on sm_90a/sm_80; with 32 keys: 245
+// registers, no spill). Two CTAs (8 warps) share an SM. D = 96 spills with two m-tiles, so it keeps one
+// per warp (8 warps of 16 rows, 64-key blocks), as does D = 256 (64-row blocks of 4 warps, 32-key
+// blocks), where O alone takes 128 registers per m-tile.
+template <int kD>
+struct TcTiles {
+  static constexpr int kMTiles = (kD == 96 || kD == 256) ? 1 : 2;
+  static constexpr int kBlockM = kD <= 128 ? 128 : 64;
+  static constexpr int kBlockN = kD >= 128 ? 32 : 64;
+  static constexpr int kMinBlocks = (kMTiles == 2 || kD <= 64) ? 2 : 1;
+  using Cfg = TcConfig<kD, kBlockM, kBlockN, kMTiles>;
 };
 
 // Loads a kRows x kD tile (rows [0, rows) of g, columns [0, D), the rest zero) into shared memory with row
@@ -271,6 +332,23 @@ __device__ __forceinline__ void load_tile(uint16_t* s, const uint16_t* g, int64_
   if (vec) {
     // vec implies D % 8 == 0, so a chunk is wholly inside or outside the row. Out-of-range chunks copy 0
     // bytes from a valid address (the tile's first row) and zero-fill.
+    if constexpr (kThreads % kChunksPerRow == 0) {
+      // Every chunk of this thread sits in the same column, kThreads / kChunksPerRow rows further each time:
+      // one running pointer instead of a 64-bit address per chunk, which the compiler would otherwise keep
+      // live across the whole key loop.
+      const int r0 = tid / kChunksPerRow, d0 = (tid % kChunksPerRow) * 8;
+      constexpr int kRowStep = kThreads / kChunksPerRow;
+      const uint16_t* src = g + r0 * row_stride + d0;
+      const bool col_in = d0 < D;
+#pragma unroll
+      for (int i = 0; i < kChunks / kThreads; ++i) {
+        const int r = r0 + i * kRowStep;
+        const bool in = col_in && r < rows;
+        cp_async_16(smem_u32(s + r * kStride + d0), in ? src : g, in ? 16 : 0);
+        src += kRowStep * row_stride;
+      }
+      return;
+    }
 #pragma unroll
     for (int i = 0; i < kChunks / kThreads; ++i) {
       const int c = tid + i * kThreads;
@@ -308,6 +386,7 @@ template <typename T, typename Cfg, int kMinBlocks>
 __global__ void __launch_bounds__(Cfg::kThreads, kMinBlocks) flash_fwd_tc_kernel(const FwdParams p) {
   constexpr int kD = Cfg::kD, kBlockM = Cfg::kBlockM, kBlockN = Cfg::kBlockN, kThreads = Cfg::kThreads;
   constexpr int kStride = Cfg::kStride, kKSteps = Cfg::kKSteps, kNTiles = Cfg::kNTiles, kDTiles = Cfg::kDTiles;
+  constexpr int kMT = Cfg::kMTiles;
   constexpr bool kQInRegs = Cfg::kQInRegs;
 
   extern __shared__ __align__(16) unsigned char smem_raw[];
@@ -330,28 +409,36 @@ __global__ void __launch_bounds__(Cfg::kThreads, kMinBlocks) flash_fwd_tc_kernel
   const uint16_t* vg = static_cast<const uint16_t*>(p.v) + b * p.v_sb + hk * p.v_sh;
   const uint8_t* mrow = p.mask != nullptr ? p.mask + b * p.m_sb : nullptr;
 
-  // This thread's two rows: warp * 16 + g and + 8 of the block.
-  const int64_t row0 = static_cast<int64_t>(m0) + warp * 16 + g;
-  int lim[2] = {row_key_limit(p, row0), row_key_limit(p, row0 + 8)};
+  // This thread's rows: (m-tile mt, half r) is block row warp * kWarpRows + 16 mt + g + 8 r.
+  const int64_t row0 = static_cast<int64_t>(m0) + warp * Cfg::kWarpRows + g;
   // The block's first row sees the fewest keys: key blocks past its limit (or past Sk) need masking.
   const int block_lim = row_key_limit(p, m0);
 
-  float o[kDTiles][4];
+  float o[kMT][kDTiles][4];
 #pragma unroll
-  for (int i = 0; i < kDTiles; ++i) o[i][0] = o[i][1] = o[i][2] = o[i][3] = 0.f;
-  float row_m[2] = {kNegInf, kNegInf};  // running max of the scaled scores (log2 units)
-  float row_l[2] = {0.f, 0.f};          // this lane's part of the running sum (summed over the quad at the end)
+  for (int mt = 0; mt < kMT; ++mt) {
+#pragma unroll
+    for (int i = 0; i < kDTiles; ++i) o[mt][i][0] = o[mt][i][1] = o[mt][i][2] = o[mt][i][3] = 0.f;
+  }
+  float row_m[kMT][2];  // running max of the scaled scores (log2 units)
+  float row_l[kMT][2];  // this lane's part of the running sum (summed over the quad at the end)
+#pragma unroll
+  for (int mt = 0; mt < kMT; ++mt) {
+    row_m[mt][0] = row_m[mt][1] = kNegInf;
+    row_l[mt][0] = row_l[mt][1] = 0.f;
+  }
 
   // Per-lane ldmatrix offsets (elements). Q/A operand: matrices (rows 0-7 | 8-15) x (cols 0-7 | 8-15) in
-  // the order a0..a3. K/B operand of two n-tiles: (keys 0-7, d 0-7), (keys 0-7, d 8-15), (keys 8-15, d 0-7),
-  // (keys 8-15, d 8-15) = b0, b1 of n-tile 0, then of n-tile 1. V (.trans) likewise with keys as the k axis:
-  // (keys 0-7, d 0-7), (keys 8-15, d 0-7), (keys 0-7, d 8-15), (keys 8-15, d 8-15).
-  const int q_off = (warp * 16 + (lane & 7) + ((lane >> 3) & 1) * 8) * kStride + (lane >> 4) * 8;
+  // the order a0..a3 (m-tile mt 16 rows further). K/B operand of two n-tiles: (keys 0-7, d 0-7), (keys 0-7,
+  // d 8-15), (keys 8-15, d 0-7), (keys 8-15, d 8-15) = b0, b1 of n-tile 0, then of n-tile 1. V (.trans)
+  // likewise with keys as the k axis: (keys 0-7, d 0-7), (keys 8-15, d 0-7), (keys 0-7, d 8-15), (keys 8-15,
+  // d 8-15).
+  const int q_off = (warp * Cfg::kWarpRows + (lane & 7) + ((lane >> 3) & 1) * 8) * kStride + (lane >> 4) * 8;
   const int k_off = ((lane & 7) + (lane >> 4) * 8) * kStride + ((lane >> 3) & 1) * 8;
   const int v_off = ((lane & 7) + ((lane >> 3) & 1) * 8) * kStride + (lane >> 4) * 8;
   const uint32_t sQ_u = smem_u32(sQ), sK_u = smem_u32(sK), sV_u = smem_u32(sV);
 
-  uint32_t qf[kQInRegs ? kKSteps : 1][4];
+  uint32_t qf[kQInRegs ? kMT : 1][kQInRegs ? kKSteps : 1][4];
 
   if (n_blocks > 0) {
     load_tile<kBlockM, kD, kThreads>(sQ, qg, p.q_ss, min(kBlockM, p.Sq - m0), p.D, p.q_vec, tid);
@@ -363,7 +450,11 @@ __global__ void __launch_bounds__(Cfg::kThreads, kMinBlocks) flash_fwd_tc_kernel
       cp_async_wait<1>();  // Q has landed (K/V block 0 may still be in flight)
       __syncthreads();
 #pragma unroll
-      for (int ks = 0; ks < kKSteps; ++ks) ldmatrix_x4(qf[ks], sQ_u + (q_off + ks * 16) * 2);
+      for (int mt = 0; mt < kMT; ++mt) {
+#pragma unroll
+        for (int ks = 0; ks < kKSteps; ++ks)
+          ldmatrix_x4(qf[mt][ks], sQ_u + (q_off + mt * 16 * kStride + ks * 16) * 2);
+      }
     }
   }
 
@@ -402,95 +493,119 @@ __global__ void __launch_bounds__(Cfg::kThreads, kMinBlocks) flash_fwd_tc_kernel
     }
     const bool need_mask = mrow != nullptr || n0 + kBlockN - 1 > block_lim;
 
-    // S = Q K^T over this block: 16 x kBlockN per warp.
-    float s[kNTiles][4];
+    // S = Q K^T over this block: kWarpRows x kBlockN per warp. Each K fragment serves every m-tile.
+    float s[kMT][kNTiles][4];
 #pragma unroll
-    for (int i = 0; i < kNTiles; ++i) s[i][0] = s[i][1] = s[i][2] = s[i][3] = 0.f;
+    for (int mt = 0; mt < kMT; ++mt) {
+#pragma unroll
+      for (int i = 0; i < kNTiles; ++i) s[mt][i][0] = s[mt][i][1] = s[mt][i][2] = s[mt][i][3] = 0.f;
+    }
     const uint32_t sK_st = sK_u + st * Cfg::kKVElems * 2, sV_st = sV_u + st * Cfg::kKVElems * 2;
 #pragma unroll
     for (int ks = 0; ks < kKSteps; ++ks) {
-      uint32_t a[4];
-      if constexpr (kQInRegs) {
+      uint32_t a[kMT][4];
 #pragma unroll
-        for (int x = 0; x < 4; ++x) a[x] = qf[ks][x];
-      } else {
-        ldmatrix_x4(a, sQ_u + (q_off + ks * 16) * 2);
+      for (int mt = 0; mt < kMT; ++mt) {
+        if constexpr (kQInRegs) {
+#pragma unroll
+          for (int x = 0; x < 4; ++x) a[mt][x] = qf[mt][ks][x];
+        } else {
+          ldmatrix_x4(a[mt], sQ_u + (q_off + mt * 16 * kStride + ks * 16) * 2);
+        }
       }
 #pragma unroll
       for (int np = 0; np < kNTiles / 2; ++np) {
         uint32_t bk[4];
         ldmatrix_x4(bk, sK_st + (k_off + np * 16 * kStride + ks * 16) * 2);
-        mma_16816(s[2 * np], a, bk[0], bk[1], T{});
-        mma_16816(s[2 * np + 1], a, bk[2], bk[3], T{});
+#pragma unroll
+        for (int mt = 0; mt < kMT; ++mt) {
+          mma_16816(s[mt][2 * np], a[mt], bk[0], bk[1], T{});
+          mma_16816(s[mt][2 * np + 1], a[mt], bk[2], bk[3], T{});
+        }
       }
     }
 
     // Masking, in the key blocks that need it only (a block-uniform branch, not per-element predication).
     if (need_mask) {
 #pragma unroll
-      for (int r = 0; r < 2; ++r) {
+      for (int mt = 0; mt < kMT; ++mt) {
 #pragma unroll
-        for (int nt = 0; nt < kNTiles; ++nt) {
+        for (int r = 0; r < 2; ++r) {
+          // Recomputed per masked block rather than kept: registers are the scarce resource here.
+          const int lim = row_key_limit(p, row0 + 16 * mt + 8 * r);
 #pragma unroll
-          for (int e = 0; e < 2; ++e) {
-            const int j = n0 + nt * 8 + 2 * tq + e;
-            if (j > lim[r] || ((mbits >> (2 * nt + e)) & 1u) == 0) s[nt][2 * r + e] = kNegInf;
+          for (int nt = 0; nt < kNTiles; ++nt) {
+#pragma unroll
+            for (int e = 0; e < 2; ++e) {
+              const int j = n0 + nt * 8 + 2 * tq + e;
+              if (j > lim || ((mbits >> (2 * nt + e)) & 1u) == 0) s[mt][nt][2 * r + e] = kNegInf;
+            }
           }
         }
       }
     }
 
     // Online softmax on raw scores: scale_log2 > 0 (the host makes it so), hence max(s) * c = max(s * c) and
-    // p = 2^(s c - m) is one FFMA and one MUFU per score. Row r of this lane is block row warp * 16 + g + 8 r;
-    // its columns are s[nt][2 r + e].
+    // p = 2^(s c - m) is one FFMA and one MUFU per score. Row (mt, r) of this lane has the columns
+    // s[mt][nt][2 r + e].
     const float c = p.scale_log2;
 #pragma unroll
-    for (int r = 0; r < 2; ++r) {
-      float mx = kNegInf;
+    for (int mt = 0; mt < kMT; ++mt) {
 #pragma unroll
-      for (int nt = 0; nt < kNTiles; ++nt) mx = fmaxf(mx, fmaxf(s[nt][2 * r], s[nt][2 * r + 1]));
-      // The quad's four lanes hold the row's columns.
-      mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, 1));
-      mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, 2));
-      const float m_new = fmaxf(row_m[r], mx * c);
-      // A row that has seen no visible key yet keeps m = -inf; exponentiating against 0 then gives 0 for its
-      // (all -inf) scores instead of NaN from -inf - -inf.
-      const float m_use = m_new == kNegInf ? 0.f : m_new;
-      const float alpha = fast_exp2(row_m[r] - m_use);
-      row_m[r] = m_new;
-      float sum = 0.f;
+      for (int r = 0; r < 2; ++r) {
+        float mx = kNegInf;
 #pragma unroll
-      for (int nt = 0; nt < kNTiles; ++nt) {
+        for (int nt = 0; nt < kNTiles; ++nt) mx = fmaxf(mx, fmaxf(s[mt][nt][2 * r], s[mt][nt][2 * r + 1]));
+        // The quad's four lanes hold the row's columns.
+        mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, 1));
+        mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, 2));
+        const float m_new = fmaxf(row_m[mt][r], mx * c);
+        // A row that has seen no visible key yet keeps m = -inf; exponentiating against 0 then gives 0 for
+        // its (all -inf) scores instead of NaN from -inf - -inf.
+        const float m_use = m_new == kNegInf ? 0.f : m_new;
+        const float alpha = fast_exp2(row_m[mt][r] - m_use);
+        row_m[mt][r] = m_new;
+        float sum = 0.f;
 #pragma unroll
-        for (int e = 0; e < 2; ++e) {
-          const float pe = fast_exp2(fmaf(s[nt][2 * r + e], c, -m_use));
-          s[nt][2 * r + e] = pe;
-          sum += pe;
+        for (int nt = 0; nt < kNTiles; ++nt) {
+#pragma unroll
+          for (int e = 0; e < 2; ++e) {
+            const float pe = fast_exp2(fmaf(s[mt][nt][2 * r + e], c, -m_use));
+            s[mt][nt][2 * r + e] = pe;
+            sum += pe;
+          }
         }
-      }
-      row_l[r] = row_l[r] * alpha + sum;
+        row_l[mt][r] = row_l[mt][r] * alpha + sum;
 #pragma unroll
-      for (int dt = 0; dt < kDTiles; ++dt) {
-        o[dt][2 * r] *= alpha;
-        o[dt][2 * r + 1] *= alpha;
+        for (int dt = 0; dt < kDTiles; ++dt) {
+          o[mt][dt][2 * r] *= alpha;
+          o[mt][dt][2 * r + 1] *= alpha;
+        }
       }
     }
 
     // O += P V. The A fragment of keys [16 kk, 16 kk + 16) is S's n-tiles 2 kk and 2 kk + 1 as they lie in
-    // the accumulators (C layout row g / g + 8, cols 2t, 2t + 1 = A layout of a0..a3).
+    // the accumulators (C layout row g / g + 8, cols 2t, 2t + 1 = A layout of a0..a3). Each V fragment
+    // serves every m-tile.
 #pragma unroll
     for (int kk = 0; kk < kBlockN / 16; ++kk) {
-      uint32_t a[4];
-      a[0] = pack_rn<T>(s[2 * kk][0], s[2 * kk][1]);
-      a[1] = pack_rn<T>(s[2 * kk][2], s[2 * kk][3]);
-      a[2] = pack_rn<T>(s[2 * kk + 1][0], s[2 * kk + 1][1]);
-      a[3] = pack_rn<T>(s[2 * kk + 1][2], s[2 * kk + 1][3]);
+      uint32_t a[kMT][4];
+#pragma unroll
+      for (int mt = 0; mt < kMT; ++mt) {
+        a[mt][0] = pack_rn<T>(s[mt][2 * kk][0], s[mt][2 * kk][1]);
+        a[mt][1] = pack_rn<T>(s[mt][2 * kk][2], s[mt][2 * kk][3]);
+        a[mt][2] = pack_rn<T>(s[mt][2 * kk + 1][0], s[mt][2 * kk + 1][1]);
+        a[mt][3] = pack_rn<T>(s[mt][2 * kk + 1][2], s[mt][2 * kk + 1][3]);
+      }
 #pragma unroll
       for (int dp = 0; dp < kD / 16; ++dp) {
         uint32_t bv[4];
         ldmatrix_x4_trans(bv, sV_st + (v_off + kk * 16 * kStride + dp * 16) * 2);
-        mma_16816(o[2 * dp], a, bv[0], bv[1], T{});
-        mma_16816(o[2 * dp + 1], a, bv[2], bv[3], T{});
+#pragma unroll
+        for (int mt = 0; mt < kMT; ++mt) {
+          mma_16816(o[mt][2 * dp], a[mt], bv[0], bv[1], T{});
+          mma_16816(o[mt][2 * dp + 1], a[mt], bv[2], bv[3], T{});
+        }
       }
     }
     __syncthreads();  // every warp is done with this stage before the next iteration refills it
@@ -498,37 +613,32 @@ __global__ void __launch_bounds__(Cfg::kThreads, kMinBlocks) flash_fwd_tc_kernel
 
   // Epilogue: normalize, then write or merge into (out, lse).
 #pragma unroll
-  for (int r = 0; r < 2; ++r) {
-    float l = row_l[r];
-    l += __shfl_xor_sync(0xffffffffu, l, 1);
-    l += __shfl_xor_sync(0xffffffffu, l, 2);
-    const int64_t i = row0 + 8 * r;
-    const bool valid = i < p.Sq;
-    // l > 0 iff the row saw a visible key (its maximum contributes 2^0 = 1).
-    const float lse_new = l > 0.f ? row_m[r] * kLn2 + logf(l) : kNegInf;
-    const float inv = l > 0.f ? 1.f / l : 0.f;
-    float* lse_ptr = p.lse + b * p.l_sb + h * p.l_sh + i * p.l_ss;
-    float lse_old = kNegInf;
-    if (p.accumulate) {
-      // The quad's first lane reads the old lse and alone writes the new one, after every lane has it.
-      float x = kNegInf;
-      if (valid && tq == 0) x = *lse_ptr;
-      lse_old = __shfl_sync(0xffffffffu, x, lane & ~3);
-    }
-    const RowPlan pl = plan_row(p.accumulate, lse_new, lse_old);
-    if (!valid || pl.mode == kRowKeep) continue;
-    if (tq == 0) *lse_ptr = pl.lse;
-    const int64_t orow = b * p.o_sb + i * p.o_ss + h * p.o_sh;
-    if (p.out_f32) {
-      float* op = static_cast<float*>(p.out) + orow;
+  for (int mt = 0; mt < kMT; ++mt) {
 #pragma unroll
-      for (int dt = 0; dt < kDTiles; ++dt)
-        write_two(op, p.o_sd, p.out_pair, dt * 8 + 2 * tq, p.D, o[dt][2 * r] * inv, o[dt][2 * r + 1] * inv, pl);
-    } else {
-      T* op = static_cast<T*>(p.out) + orow;
+    for (int r = 0; r < 2; ++r) {
+      float l = row_l[mt][r];
+      l += __shfl_xor_sync(0xffffffffu, l, 1);
+      l += __shfl_xor_sync(0xffffffffu, l, 2);
+      const int64_t i = row0 + 16 * mt + 8 * r;
+      // The quad's first lane leads the row.
+      const RowEnd e = finish_row(p, b, h, i, l, row_m[mt][r], tq == 0, lane & ~3);
+      if (!e.write) continue;
+      const RowPlan& pl = e.plan;
+      const float inv = e.inv;
+      const int64_t orow = b * p.o_sb + i * p.o_ss + h * p.o_sh;
+      if (p.out_f32) {
+        float* op = static_cast<float*>(p.out) + orow;
 #pragma unroll
-      for (int dt = 0; dt < kDTiles; ++dt)
-        write_two(op, p.o_sd, p.out_pair, dt * 8 + 2 * tq, p.D, o[dt][2 * r] * inv, o[dt][2 * r + 1] * inv, pl);
+        for (int dt = 0; dt < kDTiles; ++dt)
+          write_two(op, p.o_sd, p.out_pair, dt * 8 + 2 * tq, p.D, o[mt][dt][2 * r] * inv, o[mt][dt][2 * r + 1] * inv,
+                    pl);
+      } else {
+        T* op = static_cast<T*>(p.out) + orow;
+#pragma unroll
+        for (int dt = 0; dt < kDTiles; ++dt)
+          write_two(op, p.o_sd, p.out_pair, dt * 8 + 2 * tq, p.D, o[mt][dt][2 * r] * inv, o[mt][dt][2 * r + 1] * inv,
+                    pl);
+      }
     }
   }
 }

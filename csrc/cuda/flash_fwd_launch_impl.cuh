@@ -32,18 +32,15 @@ inline unsigned int grid_size(const char* op, const FwdParams& p) {
   return static_cast<unsigned int>(blocks);
 }
 
-// Tile shapes per head dim. kBlockM = 16 rows per warp; D <= 128 takes 128-row blocks (8 warps) and
-// 64-key blocks, D = 256 halves both to stay near 100 KB of shared memory (Q + two K/V stages), which
-// sm_80 fits once and sm_90 twice per SM. D <= 64 leaves registers for two CTAs per SM.
+// The tile shapes of each head dim: TcTiles (flash_fwd_kernel.cuh).
 template <typename T, int kD>
 void launch_fwd_tc(const char* op, FwdParams p, cudaStream_t stream) {
-  constexpr int kBlockM = kD <= 128 ? 128 : 64;
-  constexpr int kBlockN = kD <= 128 ? 64 : 32;
-  constexpr int kMinBlocks = kD <= 64 ? 2 : 1;
-  using Cfg = TcConfig<kD, kBlockM, kBlockN>;
+  using Tiles = TcTiles<kD>;
+  using Cfg = typename Tiles::Cfg;
+  constexpr int kBlockM = Tiles::kBlockM;
   p.n_mblocks = static_cast<int>(cuda_util::ceil_div(p.Sq, kBlockM));
   const unsigned int grid = grid_size(op, p);
-  auto kernel = flash_fwd_tc_kernel<T, Cfg, kMinBlocks>;
+  auto kernel = flash_fwd_tc_kernel<T, Cfg, Tiles::kMinBlocks>;
   allow_smem(kernel, Cfg::kSmemBytes);
   kernel<<<grid, Cfg::kThreads, Cfg::kSmemBytes, stream>>>(p);
   C10_CUDA_KERNEL_LAUNCH_CHECK();

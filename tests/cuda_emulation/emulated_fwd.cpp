@@ -1,0 +1,95 @@
+// The CUDA flash-attention kernels (tensor-core: csrc/cuda/flash_fwd_kernel.cuh; float32 SIMT:
+// flash_fwd_f32_kernel.cuh), compiled for the CPU with lane_emulation.h and run CTA by CTA, one real thread
+// per CUDA thread, on CPU tensors. The parameters come from the CUDA op's own host code
+// (flash_fwd_params.h), the tiles from the kernels' own constants: only the launch differs.
+#include <torch/extension.h>
+
+#include <optional>
+#include <thread>
+#include <vector>
+
+#include "lane_emulation.h"  // first: the kernel headers rely on its stand-ins
+
+#include "checks.h"
+#include "cuda/flash_fwd_f32_kernel.cuh"
+#include "cuda/flash_fwd_kernel.cuh"
+#include "cuda/flash_fwd_params.h"
+
+namespace cp_attention {
+namespace flash {
+// The kernel's `extern __shared__` buffer; CTAs run one at a time, so one buffer serves them all.
+alignas(128) unsigned char smem_raw[256 * 1024];
+}  // namespace flash
+}  // namespace cp_attention
+
+namespace {
+
+using cp_attention::flash::FwdParams;
+namespace emu = cp_attention::lane_emulation;
+
+// Runs kernel(p) for every CTA of a grid of `grid` blocks of `threads` threads, one CTA at a time, over
+// shared memory poisoned with 0xff bytes (NaN halves and floats), so reads of unwritten shared memory show.
+template <typename Kernel>
+void run_grid(Kernel kernel, const FwdParams& p, int grid, int threads, size_t smem_bytes) {
+  TORCH_CHECK(smem_bytes <= sizeof(cp_attention::flash::smem_raw), "emulated shared memory too small");
+  for (int block = 0; block < grid; ++block) {
+    std::memset(cp_attention::flash::smem_raw, 0xff, smem_bytes);
+    emu::Cta cta(threads, cp_attention::flash::smem_raw);
+    std::vector<std::thread> pool;
+    pool.reserve(threads);
+    for (int t = 0; t < threads; ++t) {
+      pool.emplace_back([&cta, &p, &kernel, t, block] {
+        emu::tls_cta = &cta;
+        emu::tls_thread_idx = uint3{static_cast<unsigned>(t), 0, 0};
+        emu::tls_block_idx = uint3{static_cast<unsigned>(block), 0, 0};
+        kernel(p);
+      });
+    }
+    for (auto& th : pool) th.join();
+  }
+}
+
+template <typename T, int kD>
+void run_tc(FwdParams p) {
+  using Tiles = cp_attention::flash::TcTiles<kD>;
+  using Cfg = typename Tiles::Cfg;
+  p.n_mblocks = static_cast<int>((p.Sq + Tiles::kBlockM - 1) / Tiles::kBlockM);
+  run_grid(cp_attention::flash::flash_fwd_tc_kernel<T, Cfg, Tiles::kMinBlocks>, p, p.B * p.H * p.n_mblocks,
+           Cfg::kThreads, Cfg::kSmemBytes);
+}
+
+void run_f32(FwdParams p) {
+  namespace fl = cp_attention::flash;
+  p.n_mblocks = static_cast<int>((p.Sq + fl::kF32BlockM - 1) / fl::kF32BlockM);
+  run_grid(fl::flash_fwd_f32_kernel, p, p.B * p.H * p.n_mblocks, fl::kF32Threads, fl::f32_smem_bytes(p.D));
+}
+
+template <typename T>
+void dispatch(const FwdParams& p) {
+  if (p.D <= 32) run_tc<T, 32>(p);
+  else if (p.D <= 64) run_tc<T, 64>(p);
+  else if (p.D <= 96) run_tc<T, 96>(p);
+  else if (p.D <= 128) run_tc<T, 128>(p);
+  else run_tc<T, 256>(p);
+}
+
+// out [B, Sq, H, D] and lse [B, H, Sq] are written, or with accumulate merged into, as the CUDA op does.
+void flash_fwd(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, const at::Tensor& out,
+               const at::Tensor& lse, const std::optional<at::Tensor>& kv_mask, std::optional<double> scale,
+               bool causal, bool accumulate) {
+  constexpr const char* op = "emulated flash_attn_fwd";
+  const cp_attention::AttnDims d = cp_attention::check_attn_inputs(op, q, k, v, kv_mask);
+  if (d.B * d.H * d.Sq == 0) return;
+  at::Tensor q_used;
+  const FwdParams p = cp_attention::flash::make_fwd_params(op, d, q, k, v, out, lse, scale, causal, kv_mask,
+                                                           accumulate, q_used);
+  if (q.scalar_type() == at::kHalf) dispatch<__half>(p);
+  else if (q.scalar_type() == at::kBFloat16) dispatch<__nv_bfloat16>(p);
+  else run_f32(p);  // float32: the SIMT kernel, as the CUDA op dispatches
+}
+
+}  // namespace
+
+PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
+  m.def("flash_fwd", &flash_fwd, "the CUDA flash forward (tensor-core or float32 kernel), emulated on CPU tensors");
+}

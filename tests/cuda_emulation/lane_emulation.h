@@ -1,0 +1,184 @@
+// CPU stand-ins for the PTX wrappers and CUDA built-ins of csrc/cuda/flash_fwd_kernel.cuh, so the
+// tensor-core kernel's own source runs on the CPU, lane by lane, with every thread of a CTA a real thread.
+//
+// Warp-collective instructions (ldmatrix, mma.sync, shuffles) exchange their operands through per-warp
+// slots between two barriers of the warp's 32 threads; each lane then computes what the PTX ISA says that
+// lane receives. Shared memory is one buffer per CTA, addressed by 32-bit offsets as on the GPU. cp.async
+// copies at once (its data landing early is one of the orders the hardware allows). __syncthreads is a
+// barrier of the CTA's threads. Fragment layouts are those quoted at the top of flash_fwd_kernel.cuh.
+//
+// Included by the kernel header in place of its PTX wrappers when CP_ATTENTION_LANE_EMULATION is defined,
+// and by the emulation's own sources before any kernel header (cuda_utils.cuh needs the built-ins below).
+#pragma once
+
+#include <cuda_bf16.h>
+#include <cuda_fp16.h>
+#include <cuda_runtime.h>
+
+#include <barrier>
+#include <cmath>
+#include <cstdint>
+#include <cstring>
+#include <memory>
+
+namespace cp_attention {
+namespace lane_emulation {
+
+struct Warp {
+  std::barrier<> bar{32};
+  uint32_t words[32][6];  // what each lane hands to the collective in flight
+  float value[32];
+};
+
+// One CTA being emulated: its threads' barrier, its warps and its shared memory.
+struct Cta {
+  explicit Cta(int threads, unsigned char* smem_base)
+      : bar(threads), warps(new Warp[threads / 32]), smem(smem_base) {}
+  std::barrier<> bar;
+  std::unique_ptr<Warp[]> warps;
+  unsigned char* smem;
+};
+
+inline thread_local Cta* tls_cta = nullptr;
+inline thread_local uint3 tls_thread_idx{0, 0, 0};
+inline thread_local uint3 tls_block_idx{0, 0, 0};
+
+inline int lane_id() { return static_cast<int>(tls_thread_idx.x) & 31; }
+inline Warp& this_warp() { return tls_cta->warps[tls_thread_idx.x >> 5]; }
+
+inline uint32_t smem_u32(const void* p) {
+  return static_cast<uint32_t>(static_cast<const unsigned char*>(p) - tls_cta->smem);
+}
+
+inline uint32_t load_u32(uint32_t addr) {
+  uint32_t x;
+  std::memcpy(&x, tls_cta->smem + addr, 4);
+  return x;
+}
+
+inline uint32_t load_u16(uint32_t addr) {
+  uint16_t x;
+  std::memcpy(&x, tls_cta->smem + addr, 2);
+  return x;
+}
+
+inline void cp_async_16(uint32_t dst, const void* src, int src_bytes) {
+  std::memset(tls_cta->smem + dst, 0, 16);
+  if (src_bytes > 0) std::memcpy(tls_cta->smem + dst, src, static_cast<size_t>(src_bytes));
+}
+
+inline void cp_async_commit() {}
+
+template <int N>
+inline void cp_async_wait() {}
+
+// Lanes 8i..8i+7 address the rows of matrix i; lane l receives row l/4, elements 2(l%4), 2(l%4)+1 of each
+// (with trans: column l/4, rows 2(l%4), 2(l%4)+1), the lower index in the low half.
+inline void ldmatrix_impl(uint32_t (&r)[4], uint32_t addr, bool trans) {
+  Warp& w = this_warp();
+  const int l = lane_id();
+  w.words[l][0] = addr;
+  w.bar.arrive_and_wait();
+  for (int i = 0; i < 4; ++i) {
+    if (!trans) {
+      r[i] = load_u32(w.words[8 * i + l / 4][0] + (l % 4) * 4);
+    } else {
+      const uint32_t lo = load_u16(w.words[8 * i + 2 * (l % 4)][0] + (l / 4) * 2);
+      const uint32_t hi = load_u16(w.words[8 * i + 2 * (l % 4) + 1][0] + (l / 4) * 2);
+      r[i] = lo | (hi << 16);
+    }
+  }
+  w.bar.arrive_and_wait();
+}
+
+inline void ldmatrix_x4(uint32_t (&r)[4], uint32_t addr) { ldmatrix_impl(r, addr, false); }
+inline void ldmatrix_x4_trans(uint32_t (&r)[4], uint32_t addr) { ldmatrix_impl(r, addr, true); }
+
+inline float half_bits_to_float(uint32_t bits, __half) {
+  __half h;
+  const uint16_t b = static_cast<uint16_t>(bits);
+  std::memcpy(&h, &b, 2);
+  return __half2float(h);
+}
+
+inline float half_bits_to_float(uint32_t bits, __nv_bfloat16) {
+  __nv_bfloat16 h;
+  const uint16_t b = static_cast<uint16_t>(bits);
+  std::memcpy(&h, &b, 2);
+  return __bfloat162float(h);
+}
+
+// c += A B for one m16n8k16 tile: the warp's fragments are gathered into whole matrices, and each lane
+// accumulates its own four elements of C (in double, rounded once to float).
+template <typename T>
+inline void mma_16816(float (&c)[4], const uint32_t (&a)[4], uint32_t b0, uint32_t b1, T) {
+  Warp& w = this_warp();
+  const int l = lane_id();
+  for (int i = 0; i < 4; ++i) w.words[l][i] = a[i];
+  w.words[l][4] = b0;
+  w.words[l][5] = b1;
+  w.bar.arrive_and_wait();
+  float A[16][16], B[16][8];
+  for (int lane = 0; lane < 32; ++lane) {
+    const int g = lane / 4, t = lane % 4;
+    const uint32_t* x = w.words[lane];
+    for (int half = 0; half < 2; ++half) {
+      const int shift = 16 * half;
+      A[g][2 * t + half] = half_bits_to_float(x[0] >> shift, T{});
+      A[g + 8][2 * t + half] = half_bits_to_float(x[1] >> shift, T{});
+      A[g][2 * t + 8 + half] = half_bits_to_float(x[2] >> shift, T{});
+      A[g + 8][2 * t + 8 + half] = half_bits_to_float(x[3] >> shift, T{});
+      B[2 * t + half][g] = half_bits_to_float(x[4] >> shift, T{});
+      B[2 * t + 8 + half][g] = half_bits_to_float(x[5] >> shift, T{});
+    }
+  }
+  w.bar.arrive_and_wait();
+  const int g = l / 4, t = l % 4;
+  for (int e = 0; e < 4; ++e) {
+    const int row = g + 8 * (e / 2), col = 2 * t + (e % 2);
+    double dot = 0.0;
+    for (int k = 0; k < 16; ++k) dot += static_cast<double>(A[row][k]) * B[k][col];
+    c[e] = static_cast<float>(static_cast<double>(c[e]) + dot);
+  }
+}
+
+inline float fast_exp2(float x) { return std::exp2(x); }
+
+inline float warp_pick(float v, int src) {
+  Warp& w = this_warp();
+  w.value[lane_id()] = v;
+  w.bar.arrive_and_wait();
+  const float r = w.value[src & 31];
+  w.bar.arrive_and_wait();
+  return r;
+}
+
+}  // namespace lane_emulation
+}  // namespace cp_attention
+
+// CUDA built-ins the kernels use, for the emulated threads (full-warp masks only).
+#define threadIdx (::cp_attention::lane_emulation::tls_thread_idx)
+#define blockIdx (::cp_attention::lane_emulation::tls_block_idx)
+
+inline float __shfl_xor_sync(unsigned, float v, int lane_mask) {
+  return ::cp_attention::lane_emulation::warp_pick(v, ::cp_attention::lane_emulation::lane_id() ^ lane_mask);
+}
+inline float __shfl_sync(unsigned, float v, int src_lane) {
+  return ::cp_attention::lane_emulation::warp_pick(v, src_lane);
+}
+inline float __uint_as_float(unsigned x) {
+  float f;
+  std::memcpy(&f, &x, 4);
+  return f;
+}
+inline unsigned __float_as_uint(float f) {
+  unsigned x;
+  std::memcpy(&x, &f, 4);
+  return x;
+}
+inline int min(int a, int b) { return a < b ? a : b; }
+#undef __launch_bounds__
+#define __launch_bounds__(...)
+inline void __syncthreads() { ::cp_attention::lane_emulation::tls_cta->bar.arrive_and_wait(); }
+inline float __fadd_rn(float a, float b) { return a + b; }
+inline float __fmul_rn(float a, float b) { return a * b; }

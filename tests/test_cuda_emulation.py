@@ -1,0 +1,142 @@
+"""The CUDA flash kernels without a GPU: their own source (csrc/cuda/flash_fwd_kernel.cuh, the tensor-core
+kernel for float16/bfloat16, and flash_fwd_f32_kernel.cuh, the float32 SIMT one), built for the CPU with
+the lane-level stand-ins of tests/cuda_emulation/lane_emulation.h (every CUDA thread a real thread;
+ldmatrix, mma.sync and shuffles exchange operands between the 32 threads of a warp as the PTX ISA
+specifies), checked against the float64 reference: every compiled head dim and the padding between them,
+ragged query and key blocks, causal, masks, GQA, the element-load path, and the fused accumulation into a
+running state. This checks the kernels' index and fragment arithmetic, their masking and their epilogue;
+not their speed, nor races that only the GPU's timing would expose (cp.async lands at once here).
+
+The extension compiles on first use (about a minute); it needs the CUDA toolkit's headers, which any
+machine that builds the CUDA kernels has."""
+
+from __future__ import annotations
+
+import functools
+import glob
+import os
+import shutil
+
+import pytest
+import torch
+from conftest import make_kv_mask, randn
+from reference import check_attention
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+ROOT = os.path.dirname(HERE)
+F16, BF16, F32 = torch.float16, torch.bfloat16, torch.float32
+
+
+def _cuda_include() -> str | None:
+    """The CUDA toolkit's include folder (crt/host_defines.h and the fp16/bf16 headers): CUDA_HOME, the
+    toolkit the nvcc on the PATH runs (possibly through a wrapper script), or /usr/local/cuda*."""
+    roots = [os.environ.get("CUDA_HOME", "")]
+    nvcc = shutil.which("nvcc")
+    if nvcc:
+        roots.append(os.path.dirname(os.path.dirname(os.path.realpath(nvcc))))
+        with open(nvcc, "rb") as f:  # a wrapper script names the real nvcc
+            head = f.read(4096)
+        if head.startswith(b"#!"):
+            for word in head.decode(errors="replace").split():
+                if word.endswith("/bin/nvcc"):
+                    roots.append(os.path.dirname(os.path.dirname(word)))
+    roots += ["/usr/local/cuda", *sorted(glob.glob("/usr/local/cuda-*"), reverse=True)]
+    for r in roots:
+        inc = os.path.join(r, "include")
+        if r and all(os.path.exists(os.path.join(inc, f)) for f in ("crt/host_defines.h", "cuda_fp16.h")):
+            return inc
+    return None
+
+
+CUDA_INCLUDE = _cuda_include()
+pytestmark = pytest.mark.skipif(CUDA_INCLUDE is None, reason="no CUDA toolkit headers on this machine")
+
+
+@functools.cache
+def _emulated():
+    from torch.utils.cpp_extension import load
+
+    build = os.path.join(ROOT, "build", "cuda_emulation")
+    os.makedirs(build, exist_ok=True)
+    return load(name="cp_attention_cuda_emulation",
+                sources=[os.path.join(HERE, "cuda_emulation", "emulated_fwd.cpp")],
+                extra_include_paths=[os.path.join(ROOT, "csrc"), os.path.join(HERE, "cuda_emulation"),
+                                     CUDA_INCLUDE],
+                extra_cflags=["-O1", "-std=c++20", "-DCP_ATTENTION_LANE_EMULATION", "-Wno-attributes"],
+                build_directory=build, verbose=False)
+
+
+def _fwd(q, k, v, scale=None, causal=False, kv_mask=None):
+    B, Sq, H, D = q.shape
+    out = torch.full((B, Sq, H, D), float("nan"), dtype=q.dtype)
+    lse = torch.full((B, H, Sq), float("nan"))
+    _emulated().flash_fwd(q, k, v, out, lse, kv_mask, scale, causal, False)
+    return out, lse
+
+
+def _qkv(B, Sq, Sk, H, Hkv, D, dtype, seed, unaligned=False):
+    gen = torch.Generator().manual_seed(seed)
+    out = []
+    for S, n in ((Sq, H), (Sk, Hkv), (Sk, Hkv)):
+        x = randn(B, S, n, D, dtype=dtype, gen=gen)
+        if unaligned:  # rows one element off 16-byte alignment: the element-load path
+            wide = torch.zeros(B, S, n, D + 1, dtype=dtype)
+            wide[..., 1:] = x
+            x = wide[..., 1:]
+        out.append(x)
+    return (*out, gen)
+
+
+# (D, dtype): every compiled head dim (32, 64, 96, 128, 256) and D padded up to one (1, 40, 72, 200); the
+# float32 kernel at odd and large D.
+HEAD_DIMS = [(32, F16), (64, BF16), (96, F16), (128, BF16), (256, F16), (1, F16), (40, BF16), (72, F16),
+             (200, BF16), (1, F32), (40, F32), (256, F32)]
+
+
+@pytest.mark.parametrize("D,dtype", HEAD_DIMS, ids=[f"{d}-{str(t)[6:]}" for d, t in HEAD_DIMS])
+def test_head_dims(D, dtype):
+    # Sq spans a full and a ragged query block of the D <= 128 tile (128 rows), Sk a ragged key block.
+    Sq, Sk = (70, 45) if D > 128 else (131, 77)
+    q, k, v, _ = _qkv(1, Sq, Sk, 1, 1, D, dtype, seed=D)
+    check_attention(*_fwd(q, k, v), q, k, v)
+
+
+CASES = [  # (B, Sq, Sk, H, Hkv, D, causal, masked, unaligned)
+    (2, 37, 70, 4, 2, 64, True, False, False),   # Sq < Sk: bottom-right causal, GQA
+    (1, 70, 37, 2, 1, 64, True, True, False),    # Sq > Sk: rows that see nothing; a mask
+    (2, 33, 50, 2, 2, 40, False, True, True),    # the element-load path, an all-masked batch
+    (1, 129, 129, 2, 1, 32, True, False, False),  # two query blocks on the diagonal
+]
+DTYPES = [F16, F32]
+
+
+@pytest.mark.parametrize("B,Sq,Sk,H,Hkv,D,causal,masked,unaligned", CASES,
+                         ids=[f"{c[1]}x{c[2]}-D{c[5]}{'-causal' if c[6] else ''}{'-mask' if c[7] else ''}"
+                              f"{'-unaligned' if c[8] else ''}" for c in CASES])
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+def test_causal_mask_gqa(dtype, B, Sq, Sk, H, Hkv, D, causal, masked, unaligned):
+    q, k, v, gen = _qkv(B, Sq, Sk, H, Hkv, D, dtype, seed=Sq + Sk, unaligned=unaligned)
+    kv_mask = make_kv_mask(B, Sk, gen) if masked else None
+    check_attention(*_fwd(q, k, v, causal=causal, kv_mask=kv_mask), q, k, v, causal=causal, kv_mask=kv_mask)
+
+
+@pytest.mark.parametrize("scale", [-0.3, 0.0])
+def test_scale_folding(scale):
+    # A negative scale runs on -q, a zero scale on a tiny one (make_fwd_params): both exact.
+    q, k, v, _ = _qkv(1, 20, 30, 2, 2, 64, BF16, seed=5)
+    check_attention(*_fwd(q, k, v, scale=scale), q, k, v, scale=scale)
+
+
+@pytest.mark.parametrize("dtype,state_dtype", [(BF16, F32), (BF16, BF16), (F32, F32)], ids=str)
+def test_acc_chunks_equal_whole(dtype, state_dtype):
+    # The fused ring step: chunks of keys (one empty) merged in the kernel's epilogue into a NaN-poisoned
+    # state equal attention over all keys.
+    B, Sq, Sk, H, Hkv, D = 2, 45, 90, 2, 1, 64
+    q, k, v, gen = _qkv(B, Sq, Sk, H, Hkv, D, dtype, seed=9)
+    kv_mask = make_kv_mask(B, Sk, gen)
+    out = torch.full((B, Sq, H, D), float("nan"), dtype=state_dtype)
+    lse = torch.full((B, H, Sq), float("-inf"))
+    for s, e in ((0, 30), (30, 30), (30, 90)):
+        if e > s:
+            _emulated().flash_fwd(q, k[:, s:e], v[:, s:e], out, lse, kv_mask[:, s:e], None, False, True)
+    check_attention(out.to(dtype), lse, q, k, v, kv_mask=kv_mask)
