@@ -313,10 +313,10 @@ def test_tma_acc_chunks_equal_whole(dev, masked):
     check_attention(out.to(F16), lse, q, k, v, kv_mask=kv_mask)
 
 
-@pytest.mark.parametrize("kind", ["head_slice", "seq_step", "bhsd"])
+@pytest.mark.parametrize("kind", ["head_slice", "seq_step"])
 @pytest.mark.parametrize("dev", DEVICES)
 def test_tma_strided_views(dev, kind, poisoned_empty):
-    # Views whose strides the copy engine can address (multiples of 16 bytes, aligned bases).
+    # Views the TMA path takes: BSHD order, strides multiples of 16 bytes, aligned bases.
     kernels = _tma_dev(dev)
     gen = torch.Generator().manual_seed(33)
     q, k, v = _views(kind, 2, 21, 34, 6, 2, 48, F16, dev, gen)
@@ -326,11 +326,12 @@ def test_tma_strided_views(dev, kind, poisoned_empty):
 
 @pytest.mark.parametrize("dev", DEVICES)
 def test_tma_refuses_what_it_cannot_address(dev):
-    # Unaligned bases, broadcast (stride 0) views, 2-byte head strides and float32 take the pointer path
-    # when the launcher chooses, and raise when TMA is demanded.
+    # Unaligned bases, broadcast (stride 0) and permuted (BHSD memory) views, 2-byte head strides and
+    # float32 take the pointer path when the launcher chooses, and raise when TMA is demanded.
     kernels = _tma_dev(dev)
     gen = torch.Generator().manual_seed(34)
     unfit = {"dim_slice": _views("dim_slice", 1, 9, 12, 2, 1, 48, F16, dev, gen),
+             "bhsd": _views("bhsd", 1, 9, 12, 2, 1, 48, F16, dev, gen),
              "broadcast": _views("broadcast", 2, 9, 12, 2, 1, 48, F16, dev, gen),
              "D=1": _inputs(1, 9, 12, 2, 1, 1, F16, dev, seed=34)[:3],
              "float32": _inputs(1, 9, 12, 2, 1, 64, F32, dev, seed=34)[:3]}

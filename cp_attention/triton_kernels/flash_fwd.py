@@ -246,11 +246,14 @@ def _flash_fwd_kernel(
 # -----------------------------------------------------------------------------------------------------------
 def _tma_descriptors(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, out: torch.Tensor, accumulate: bool):
     """Tensor descriptors of q, k, v (and out, unless accumulating: then out is read and written through
-    pointers) for the TMA variant, or None where the copy engine cannot address these tensors: it needs
-    half-precision data at a 16-byte aligned base, a unit last stride, every other stride a positive
-    multiple of 16 bytes (a broadcast stride 0 is refused) and no empty dimension. A dimension of size 1
-    is only ever at coordinate 0, so its stride is free and replaced by 16 bytes. Block shapes are
-    placeholders until a launch config sets them (_set_block_shapes)."""
+    pointers) for the TMA variant, or None where the copy engine cannot address these tensors. TMA needs
+    a 16-byte aligned base, a unit last stride and every other stride a multiple of 16 bytes; on top of that
+    only layouts in BSHD order without overlap are taken (each stride at least the extent of the dimension
+    inside it: the layout the driver's documentation describes), so permuted or broadcast views, which no
+    launch has shown the driver to accept, keep the pointer tiles. A dimension of size 1 is only ever at
+    coordinate 0, so its stride is free and set to that minimum (rounded up to 16 bytes). float32 and empty
+    tensors take no descriptors either. Block shapes are placeholders until a launch config sets them
+    (_set_block_shapes)."""
     try:
         from triton.tools.tensor_descriptor import TensorDescriptor
     except ImportError:  # a triton without host-side descriptors: the pointer variant serves
@@ -260,12 +263,18 @@ def _tma_descriptors(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, out: tor
     tensors = (q, k, v) if accumulate else (q, k, v, out)
     descs = []
     for t in tensors:
-        size = t.element_size()
-        strides = [st if n > 1 else 16 // size for n, st in zip(t.shape[:-1], t.stride()[:-1])]
-        if (t.numel() == 0 or t.stride(-1) != 1 or t.data_ptr() % 16
-                or any(st <= 0 or st * size % 16 for st in strides)):
+        if t.numel() == 0 or t.stride(-1) != 1 or t.data_ptr() % 16:
             return None
-        descs.append(TensorDescriptor(t, list(t.shape), strides + [1], _PLACEHOLDER_BLOCK))
+        align = 16 // t.element_size()  # 16 bytes, in elements
+        strides = [1]
+        for n, st in zip(reversed(t.shape[:-1]), reversed(t.stride()[:-1])):
+            inner = t.shape[len(t.shape) - len(strides)] * strides[0]  # extent of the dimension inside
+            if n == 1:
+                st = -(-inner // align) * align
+            elif st < inner or st % align:
+                return None
+            strides.insert(0, st)
+        descs.append(TensorDescriptor(t, list(t.shape), strides, _PLACEHOLDER_BLOCK))
     return descs + [None] * (4 - len(descs))
 
 
