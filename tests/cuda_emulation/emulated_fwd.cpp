@@ -4,6 +4,7 @@
 // (flash_fwd_params.h), the tiles from the kernels' own constants: only the launch differs.
 #include <torch/extension.h>
 
+#include <atomic>
 #include <optional>
 #include <thread>
 #include <vector>
@@ -35,17 +36,23 @@ void run_grid(Kernel kernel, const FwdParams& p, int grid, int threads, size_t s
   for (int block = 0; block < grid; ++block) {
     std::memset(cp_attention::flash::smem_raw, 0xff, smem_bytes);
     emu::Cta cta(threads, cp_attention::flash::smem_raw);
+    std::atomic<bool> stalled{false};
     std::vector<std::thread> pool;
     pool.reserve(threads);
     for (int t = 0; t < threads; ++t) {
-      pool.emplace_back([&cta, &p, &kernel, t, block] {
+      pool.emplace_back([&cta, &p, &kernel, &stalled, t, block] {
         emu::tls_cta = &cta;
         emu::tls_thread_idx = uint3{static_cast<unsigned>(t), 0, 0};
         emu::tls_block_idx = uint3{static_cast<unsigned>(block), 0, 0};
-        kernel(p);
+        try {
+          kernel(p);
+        } catch (const emu::Stalled&) {
+          stalled = true;
+        }
       });
     }
     for (auto& th : pool) th.join();
+    TORCH_CHECK(!stalled, "emulated kernel stalled in CTA ", block, ": ", emu::Stalled().what());
   }
 }
 

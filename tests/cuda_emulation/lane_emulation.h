@@ -15,17 +15,58 @@
 #include <cuda_fp16.h>
 #include <cuda_runtime.h>
 
-#include <barrier>
+#include <chrono>
 #include <cmath>
+#include <condition_variable>
 #include <cstdint>
 #include <cstring>
 #include <memory>
+#include <mutex>
+#include <stdexcept>
 
 namespace cp_attention {
 namespace lane_emulation {
 
+// A kernel bug that leaves a collective or __syncthreads without some of its threads would hang the
+// emulation (and the test run): every wait gives up after this long, breaks its barrier for the threads
+// still waiting, and they all leave the kernel by throwing Stalled.
+constexpr auto kStallTimeout = std::chrono::seconds(120);
+
+struct Stalled : std::runtime_error {
+  Stalled() : std::runtime_error("a warp collective or __syncthreads was not reached by all of its threads") {}
+};
+
+class Barrier {
+ public:
+  explicit Barrier(int n) : n_(n) {}
+  void arrive_and_wait() {
+    std::unique_lock<std::mutex> lock(mu_);
+    if (broken_) throw Stalled();
+    const uint64_t gen = gen_;
+    if (++count_ == n_) {
+      count_ = 0;
+      ++gen_;
+      cv_.notify_all();
+      return;
+    }
+    if (!cv_.wait_for(lock, kStallTimeout, [&] { return gen_ != gen || broken_; })) broken_ = true;
+    if (broken_) {
+      cv_.notify_all();
+      throw Stalled();
+    }
+  }
+
+ private:
+  std::mutex mu_;
+  std::condition_variable cv_;
+  const int n_;
+  int count_ = 0;
+  uint64_t gen_ = 0;
+  bool broken_ = false;
+};
+
 struct Warp {
-  std::barrier<> bar{32};
+  Barrier bar{32};
   uint32_t words[32][6];  // what each lane hands to the collective in flight
   float value[32];
 };
@@ -34,7 +75,7 @@ struct Warp {
 struct Cta {
   explicit Cta(int threads, unsigned char* smem_base)
       : bar(threads), warps(new Warp[threads / 32]), smem(smem_base) {}
-  std::barrier<> bar;
+  Barrier bar;
   std::unique_ptr<Warp[]> warps;
   unsigned char* smem;
 };
