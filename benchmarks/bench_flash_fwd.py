@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import contextlib
 import math
+import os
 import sys
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -107,9 +108,39 @@ def shapes_for(quick: bool, device: torch.device) -> list[Shape]:
     return grid + [Shape(1, 16, 72, 4096, "pixart")]
 
 
+# Timed variants of our backends that are not backends of their own: (backend, environment). On sm_90 the
+# CUDA op runs its wgmma kernel; "cuda_mma" times its mma.sync kernel beside it on the same inputs.
+VARIANTS = {"cuda_mma": ("cuda", {"CP_ATTENTION_CUDA_FWD_KERNEL": "mma"})}
+
+
+@contextlib.contextmanager
+def _environ(env: dict[str, str]):
+    """The CUDA op reads its kernel choice per call; this sets it around a call and restores it after."""
+    saved = {key: os.environ.get(key) for key in env}
+    os.environ.update(env)
+    try:
+        yield
+    finally:
+        for key, value in saved.items():
+            if value is None:
+                os.environ.pop(key, None)
+            else:
+                os.environ[key] = value
+
+
 def default_backends(device: torch.device) -> list[str]:
-    """Our own backends on the device (not the aten wrappers, which are torch's kernels)."""
-    return [b for b in cp_attention.available_backends(device) if not b.startswith("aten")]
+    """Our own backends on the device (not the aten wrappers, which are torch's kernels), and on sm_90
+    devices the CUDA op's mma.sync kernel as "cuda_mma" beside its default wgmma one."""
+    names = [b for b in cp_attention.available_backends(device) if not b.startswith("aten")]
+    if "cuda" in names and device.type == "cuda" and torch.cuda.get_device_capability(device)[0] == 9:
+        names.append("cuda_mma")
+    return names
+
+
+def _context(name: str) -> Callable[[], contextlib.AbstractContextManager]:
+    """What a timed function of ours (a backend, a variant, or either's "_acc") runs inside."""
+    variant = VARIANTS.get(name.removesuffix("_acc"))
+    return (lambda: _environ(variant[1])) if variant else contextlib.nullcontext
 
 
 # ---------------------------------------------------------------------------------------------- checks
@@ -151,7 +182,11 @@ def bench_shape(shape: Shape, dtype: torch.dtype, backends: list[str], device: t
     qt, kt, vt = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)  # BHSD views of the same data
     scale = 1.0 / math.sqrt(D)
 
-    ours = {b: (lambda b=b: cp_attention.flash_attn(q, k, v, scale=scale, backend=b, return_lse=True))
+    def backend_of(name: str) -> str:
+        return VARIANTS[name][0] if name in VARIANTS else name
+
+    ours = {b: (lambda b=b: cp_attention.flash_attn(q, k, v, scale=scale, backend=backend_of(b),
+                                                    return_lse=True))
             for b in backends}
     if acc:
         # The fused ring step into a float32 state. Calls keep merging the same chunk in: the state stays
@@ -160,7 +195,7 @@ def bench_shape(shape: Shape, dtype: torch.dtype, backends: list[str], device: t
         state_lse = torch.full((B, H, S), float("-inf"), device=device)
         for b in backends:
             ours[f"{b}_acc"] = (lambda b=b: cp_attention.flash_attn_acc_(q, k, v, state, state_lse,
-                                                                         scale=scale, backend=b))
+                                                                         scale=scale, backend=backend_of(b)))
 
     # Correctness first, so a wrong kernel never gets timed.
     ref_name, ref = None, None
@@ -180,12 +215,15 @@ def bench_shape(shape: Shape, dtype: torch.dtype, backends: list[str], device: t
     row = {"dtype": SHORT[dtype], "B": B, "H": H, "D": D, "S": S, "note": shape.note,
            "flops": attn_fwd_flops(B, H, S, S, D)}
     for b in backends:
-        row.update(check_against(shape, dtype, b, ours[b](), ref_name, ref))
+        with _context(b)():
+            res = ours[b]()
+        row.update(check_against(shape, dtype, b, res, ref_name, ref))
     if acc:
         for b in backends:
             state.zero_()
             state_lse.fill_(float("-inf"))
-            ours[f"{b}_acc"]()
+            with _context(b)():
+                ours[f"{b}_acc"]()
             row.update(check_against(shape, dtype, f"{b}_acc", (state.to(dtype), state_lse), ref_name, ref))
     del ref
     # A kernel that failed its check is not timed; the others still are, and main() exits non-zero.
@@ -195,7 +233,8 @@ def bench_shape(shape: Shape, dtype: torch.dtype, backends: list[str], device: t
     # Ours and torch's kernels take turns call by call, so machine noise cannot favour either side.
     timed = [b for b in bases if supported[b.name] is True]
     fns = {**ours, **{b.name: (lambda b=b: b.run(qt, kt, vt, scale)) for b in timed}}
-    stats = time_interleaved(fns, device=device, contexts={b.name: b.context for b in timed}, **timing)
+    contexts = {**{name: _context(name) for name in ours}, **{b.name: b.context for b in timed}}
+    stats = time_interleaved(fns, device=device, contexts=contexts, **timing)
     for name in fns:
         row[name] = stats[name]
         row[f"{name}_ms"] = stats[name]["median"]

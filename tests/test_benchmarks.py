@@ -43,3 +43,23 @@ def test_gpu_check_dry_run(tmp_path):
                                   f"{proc.stderr[-2000:]}")
     assert "gpu_check: PASS" in proc.stdout
     assert list(tmp_path.glob("gpu_check-dry-run-*.json")), "no summary JSON written"
+
+
+def test_flash_bench_variant_sets_and_restores_kernel_choice(monkeypatch):
+    # "cuda_mma" (and its fused step) runs the CUDA op with its mma.sync kernel forced; other names run as
+    # they are, and the caller's setting survives either.
+    monkeypatch.syspath_prepend(os.path.join(ROOT, "benchmarks"))
+    import bench_flash_fwd
+
+    key = "CP_ATTENTION_CUDA_FWD_KERNEL"
+    for before in (None, "auto"):
+        if before is None:
+            monkeypatch.delenv(key, raising=False)
+        else:
+            monkeypatch.setenv(key, before)
+        for name in ("cuda_mma", "cuda_mma_acc"):
+            with bench_flash_fwd._context(name)():
+                assert os.environ[key] == "mma"
+            assert os.environ.get(key) == before
+        with bench_flash_fwd._context("cuda")():
+            assert os.environ.get(key) == before

@@ -1,11 +1,13 @@
-"""The CUDA flash kernels without a GPU: their own source (csrc/cuda/flash_fwd_kernel.cuh, the tensor-core
-kernel for float16/bfloat16, and flash_fwd_f32_kernel.cuh, the float32 SIMT one), built for the CPU with
-the lane-level stand-ins of tests/cuda_emulation/lane_emulation.h (every CUDA thread a real thread;
-ldmatrix, mma.sync and shuffles exchange operands between the 32 threads of a warp as the PTX ISA
-specifies), checked against the float64 reference: every compiled head dim and the padding between them,
-ragged query and key blocks, causal, masks, GQA, the element-load path, and the fused accumulation into a
-running state. This checks the kernels' index and fragment arithmetic, their masking and their epilogue;
-not their speed, nor races that only the GPU's timing would expose (cp.async lands at once here).
+"""The CUDA flash kernels without a GPU: their own source (csrc/cuda/flash_fwd_kernel.cuh, the mma.sync
+tensor-core kernel for float16/bfloat16; flash_fwd_sm90_kernel.cuh, the Hopper wgmma one; and
+flash_fwd_f32_kernel.cuh, the float32 SIMT one), built for the CPU with the lane-level stand-ins of
+tests/cuda_emulation/lane_emulation.h (every CUDA thread a real thread; ldmatrix, mma.sync and shuffles
+exchange operands between the 32 threads of a warp as the PTX ISA specifies; wgmma decodes its
+shared-memory descriptors by the ISA's canonical layouts and completes at its wait), checked against the
+float64 reference: every compiled head dim and the padding between them, ragged query and key blocks,
+causal, masks, GQA, the element-load path, and the fused accumulation into a running state. This checks
+the kernels' index and fragment arithmetic, their masking and their epilogue; not their speed, nor races
+that only the GPU's timing would expose (cp.async lands at once here).
 
 The extension compiles on first use (about a minute); it needs the CUDA toolkit's headers, which any
 machine that builds the CUDA kernels has."""
@@ -66,11 +68,11 @@ def _emulated():
                 build_directory=build, verbose=False)
 
 
-def _fwd(q, k, v, scale=None, causal=False, kv_mask=None):
+def _fwd(q, k, v, scale=None, causal=False, kv_mask=None, kernel="mma"):
     B, Sq, H, D = q.shape
     out = torch.full((B, Sq, H, D), float("nan"), dtype=q.dtype)
     lse = torch.full((B, H, Sq), float("nan"))
-    _emulated().flash_fwd(q, k, v, out, lse, kv_mask, scale, causal, False)
+    _emulated().flash_fwd(q, k, v, out, lse, kv_mask, scale, causal, False, kernel)
     return out, lse
 
 
@@ -101,34 +103,60 @@ def test_head_dims(D, dtype):
     check_attention(*_fwd(q, k, v), q, k, v)
 
 
+# The Hopper wgmma kernel (compiled D 64 and 128; smaller D padded to 64, D in (96, 128] to 128): Sq spans a
+# full and a ragged 128-row query block, Sk a full and a ragged 128-key block.
+SM90_HEAD_DIMS = [(64, F16), (128, BF16), (8, BF16), (40, F16), (100, BF16), (128, F16)]
+
+
+@pytest.mark.parametrize("D,dtype", SM90_HEAD_DIMS, ids=[f"{d}-{str(t)[6:]}" for d, t in SM90_HEAD_DIMS])
+def test_sm90_head_dims(D, dtype):
+    q, k, v, _ = _qkv(1, 131, 200, 1, 1, D, dtype, seed=D + 1)
+    check_attention(*_fwd(q, k, v, kernel="sm90"), q, k, v)
+
+
 CASES = [  # (B, Sq, Sk, H, Hkv, D, causal, masked, unaligned)
     (2, 37, 70, 4, 2, 64, True, False, False),   # Sq < Sk: bottom-right causal, GQA
     (1, 70, 37, 2, 1, 64, True, True, False),    # Sq > Sk: rows that see nothing; a mask
     (2, 33, 50, 2, 2, 40, False, True, True),    # the element-load path, an all-masked batch
     (1, 129, 129, 2, 1, 32, True, False, False),  # two query blocks on the diagonal
 ]
-DTYPES = [F16, F32]
+# (kernel, dtype): the mma.sync kernel, the float32 SIMT one, and the wgmma one in both 16-bit dtypes.
+KERNEL_DTYPES = [("mma", F16), ("mma", F32), ("sm90", F16), ("sm90", BF16)]
 
 
 @pytest.mark.parametrize("B,Sq,Sk,H,Hkv,D,causal,masked,unaligned", CASES,
                          ids=[f"{c[1]}x{c[2]}-D{c[5]}{'-causal' if c[6] else ''}{'-mask' if c[7] else ''}"
                               f"{'-unaligned' if c[8] else ''}" for c in CASES])
-@pytest.mark.parametrize("dtype", DTYPES, ids=str)
-def test_causal_mask_gqa(dtype, B, Sq, Sk, H, Hkv, D, causal, masked, unaligned):
+@pytest.mark.parametrize("kernel,dtype", KERNEL_DTYPES, ids=[f"{k}-{str(t)[6:]}" for k, t in KERNEL_DTYPES])
+def test_causal_mask_gqa(kernel, dtype, B, Sq, Sk, H, Hkv, D, causal, masked, unaligned):
     q, k, v, gen = _qkv(B, Sq, Sk, H, Hkv, D, dtype, seed=Sq + Sk, unaligned=unaligned)
     kv_mask = make_kv_mask(B, Sk, gen) if masked else None
-    check_attention(*_fwd(q, k, v, causal=causal, kv_mask=kv_mask), q, k, v, causal=causal, kv_mask=kv_mask)
+    out, lse = _fwd(q, k, v, causal=causal, kv_mask=kv_mask, kernel=kernel)
+    check_attention(out, lse, q, k, v, causal=causal, kv_mask=kv_mask)
 
 
+def test_sm90_causal_many_key_blocks():
+    # Bottom-right causal over three key blocks with Sq < Sk: the first query block starts mid-way through
+    # the second key block, so blocks both before and on the diagonal, and the double buffer's both stages.
+    q, k, v, _ = _qkv(1, 150, 330, 2, 1, 128, BF16, seed=17)
+    check_attention(*_fwd(q, k, v, causal=True, kernel="sm90"), q, k, v, causal=True)
+
+
+@pytest.mark.parametrize("kernel", ["mma", "sm90"])
 @pytest.mark.parametrize("scale", [-0.3, 0.0])
-def test_scale_folding(scale):
+def test_scale_folding(scale, kernel):
     # A negative scale runs on -q, a zero scale on a tiny one (make_fwd_params): both exact.
     q, k, v, _ = _qkv(1, 20, 30, 2, 2, 64, BF16, seed=5)
-    check_attention(*_fwd(q, k, v, scale=scale), q, k, v, scale=scale)
+    check_attention(*_fwd(q, k, v, scale=scale, kernel=kernel), q, k, v, scale=scale)
 
 
-@pytest.mark.parametrize("dtype,state_dtype", [(BF16, F32), (BF16, BF16), (F32, F32)], ids=str)
-def test_acc_chunks_equal_whole(dtype, state_dtype):
+ACC_CASES = [("mma", BF16, F32), ("mma", BF16, BF16), ("mma", F32, F32), ("sm90", F16, F32),
+             ("sm90", BF16, BF16)]
+
+
+@pytest.mark.parametrize("kernel,dtype,state_dtype", ACC_CASES,
+                         ids=[f"{k}-{str(t)[6:]}-{str(s)[6:]}" for k, t, s in ACC_CASES])
+def test_acc_chunks_equal_whole(kernel, dtype, state_dtype):
     # The fused ring step: chunks of keys (one empty) merged in the kernel's epilogue into a NaN-poisoned
     # state equal attention over all keys.
     B, Sq, Sk, H, Hkv, D = 2, 45, 90, 2, 1, 64
@@ -138,5 +166,6 @@ def test_acc_chunks_equal_whole(dtype, state_dtype):
     lse = torch.full((B, H, Sq), float("-inf"))
     for s, e in ((0, 30), (30, 30), (30, 90)):
         if e > s:
-            _emulated().flash_fwd(q, k[:, s:e], v[:, s:e], out, lse, kv_mask[:, s:e], None, False, True)
+            _emulated().flash_fwd(q, k[:, s:e], v[:, s:e], out, lse, kv_mask[:, s:e], None, False, True,
+                                  kernel)
     check_attention(out.to(dtype), lse, q, k, v, kv_mask=kv_mask)

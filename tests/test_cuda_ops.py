@@ -40,6 +40,17 @@ def _qkv(B, Sq, Sk, H, Hkv, D, dtype, seed, layout="bshd"):
 # ---------------------------------------------------------------------------------------------------------
 # flash_attn_fwd
 
+# The forward kernels a 16-bit call can take on this device: on sm_90 the wgmma kernel (chosen by default
+# where it applies) and the mma.sync one (forced through CP_ATTENTION_CUDA_FWD_KERNEL); elsewhere mma.sync.
+FWD_KERNELS = ["auto", "mma"] if HAS_CUDA and torch.cuda.get_device_capability()[0] == 9 else ["auto"]
+
+
+@pytest.fixture(params=FWD_KERNELS)
+def fwd_kernel(request, monkeypatch):
+    monkeypatch.setenv("CP_ATTENTION_CUDA_FWD_KERNEL", request.param)
+    return request.param
+
+
 # Every compiled head dim (32, 64, 96, 128, 256) and the padding between them.
 HEAD_DIMS = [1, 8, 33, 40, 64, 72, 96, 100, 128, 160, 256]
 SEQ_PAIRS = [(1, 1), (5, 0), (37, 53), (130, 70), (70, 130), (64, 64), (200, 257)]
@@ -47,7 +58,7 @@ SEQ_PAIRS = [(1, 1), (5, 0), (37, 53), (130, 70), (70, 130), (64, 64), (200, 257
 
 @pytest.mark.parametrize("dtype", [F16, BF16, F32], ids=str)
 @pytest.mark.parametrize("D", HEAD_DIMS)
-def test_fwd_head_dims(D, dtype):
+def test_fwd_head_dims(D, dtype, fwd_kernel):
     q, k, v, _ = _qkv(2, 77, 91, 2, 1, D, dtype, seed=D)
     out, lse = OPS.flash_attn_fwd(q, k, v, None, False, None)
     check_attention(out, lse, q, k, v)
@@ -57,7 +68,7 @@ def test_fwd_head_dims(D, dtype):
 @pytest.mark.parametrize("causal", [False, True], ids=["full", "causal"])
 @pytest.mark.parametrize("masked", [False, True], ids=["nomask", "mask"])
 @pytest.mark.parametrize("dtype,D", [(F16, 64), (BF16, 128), (F16, 256), (F32, 72)], ids=str)
-def test_fwd_lengths_causal_mask(Sq, Sk, causal, masked, dtype, D):
+def test_fwd_lengths_causal_mask(Sq, Sk, causal, masked, dtype, D, fwd_kernel):
     B, H, Hkv = 3, 4, 2
     q, k, v, gen = _qkv(B, Sq, Sk, H, Hkv, D, dtype, seed=Sq * 1000 + Sk)
     kv_mask = make_kv_mask(B, Sk, gen, device=DEV) if masked else None
@@ -67,7 +78,7 @@ def test_fwd_lengths_causal_mask(Sq, Sk, causal, masked, dtype, D):
 
 @pytest.mark.parametrize("layout", ["bhsd", "offset"])
 @pytest.mark.parametrize("dtype,D", [(F16, 64), (BF16, 128), (F16, 40), (F32, 64)], ids=str)
-def test_fwd_strided_inputs(layout, dtype, D):
+def test_fwd_strided_inputs(layout, dtype, D, fwd_kernel):
     B, Sq, Sk, H, Hkv = 2, 67, 150, 6, 3
     q, k, v, gen = _qkv(B, Sq, Sk, H, Hkv, D, dtype, seed=7, layout=layout)
     kv_mask = make_kv_mask(B, 2 * Sk, gen, device=DEV)[:, ::2]  # a strided mask
@@ -78,7 +89,7 @@ def test_fwd_strided_inputs(layout, dtype, D):
 
 @pytest.mark.parametrize("scale", [-0.2, 0.0, 2.5])
 @pytest.mark.parametrize("dtype", [F16, BF16, F32], ids=str)
-def test_fwd_scale_sign_and_zero(scale, dtype):
+def test_fwd_scale_sign_and_zero(scale, dtype, fwd_kernel):
     # The tensor-core kernel needs a positive scale internally; negative and zero scales go other ways.
     q, k, v, gen = _qkv(2, 45, 80, 2, 2, 64, dtype, seed=3)
     kv_mask = make_kv_mask(2, 80, gen, device=DEV)
@@ -86,7 +97,17 @@ def test_fwd_scale_sign_and_zero(scale, dtype):
     check_attention(out, lse, q, k, v, scale, True, kv_mask)
 
 
-def test_fwd_long_sequence_many_blocks():
+def test_fwd_kernel_knob_errors(monkeypatch):
+    q, k, v, _ = _qkv(1, 8, 8, 1, 1, 72, F16, seed=3)
+    monkeypatch.setenv("CP_ATTENTION_CUDA_FWD_KERNEL", "fastest")
+    with pytest.raises(ValueError, match="CP_ATTENTION_CUDA_FWD_KERNEL must be auto, mma or sm90"):
+        OPS.flash_attn_fwd(q, k, v, None, False, None)
+    monkeypatch.setenv("CP_ATTENTION_CUDA_FWD_KERNEL", "sm90")  # D = 72 has no wgmma kernel on any device
+    with pytest.raises(ValueError, match="D <= 64 or 96 < D <= 128"):
+        OPS.flash_attn_fwd(q, k, v, None, False, None)
+
+
+def test_fwd_long_sequence_many_blocks(fwd_kernel):
     # Many key blocks (online rescaling over dozens of steps) and many query blocks, causal.
     q, k, v, _ = _qkv(1, 1100, 1300, 2, 1, 128, BF16, seed=11)
     out, lse = OPS.flash_attn_fwd(q, k, v, None, True, None)
@@ -117,7 +138,7 @@ def _old_state(B, Sq, H, D, out_dtype, gen, strided):
 @pytest.mark.parametrize("strided", [False, True], ids=["dense", "strided"])
 @pytest.mark.parametrize("dtype,D,acc_dtype", [(F16, 64, F32), (BF16, 128, F32), (F16, 72, F16),
                                                (BF16, 256, BF16), (F32, 48, F32)], ids=str)
-def test_acc_merges_into_state(causal, strided, dtype, D, acc_dtype):
+def test_acc_merges_into_state(causal, strided, dtype, D, acc_dtype, fwd_kernel):
     B, Sq, Sk, H, Hkv = 2, 90, 60, 4, 2  # causal with Sq > Sk: the first 30 rows see no key
     q, k, v, gen = _qkv(B, Sq, Sk, H, Hkv, D, dtype, seed=D)
     kv_mask = make_kv_mask(B, Sk, gen, device=DEV)  # the last batch sees no key
@@ -148,7 +169,7 @@ def test_acc_merges_into_state(causal, strided, dtype, D, acc_dtype):
 
 @pytest.mark.parametrize("dtype,D", [(F16, 64), (BF16, 128), (F32, 32)], ids=str)
 @pytest.mark.parametrize("causal", [False, True], ids=["full", "causal"])
-def test_acc_chunks_equal_whole(dtype, D, causal):
+def test_acc_chunks_equal_whole(dtype, D, causal, fwd_kernel):
     # Accumulating every K/V chunk (empty ones too) from the empty state equals attention over all keys.
     # Under causal masking each chunk is cut into the kernel calls of the ring's plan (plan_chunk): band rows
     # with the kernel's bottom-right rule and the rows that see the whole chunk.

@@ -272,6 +272,28 @@ __device__ __forceinline__ int block_key_end(const FwdParams& p, int m0, int blo
   return static_cast<int>(end < 0 ? 0 : (end > p.Sk ? p.Sk : end));
 }
 
+// A 16-bit kernel's CTA: its (batch, head, first query row), how many key blocks it visits, and the global
+// bases of its Q rows, its kv head's K and V, and its batch's kv_mask row (nullptr: no mask).
+struct CtaTile {
+  int b, h, m0, n_blocks;
+  const uint16_t *qg, *kg, *vg;
+  const uint8_t* mrow;
+};
+
+__device__ __forceinline__ CtaTile cta_tile(const FwdParams& p, int block_m, int block_n) {
+  const CtaWork w = cta_work(p);
+  CtaTile c;
+  c.b = w.b;
+  c.h = w.h;
+  c.m0 = w.mb * block_m;
+  c.n_blocks = (block_key_end(p, c.m0, block_m) + block_n - 1) / block_n;
+  c.qg = static_cast<const uint16_t*>(p.q) + w.b * p.q_sb + static_cast<int64_t>(c.m0) * p.q_ss + w.h * p.q_sh;
+  c.kg = static_cast<const uint16_t*>(p.k) + w.b * p.k_sb + w.hk * p.k_sh;
+  c.vg = static_cast<const uint16_t*>(p.v) + w.b * p.v_sb + w.hk * p.v_sh;
+  c.mrow = p.mask != nullptr ? p.mask + w.b * p.m_sb : nullptr;
+  return c;
+}
+
 // Last key query row i may see (-1: none): Sk - 1, or under causal min(i + Sk - Sq, Sk - 1).
 __device__ __forceinline__ int row_key_limit(const FwdParams& p, int64_t i) {
   if (!p.causal) return p.Sk - 1;
@@ -322,12 +344,30 @@ struct TcTiles {
   using Cfg = TcConfig<kD, kBlockM, kBlockN, kMTiles>;
 };
 
-// Loads a kRows x kD tile (rows [0, rows) of g, columns [0, D), the rest zero) into shared memory with row
-// stride kStride. vec: 16-byte cp.async chunks (the caller must commit the group); else element loads.
-template <int kRows, int kD, int kThreads>
+// Shared-memory tile layouts: the element offset of (row r, column d0), d0 a multiple of 8 (one 16-byte
+// chunk). PaddedRows: rows of kD elements plus 16 bytes of padding (the ldmatrix kernel). Swizzled128:
+// the layout wgmma reads with 128-byte swizzling (flash_fwd_sm90_kernel.cuh): 64-column panels of kRows
+// rows of 128 bytes, one after the other, chunk c of row r stored at chunk c ^ (r % 8) of that row. The tile
+// must start 1024-byte aligned, since the hardware swizzles the address bits themselves.
+template <int kD>
+struct PaddedRows {
+  static constexpr int kStride = kD + 8;
+  __device__ __forceinline__ static int at(int r, int d0) { return r * kStride + d0; }
+};
+
+template <int kRows>
+struct Swizzled128 {
+  __device__ __forceinline__ static int at(int r, int d0) {
+    return (d0 >> 6) * (kRows * 64) + r * 64 + ((((d0 >> 3) & 7) ^ (r & 7)) << 3);
+  }
+};
+
+// Loads a kRows x kD tile (rows [0, rows) of g, columns [0, D), the rest zero) into shared memory laid out
+// by Layout. vec: 16-byte cp.async chunks (the caller must commit the group); else element loads.
+template <int kRows, int kD, int kThreads, typename Layout = PaddedRows<kD>>
 __device__ __forceinline__ void load_tile(uint16_t* s, const uint16_t* g, int64_t row_stride, int rows, int D,
                                           bool vec, int tid) {
-  constexpr int kChunksPerRow = kD / 8, kChunks = kRows * kChunksPerRow, kStride = kD + 8;
+  constexpr int kChunksPerRow = kD / 8, kChunks = kRows * kChunksPerRow;
   static_assert(kChunks % kThreads == 0, "every thread copies the same number of chunks");
   if (vec) {
     // vec implies D % 8 == 0, so a chunk is wholly inside or outside the row. Out-of-range chunks copy 0
@@ -344,17 +384,17 @@ __device__ __forceinline__ void load_tile(uint16_t* s, const uint16_t* g, int64_
       for (int i = 0; i < kChunks / kThreads; ++i) {
         const int r = r0 + i * kRowStep;
         const bool in = col_in && r < rows;
-        cp_async_16(smem_u32(s + r * kStride + d0), in ? src : g, in ? 16 : 0);
+        cp_async_16(smem_u32(s + Layout::at(r, d0)), in ? src : g, in ? 16 : 0);
         src += kRowStep * row_stride;
       }
-      return;
-    }
+    } else {
 #pragma unroll
-    for (int i = 0; i < kChunks / kThreads; ++i) {
-      const int c = tid + i * kThreads;
-      const int r = c / kChunksPerRow, d0 = (c % kChunksPerRow) * 8;
-      const bool in = r < rows && d0 < D;
-      cp_async_16(smem_u32(s + r * kStride + d0), in ? g + r * row_stride + d0 : g, in ? 16 : 0);
+      for (int i = 0; i < kChunks / kThreads; ++i) {
+        const int c = tid + i * kThreads;
+        const int r = c / kChunksPerRow, d0 = (c % kChunksPerRow) * 8;
+        const bool in = r < rows && d0 < D;
+        cp_async_16(smem_u32(s + Layout::at(r, d0)), in ? g + r * row_stride + d0 : g, in ? 16 : 0);
+      }
     }
   } else {
     // Unaligned rows or D % 8 != 0: element loads, one chunk at a time (unrolling would keep every chunk's
@@ -372,14 +412,147 @@ __device__ __forceinline__ void load_tile(uint16_t* s, const uint16_t* g, int64_
       w.y = x[2] | (static_cast<uint32_t>(x[3]) << 16);
       w.z = x[4] | (static_cast<uint32_t>(x[5]) << 16);
       w.w = x[6] | (static_cast<uint32_t>(x[7]) << 16);
-      *reinterpret_cast<uint4*>(s + r * kStride + d0) = w;
+      *reinterpret_cast<uint4*>(s + Layout::at(r, d0)) = w;
     }
   }
+}
+
+// Issues the loads of key block [n0, n0 + kBlockN) of K and V into one stage of their shared buffers (the
+// caller commits the cp.async group).
+template <int kBlockN, int kD, int kThreads, typename Layout = PaddedRows<kD>>
+__device__ __forceinline__ void load_kv_block(uint16_t* sk, uint16_t* sv, const uint16_t* kg, const uint16_t* vg,
+                                              const FwdParams& p, int n0, int tid) {
+  const int rows = min(kBlockN, p.Sk - n0);
+  load_tile<kBlockN, kD, kThreads, Layout>(sk, kg + n0 * p.k_ss, p.k_ss, rows, p.D, p.k_vec, tid);
+  load_tile<kBlockN, kD, kThreads, Layout>(sv, vg + n0 * p.v_ss, p.v_ss, rows, p.D, p.v_vec, tid);
 }
 
 template <typename T>
 __device__ __forceinline__ uint32_t pack_rn(float a, float b) {
   return cuda_util::detail::pack2(a, b, T{});  // a in the low half: the lower column index
+}
+
+// The per-key-block steps both tensor-core kernels share (this one and flash_fwd_sm90_kernel.cuh). They work
+// on one 16-row tile of S and O in the accumulator layout of mma.sync m16n8k16, which wgmma's m64nNk16 also
+// gives each warp for its 16 rows: s[nt][2 r + e] is (row g + 8 r, key n0 + 8 nt + 2 tq + e), o[dt][2 r + e]
+// the same rows at columns 8 dt + 2 tq + e.
+
+// kv_mask bits of this lane's keys: bit 2 nt + e is key n0 + 8 nt + 2 tq + e (keys past Sk read as masked).
+template <int kNTiles>
+__device__ __forceinline__ uint32_t kv_mask_bits(const FwdParams& p, const uint8_t* mrow, int n0, int tq) {
+  if (mrow == nullptr) return 0xffffffffu;
+  uint32_t bits = 0;
+#pragma unroll
+  for (int nt = 0; nt < kNTiles; ++nt) {
+#pragma unroll
+    for (int e = 0; e < 2; ++e) {
+      const int j = n0 + nt * 8 + 2 * tq + e;
+      if (j < p.Sk && mrow[static_cast<int64_t>(j) * p.m_ss] != 0) bits |= 1u << (2 * nt + e);
+    }
+  }
+  return bits;
+}
+
+// Sets the scores of keys a row may not see to -inf: past its causal limit or Sk, or masked out. row: the
+// tile's row g (row g + 8 is its second half).
+template <int kNTiles>
+__device__ __forceinline__ void mask_scores(float (&s)[kNTiles][4], const FwdParams& p, int64_t row, int n0,
+                                            int tq, uint32_t mbits) {
+#pragma unroll
+  for (int r = 0; r < 2; ++r) {
+    // Recomputed per masked block rather than kept: registers are the scarce resource here.
+    const int lim = row_key_limit(p, row + 8 * r);
+#pragma unroll
+    for (int nt = 0; nt < kNTiles; ++nt) {
+#pragma unroll
+      for (int e = 0; e < 2; ++e) {
+        const int j = n0 + nt * 8 + 2 * tq + e;
+        if (j > lim || ((mbits >> (2 * nt + e)) & 1u) == 0) s[nt][2 * r + e] = kNegInf;
+      }
+    }
+  }
+}
+
+// Online softmax on raw scores: c = scale_log2 > 0 (the host makes it so), hence max(s) * c = max(s * c) and
+// p = 2^(s c - m) is one FFMA and one MUFU per score. Replaces s by p, updates the running max m and this
+// lane's part of the running sum l, and rescales o.
+template <int kNTiles, int kDTiles>
+__device__ __forceinline__ void softmax_step(float (&s)[kNTiles][4], float (&o)[kDTiles][4], float (&row_m)[2],
+                                             float (&row_l)[2], float c) {
+#pragma unroll
+  for (int r = 0; r < 2; ++r) {
+    float mx = kNegInf;
+#pragma unroll
+    for (int nt = 0; nt < kNTiles; ++nt) mx = fmaxf(mx, fmaxf(s[nt][2 * r], s[nt][2 * r + 1]));
+    // The quad's four lanes hold the row's columns.
+    mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, 1));
+    mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, 2));
+    const float m_new = fmaxf(row_m[r], mx * c);
+    // A row that has seen no visible key yet keeps m = -inf; exponentiating against 0 then gives 0 for its
+    // (all -inf) scores instead of NaN from -inf - -inf.
+    const float m_use = m_new == kNegInf ? 0.f : m_new;
+    const float alpha = fast_exp2(row_m[r] - m_use);
+    row_m[r] = m_new;
+    float sum = 0.f;
+#pragma unroll
+    for (int nt = 0; nt < kNTiles; ++nt) {
+#pragma unroll
+      for (int e = 0; e < 2; ++e) {
+        const float pe = fast_exp2(fmaf(s[nt][2 * r + e], c, -m_use));
+        s[nt][2 * r + e] = pe;
+        sum += pe;
+      }
+    }
+    row_l[r] = row_l[r] * alpha + sum;
+#pragma unroll
+    for (int dt = 0; dt < kDTiles; ++dt) {
+      o[dt][2 * r] *= alpha;
+      o[dt][2 * r + 1] *= alpha;
+    }
+  }
+}
+
+// The A fragment (m16n8k16 layout, 16-bit) of P for keys [16 kk, 16 kk + 16): S's n-tiles 2 kk and 2 kk + 1
+// as they lie in the accumulators (C layout row g / g + 8, cols 2t, 2t + 1 = A layout of a0..a3).
+template <typename T, int kNTiles>
+__device__ __forceinline__ void pack_p(uint32_t (&a)[4], const float (&s)[kNTiles][4], int kk) {
+  a[0] = pack_rn<T>(s[2 * kk][0], s[2 * kk][1]);
+  a[1] = pack_rn<T>(s[2 * kk][2], s[2 * kk][3]);
+  a[2] = pack_rn<T>(s[2 * kk + 1][0], s[2 * kk + 1][1]);
+  a[3] = pack_rn<T>(s[2 * kk + 1][2], s[2 * kk + 1][3]);
+}
+
+// Epilogue of one 16-row tile: normalizes o, then writes or merges it into (out, lse). row: the tile's row g.
+// Every lane of the warp must call this together (finish_row shuffles).
+template <typename T, int kDTiles>
+__device__ __forceinline__ void store_rows(const FwdParams& p, int b, int h, int64_t row,
+                                           const float (&o)[kDTiles][4], const float (&row_m)[2],
+                                           const float (&row_l)[2], int lane) {
+  const int tq = lane & 3;
+#pragma unroll
+  for (int r = 0; r < 2; ++r) {
+    float l = row_l[r];
+    l += __shfl_xor_sync(0xffffffffu, l, 1);
+    l += __shfl_xor_sync(0xffffffffu, l, 2);
+    const int64_t i = row + 8 * r;
+    // The quad's first lane leads the row.
+    const RowEnd e = finish_row(p, b, h, i, l, row_m[r], tq == 0, lane & ~3);
+    if (!e.write) continue;
+    const RowPlan& pl = e.plan;
+    const float inv = e.inv;
+    const int64_t orow = b * p.o_sb + i * p.o_ss + h * p.o_sh;
+    if (p.out_f32) {
+      float* op = static_cast<float*>(p.out) + orow;
+#pragma unroll
+      for (int dt = 0; dt < kDTiles; ++dt)
+        write_two(op, p.o_sd, p.out_pair, dt * 8 + 2 * tq, p.D, o[dt][2 * r] * inv, o[dt][2 * r + 1] * inv, pl);
+    } else {
+      T* op = static_cast<T*>(p.out) + orow;
+#pragma unroll
+      for (int dt = 0; dt < kDTiles; ++dt)
+        write_two(op, p.o_sd, p.out_pair, dt * 8 + 2 * tq, p.D, o[dt][2 * r] * inv, o[dt][2 * r + 1] * inv, pl);
+    }
+  }
 }
 
 template <typename T, typename Cfg, int kMinBlocks>
@@ -398,16 +571,10 @@ __global__ void __launch_bounds__(Cfg::kThreads, kMinBlocks) flash_fwd_tc_kernel
   const int warp = tid >> 5, lane = tid & 31;
   const int g = lane >> 2, tq = lane & 3;
 
-  const CtaWork w = cta_work(p);
-  const int b = w.b, h = w.h, hk = w.hk;
-  const int m0 = w.mb * kBlockM;
-  const int n_end = block_key_end(p, m0, kBlockM);
-  const int n_blocks = (n_end + kBlockN - 1) / kBlockN;
-
-  const uint16_t* qg = static_cast<const uint16_t*>(p.q) + b * p.q_sb + static_cast<int64_t>(m0) * p.q_ss + h * p.q_sh;
-  const uint16_t* kg = static_cast<const uint16_t*>(p.k) + b * p.k_sb + hk * p.k_sh;
-  const uint16_t* vg = static_cast<const uint16_t*>(p.v) + b * p.v_sb + hk * p.v_sh;
-  const uint8_t* mrow = p.mask != nullptr ? p.mask + b * p.m_sb : nullptr;
+  const CtaTile c = cta_tile(p, kBlockM, kBlockN);
+  const int b = c.b, h = c.h, m0 = c.m0, n_blocks = c.n_blocks;
+  const uint16_t *qg = c.qg, *kg = c.kg, *vg = c.vg;
+  const uint8_t* mrow = c.mrow;
 
   // This thread's rows: (m-tile mt, half r) is block row warp * kWarpRows + 16 mt + g + 8 r.
   const int64_t row0 = static_cast<int64_t>(m0) + warp * Cfg::kWarpRows + g;
@@ -443,8 +610,7 @@ __global__ void __launch_bounds__(Cfg::kThreads, kMinBlocks) flash_fwd_tc_kernel
   if (n_blocks > 0) {
     load_tile<kBlockM, kD, kThreads>(sQ, qg, p.q_ss, min(kBlockM, p.Sq - m0), p.D, p.q_vec, tid);
     cp_async_commit();
-    load_tile<kBlockN, kD, kThreads>(sK, kg, p.k_ss, min(kBlockN, p.Sk), p.D, p.k_vec, tid);
-    load_tile<kBlockN, kD, kThreads>(sV, vg, p.v_ss, min(kBlockN, p.Sk), p.D, p.v_vec, tid);
+    load_kv_block<kBlockN, kD, kThreads>(sK, sV, kg, vg, p, 0, tid);
     cp_async_commit();
     if constexpr (kQInRegs) {
       cp_async_wait<1>();  // Q has landed (K/V block 0 may still be in flight)
@@ -464,12 +630,8 @@ __global__ void __launch_bounds__(Cfg::kThreads, kMinBlocks) flash_fwd_tc_kernel
     if (it + 1 < n_blocks) {
       // Prefetch the next block into the other stage; the barrier that ended the previous iteration
       // guarantees every warp is done reading it.
-      const int n1 = n0 + kBlockN;
-      const int rows = min(kBlockN, p.Sk - n1);
-      load_tile<kBlockN, kD, kThreads>(sK + (st ^ 1) * Cfg::kKVElems, kg + n1 * p.k_ss, p.k_ss, rows, p.D,
-                                       p.k_vec, tid);
-      load_tile<kBlockN, kD, kThreads>(sV + (st ^ 1) * Cfg::kKVElems, vg + n1 * p.v_ss, p.v_ss, rows, p.D,
-                                       p.v_vec, tid);
+      load_kv_block<kBlockN, kD, kThreads>(sK + (st ^ 1) * Cfg::kKVElems, sV + (st ^ 1) * Cfg::kKVElems, kg, vg,
+                                           p, n0 + kBlockN, tid);
       cp_async_commit();
       cp_async_wait<1>();
     } else {
@@ -477,20 +639,8 @@ __global__ void __launch_bounds__(Cfg::kThreads, kMinBlocks) flash_fwd_tc_kernel
     }
     __syncthreads();
 
-    // kv_mask bits of this lane's columns: bit 2 * nt + e is key n0 + 8 nt + 2 tq + e. Issued before the
-    // matrix products so the loads overlap them.
-    uint32_t mbits = 0xffffffffu;
-    if (mrow != nullptr) {
-      mbits = 0;
-#pragma unroll
-      for (int nt = 0; nt < kNTiles; ++nt) {
-#pragma unroll
-        for (int e = 0; e < 2; ++e) {
-          const int j = n0 + nt * 8 + 2 * tq + e;
-          if (j < p.Sk && mrow[static_cast<int64_t>(j) * p.m_ss] != 0) mbits |= 1u << (2 * nt + e);
-        }
-      }
-    }
+    // Issued before the matrix products so the mask loads overlap them.
+    const uint32_t mbits = kv_mask_bits<kNTiles>(p, mrow, n0, tq);
     const bool need_mask = mrow != nullptr || n0 + kBlockN - 1 > block_lim;
 
     // S = Q K^T over this block: kWarpRows x kBlockN per warp. Each K fragment serves every m-tile.
@@ -528,75 +678,18 @@ __global__ void __launch_bounds__(Cfg::kThreads, kMinBlocks) flash_fwd_tc_kernel
     // Masking, in the key blocks that need it only (a block-uniform branch, not per-element predication).
     if (need_mask) {
 #pragma unroll
-      for (int mt = 0; mt < kMT; ++mt) {
-#pragma unroll
-        for (int r = 0; r < 2; ++r) {
-          // Recomputed per masked block rather than kept: registers are the scarce resource here.
-          const int lim = row_key_limit(p, row0 + 16 * mt + 8 * r);
-#pragma unroll
-          for (int nt = 0; nt < kNTiles; ++nt) {
-#pragma unroll
-            for (int e = 0; e < 2; ++e) {
-              const int j = n0 + nt * 8 + 2 * tq + e;
-              if (j > lim || ((mbits >> (2 * nt + e)) & 1u) == 0) s[mt][nt][2 * r + e] = kNegInf;
-            }
-          }
-        }
-      }
+      for (int mt = 0; mt < kMT; ++mt) mask_scores<kNTiles>(s[mt], p, row0 + 16 * mt, n0, tq, mbits);
     }
+#pragma unroll
+    for (int mt = 0; mt < kMT; ++mt)
+      softmax_step<kNTiles, kDTiles>(s[mt], o[mt], row_m[mt], row_l[mt], p.scale_log2);
 
-    // Online softmax on raw scores: scale_log2 > 0 (the host makes it so), hence max(s) * c = max(s * c) and
-    // p = 2^(s c - m) is one FFMA and one MUFU per score. Row (mt, r) of this lane has the columns
-    // s[mt][nt][2 r + e].
-    const float c = p.scale_log2;
-#pragma unroll
-    for (int mt = 0; mt < kMT; ++mt) {
-#pragma unroll
-      for (int r = 0; r < 2; ++r) {
-        float mx = kNegInf;
-#pragma unroll
-        for (int nt = 0; nt < kNTiles; ++nt) mx = fmaxf(mx, fmaxf(s[mt][nt][2 * r], s[mt][nt][2 * r + 1]));
-        // The quad's four lanes hold the row's columns.
-        mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, 1));
-        mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, 2));
-        const float m_new = fmaxf(row_m[mt][r], mx * c);
-        // A row that has seen no visible key yet keeps m = -inf; exponentiating against 0 then gives 0 for
-        // its (all -inf) scores instead of NaN from -inf - -inf.
-        const float m_use = m_new == kNegInf ? 0.f : m_new;
-        const float alpha = fast_exp2(row_m[mt][r] - m_use);
-        row_m[mt][r] = m_new;
-        float sum = 0.f;
-#pragma unroll
-        for (int nt = 0; nt < kNTiles; ++nt) {
-#pragma unroll
-          for (int e = 0; e < 2; ++e) {
-            const float pe = fast_exp2(fmaf(s[mt][nt][2 * r + e], c, -m_use));
-            s[mt][nt][2 * r + e] = pe;
-            sum += pe;
-          }
-        }
-        row_l[mt][r] = row_l[mt][r] * alpha + sum;
-#pragma unroll
-        for (int dt = 0; dt < kDTiles; ++dt) {
-          o[mt][dt][2 * r] *= alpha;
-          o[mt][dt][2 * r + 1] *= alpha;
-        }
-      }
-    }
-
-    // O += P V. The A fragment of keys [16 kk, 16 kk + 16) is S's n-tiles 2 kk and 2 kk + 1 as they lie in
-    // the accumulators (C layout row g / g + 8, cols 2t, 2t + 1 = A layout of a0..a3). Each V fragment
-    // serves every m-tile.
+    // O += P V, P straight from the S accumulators (pack_p). Each V fragment serves every m-tile.
 #pragma unroll
     for (int kk = 0; kk < kBlockN / 16; ++kk) {
       uint32_t a[kMT][4];
 #pragma unroll
-      for (int mt = 0; mt < kMT; ++mt) {
-        a[mt][0] = pack_rn<T>(s[mt][2 * kk][0], s[mt][2 * kk][1]);
-        a[mt][1] = pack_rn<T>(s[mt][2 * kk][2], s[mt][2 * kk][3]);
-        a[mt][2] = pack_rn<T>(s[mt][2 * kk + 1][0], s[mt][2 * kk + 1][1]);
-        a[mt][3] = pack_rn<T>(s[mt][2 * kk + 1][2], s[mt][2 * kk + 1][3]);
-      }
+      for (int mt = 0; mt < kMT; ++mt) pack_p<T, kNTiles>(a[mt], s[mt], kk);
 #pragma unroll
       for (int dp = 0; dp < kD / 16; ++dp) {
         uint32_t bv[4];
@@ -613,34 +706,8 @@ __global__ void __launch_bounds__(Cfg::kThreads, kMinBlocks) flash_fwd_tc_kernel
 
   // Epilogue: normalize, then write or merge into (out, lse).
 #pragma unroll
-  for (int mt = 0; mt < kMT; ++mt) {
-#pragma unroll
-    for (int r = 0; r < 2; ++r) {
-      float l = row_l[mt][r];
-      l += __shfl_xor_sync(0xffffffffu, l, 1);
-      l += __shfl_xor_sync(0xffffffffu, l, 2);
-      const int64_t i = row0 + 16 * mt + 8 * r;
-      // The quad's first lane leads the row.
-      const RowEnd e = finish_row(p, b, h, i, l, row_m[mt][r], tq == 0, lane & ~3);
-      if (!e.write) continue;
-      const RowPlan& pl = e.plan;
-      const float inv = e.inv;
-      const int64_t orow = b * p.o_sb + i * p.o_ss + h * p.o_sh;
-      if (p.out_f32) {
-        float* op = static_cast<float*>(p.out) + orow;
-#pragma unroll
-        for (int dt = 0; dt < kDTiles; ++dt)
-          write_two(op, p.o_sd, p.out_pair, dt * 8 + 2 * tq, p.D, o[mt][dt][2 * r] * inv, o[mt][dt][2 * r + 1] * inv,
-                    pl);
-      } else {
-        T* op = static_cast<T*>(p.out) + orow;
-#pragma unroll
-        for (int dt = 0; dt < kDTiles; ++dt)
-          write_two(op, p.o_sd, p.out_pair, dt * 8 + 2 * tq, p.D, o[mt][dt][2 * r] * inv, o[mt][dt][2 * r + 1] * inv,
-                    pl);
-      }
-    }
-  }
+  for (int mt = 0; mt < kMT; ++mt)
+    store_rows<T, kDTiles>(p, b, h, row0 + 16 * mt, o[mt], row_m[mt], row_l[mt], lane);
 }
 
 }  // namespace flash

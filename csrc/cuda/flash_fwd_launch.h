@@ -15,6 +15,12 @@ namespace flash {
 template <typename T, int kD>
 void launch_fwd_tc(const char* op, FwdParams p, cudaStream_t stream);
 
+// Launches the Hopper wgmma kernel (flash_fwd_sm90_kernel.cuh) for T in {__half, __nv_bfloat16} and kD in
+// {64, 128}; only for sm_90 devices and builds that hold sm_90a code (instantiated in
+// flash_fwd_sm90_hdim<kD>.cu). Sets p.n_mblocks.
+template <typename T, int kD>
+void launch_fwd_sm90(const char* op, FwdParams p, cudaStream_t stream);
+
 // Launches the float32 SIMT kernel (flash_fwd_f32.cu). Sets p.n_mblocks.
 void launch_fwd_f32(const char* op, FwdParams p, cudaStream_t stream);
 

@@ -12,6 +12,7 @@
 #include "cuda/cuda_utils.cuh"
 #include "cuda/flash_fwd_kernel.cuh"
 #include "cuda/flash_fwd_launch.h"
+#include "cuda/flash_fwd_sm90_kernel.cuh"
 
 namespace cp_attention {
 namespace flash {
@@ -46,6 +47,17 @@ void launch_fwd_tc(const char* op, FwdParams p, cudaStream_t stream) {
   C10_CUDA_KERNEL_LAUNCH_CHECK();
 }
 
+template <typename T, int kD>
+void launch_fwd_sm90(const char* op, FwdParams p, cudaStream_t stream) {
+  using Tl = Sm90Tiles<kD>;
+  p.n_mblocks = static_cast<int>(cuda_util::ceil_div(p.Sq, Tl::kBlockM));
+  const unsigned int grid = grid_size(op, p);
+  auto kernel = flash_fwd_sm90_kernel<T, kD>;
+  allow_smem(kernel, Tl::kSmemBytes);
+  kernel<<<grid, Tl::kThreads, Tl::kSmemBytes, stream>>>(p);
+  C10_CUDA_KERNEL_LAUNCH_CHECK();
+}
+
 }  // namespace flash
 }  // namespace cp_attention
 
@@ -54,4 +66,11 @@ void launch_fwd_tc(const char* op, FwdParams p, cudaStream_t stream) {
   template void cp_attention::flash::launch_fwd_tc<__half, kD>(const char*, cp_attention::flash::FwdParams, \
                                                                cudaStream_t);                          \
   template void cp_attention::flash::launch_fwd_tc<__nv_bfloat16, kD>(                                 \
+      const char*, cp_attention::flash::FwdParams, cudaStream_t);
+
+#define CP_ATTENTION_INSTANTIATE_FWD_SM90(kD)                                                            \
+  template void cp_attention::flash::launch_fwd_sm90<__half, kD>(const char*,                            \
+                                                                 cp_attention::flash::FwdParams,         \
+                                                                 cudaStream_t);                          \
+  template void cp_attention::flash::launch_fwd_sm90<__nv_bfloat16, kD>(                                 \
       const char*, cp_attention::flash::FwdParams, cudaStream_t);

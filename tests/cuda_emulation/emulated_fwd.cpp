@@ -1,11 +1,14 @@
-// The CUDA flash-attention kernels (tensor-core: csrc/cuda/flash_fwd_kernel.cuh; float32 SIMT:
-// flash_fwd_f32_kernel.cuh), compiled for the CPU with lane_emulation.h and run CTA by CTA, one real thread
-// per CUDA thread, on CPU tensors. The parameters come from the CUDA op's own host code
-// (flash_fwd_params.h), the tiles from the kernels' own constants: only the launch differs.
+// The CUDA flash-attention kernels (tensor-core: csrc/cuda/flash_fwd_kernel.cuh; Hopper wgmma:
+// flash_fwd_sm90_kernel.cuh; float32 SIMT: flash_fwd_f32_kernel.cuh), compiled for the CPU with
+// lane_emulation.h and run CTA by CTA, one real thread per CUDA thread, on CPU tensors. The parameters
+// come from the CUDA op's own host code (flash_fwd_params.h), the tiles from the kernels' own constants:
+// only the launch differs.
 #include <torch/extension.h>
 
 #include <atomic>
+#include <mutex>
 #include <optional>
+#include <string>
 #include <thread>
 #include <vector>
 
@@ -15,11 +18,12 @@
 #include "cuda/flash_fwd_f32_kernel.cuh"
 #include "cuda/flash_fwd_kernel.cuh"
 #include "cuda/flash_fwd_params.h"
+#include "cuda/flash_fwd_sm90_kernel.cuh"
 
 namespace cp_attention {
 namespace flash {
 // The kernel's `extern __shared__` buffer; CTAs run one at a time, so one buffer serves them all.
-alignas(128) unsigned char smem_raw[256 * 1024];
+alignas(1024) unsigned char smem_raw[256 * 1024];
 }  // namespace flash
 }  // namespace cp_attention
 
@@ -37,21 +41,30 @@ void run_grid(Kernel kernel, const FwdParams& p, int grid, int threads, size_t s
     std::memset(cp_attention::flash::smem_raw, 0xff, smem_bytes);
     emu::Cta cta(threads, cp_attention::flash::smem_raw);
     std::atomic<bool> stalled{false};
+    std::mutex error_mu;
+    std::string error;
     std::vector<std::thread> pool;
     pool.reserve(threads);
     for (int t = 0; t < threads; ++t) {
-      pool.emplace_back([&cta, &p, &kernel, &stalled, t, block] {
+      pool.emplace_back([&cta, &p, &kernel, &stalled, &error_mu, &error, t, block] {
         emu::tls_cta = &cta;
         emu::tls_thread_idx = uint3{static_cast<unsigned>(t), 0, 0};
         emu::tls_block_idx = uint3{static_cast<unsigned>(block), 0, 0};
         try {
           kernel(p);
+          if (!emu::tls_wgmma_ops.empty()) throw std::runtime_error("a wgmma was issued but never waited for");
         } catch (const emu::Stalled&) {
+          stalled = true;
+        } catch (const std::exception& e) {
+          // Recorded, not rethrown: the thread's warp and CTA barriers then stall the others, which leave.
+          std::lock_guard<std::mutex> lock(error_mu);
+          if (error.empty()) error = e.what();
           stalled = true;
         }
       });
     }
     for (auto& th : pool) th.join();
+    TORCH_CHECK(error.empty(), "emulated kernel failed in CTA ", block, ": ", error);
     TORCH_CHECK(!stalled, "emulated kernel stalled in CTA ", block, ": ", emu::Stalled().what());
   }
 }
@@ -65,10 +78,25 @@ void run_tc(FwdParams p) {
            Cfg::kThreads, Cfg::kSmemBytes);
 }
 
+template <typename T, int kD>
+void run_sm90(FwdParams p) {
+  using Tl = cp_attention::flash::Sm90Tiles<kD>;
+  p.n_mblocks = static_cast<int>((p.Sq + Tl::kBlockM - 1) / Tl::kBlockM);
+  run_grid(cp_attention::flash::flash_fwd_sm90_kernel<T, kD>, p, p.B * p.H * p.n_mblocks, Tl::kThreads,
+           Tl::kSmemBytes);
+}
+
 void run_f32(FwdParams p) {
   namespace fl = cp_attention::flash;
   p.n_mblocks = static_cast<int>((p.Sq + fl::kF32BlockM - 1) / fl::kF32BlockM);
   run_grid(fl::flash_fwd_f32_kernel, p, p.B * p.H * p.n_mblocks, fl::kF32Threads, fl::f32_smem_bytes(p.D));
+}
+
+template <typename T>
+void dispatch_sm90(const FwdParams& p) {
+  TORCH_CHECK(p.D <= 64 || (p.D > 96 && p.D <= 128), "the sm90 kernel takes D <= 64 or 96 < D <= 128, got ", p.D);
+  if (p.D <= 64) run_sm90<T, 64>(p);
+  else run_sm90<T, 128>(p);
 }
 
 template <typename T>
@@ -83,20 +111,24 @@ void dispatch(const FwdParams& p) {
 // out [B, Sq, H, D] and lse [B, H, Sq] are written, or with accumulate merged into, as the CUDA op does.
 void flash_fwd(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, const at::Tensor& out,
                const at::Tensor& lse, const std::optional<at::Tensor>& kv_mask, std::optional<double> scale,
-               bool causal, bool accumulate) {
+               bool causal, bool accumulate, const std::string& kernel) {
   constexpr const char* op = "emulated flash_attn_fwd";
   const cp_attention::AttnDims d = cp_attention::check_attn_inputs(op, q, k, v, kv_mask);
   if (d.B * d.H * d.Sq == 0) return;
   at::Tensor q_used;
   const FwdParams p = cp_attention::flash::make_fwd_params(op, d, q, k, v, out, lse, scale, causal, kv_mask,
                                                            accumulate, q_used);
-  if (q.scalar_type() == at::kHalf) dispatch<__half>(p);
-  else if (q.scalar_type() == at::kBFloat16) dispatch<__nv_bfloat16>(p);
+  TORCH_CHECK(kernel == "mma" || kernel == "sm90", "kernel must be 'mma' or 'sm90', got '", kernel, "'");
+  const bool sm90 = kernel == "sm90";
+  if (q.scalar_type() == at::kHalf) sm90 ? dispatch_sm90<__half>(p) : dispatch<__half>(p);
+  else if (q.scalar_type() == at::kBFloat16) sm90 ? dispatch_sm90<__nv_bfloat16>(p) : dispatch<__nv_bfloat16>(p);
   else run_f32(p);  // float32: the SIMT kernel, as the CUDA op dispatches
 }
 
 }  // namespace
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
-  m.def("flash_fwd", &flash_fwd, "the CUDA flash forward (tensor-core or float32 kernel), emulated on CPU tensors");
+  m.def("flash_fwd", &flash_fwd,
+        "the CUDA flash forward (kernel 'mma': the mma.sync one, 'sm90': the wgmma one; float32 always takes the "
+        "SIMT kernel), emulated on CPU tensors");
 }

@@ -7,6 +7,13 @@
 // copies at once (its data landing early is one of the orders the hardware allows). __syncthreads is a
 // barrier of the CTA's threads. Fragment layouts are those quoted at the top of flash_fwd_kernel.cuh.
 //
+// wgmma (the sm_90a kernel, flash_fwd_sm90_kernel.cuh) reads its shared-memory operands through matrix
+// descriptors, decoded here from the PTX ISA's canonical layouts (128-byte swizzle only; anything else is
+// refused). An issued wgmma waits in its thread's queue and completes at the wgmma_wait that retires its
+// group: the latest moment the hardware may complete it. It reads its operands (shared memory, the A
+// registers, the accumulators) only then, so a kernel that touches any of them before that wait computes
+// wrong results here, as it could on the GPU.
+//
 // Included by the kernel header in place of its PTX wrappers when CP_ATTENTION_LANE_EMULATION is defined,
 // and by the emulation's own sources before any kernel header (cuda_utils.cuh needs the built-ins below).
 #pragma once
@@ -23,6 +30,8 @@
 #include <memory>
 #include <mutex>
 #include <stdexcept>
+#include <type_traits>
+#include <vector>
 
 namespace cp_attention {
 namespace lane_emulation {
@@ -181,6 +190,124 @@ inline void mma_16816(float (&c)[4], const uint32_t (&a)[4], uint32_t b0, uint32
     for (int k = 0; k < 16; ++k) dot += static_cast<double>(A[row][k]) * B[k][col];
     c[e] = static_cast<float>(static_cast<double>(c[e]) + dot);
   }
+}
+
+// ---------------------------------------------------------------------------------------------------------
+// wgmma.
+
+struct WgmmaOp {
+  float* d;         // the issuing thread's accumulators, n_tiles x 4
+  int n_tiles;      // N / 8
+  const uint32_t* a;  // A from the issuing thread's registers (read at completion), else nullptr: by
+                      // descriptor desc_a (K-major)
+  uint64_t desc_a, desc_b;
+  bool trans_b;     // B read N-major (imm-trans-b = 1), else K-major
+  bool accumulate;  // scale-d != 0
+  bool bf16;
+};
+
+inline thread_local std::vector<WgmmaOp> tls_wgmma_ops;      // issued, not yet completed
+inline thread_local std::vector<size_t> tls_wgmma_groups;    // ops issued up to each commit, oldest first
+
+struct BadDescriptor : std::runtime_error {
+  using std::runtime_error::runtime_error;
+};
+
+// Shared-memory byte address of element (mn, k) of a 16-bit wgmma operand (mn: its M or N index, k < 16)
+// under a 128-byte-swizzle descriptor. In 16-byte units the canonical layouts are, for K-major,
+// ((8, m), 2) : ((8, SBO), 1), and for M/N-major ((8, n), (8, k)) : ((1, LBO), (8, SBO)), eight 16-bit
+// elements per unit; the swizzle then XORs address bits 4-6 with bits 7-9.
+inline uint32_t wgmma_elem_addr(uint64_t desc, bool mn_major, int mn, int k) {
+  const uint32_t start = static_cast<uint32_t>(desc & 0x3FFFu) << 4;
+  const uint32_t lbo = static_cast<uint32_t>((desc >> 16) & 0x3FFFu) << 4;
+  const uint32_t sbo = static_cast<uint32_t>((desc >> 32) & 0x3FFFu) << 4;
+  if ((desc >> 62) != 1 || ((desc >> 49) & 7u) != 0)
+    throw BadDescriptor("emulated wgmma: only the 128-byte swizzle with base offset 0 is modelled");
+  uint32_t off;
+  if (mn_major) {
+    off = static_cast<uint32_t>(mn % 64) * 2 + static_cast<uint32_t>(mn / 64) * lbo +
+          static_cast<uint32_t>(k % 8) * 128 + static_cast<uint32_t>(k / 8) * sbo;
+  } else {
+    off = static_cast<uint32_t>(mn % 8) * 128 + static_cast<uint32_t>(mn / 8) * sbo + static_cast<uint32_t>(k) * 2;
+  }
+  const uint32_t addr = start + off;
+  return addr ^ (((addr >> 7) & 7u) << 4);
+}
+
+inline float bits_to_float(uint32_t bits, bool bf16) {
+  return bf16 ? half_bits_to_float(bits, __nv_bfloat16{}) : half_bits_to_float(bits, __half{});
+}
+
+// Completes one wgmma for this thread: its accumulators (rows 16 w + g and + 8 of the warpgroup's 64, w
+// the warp within the warpgroup; columns 8 i + 2 t, + 1) get the dot products over k < 16, in double,
+// rounded once to float. A from registers comes from the warp's lanes in the m16n8k16 A layout.
+inline void wgmma_run(const WgmmaOp& op) {
+  const int l = lane_id(), g = l / 4, t = l % 4;
+  const int wrow = 16 * static_cast<int>((tls_thread_idx.x >> 5) & 3);
+  float A[16][16];
+  if (op.a != nullptr) {
+    Warp& w = this_warp();
+    for (int i = 0; i < 4; ++i) w.words[l][i] = op.a[i];
+    w.bar.arrive_and_wait();
+    for (int lane = 0; lane < 32; ++lane) {
+      const int lg = lane / 4, lt = lane % 4;
+      const uint32_t* x = w.words[lane];
+      for (int half = 0; half < 2; ++half) {
+        const int shift = 16 * half;
+        A[lg][2 * lt + half] = bits_to_float(x[0] >> shift, op.bf16);
+        A[lg + 8][2 * lt + half] = bits_to_float(x[1] >> shift, op.bf16);
+        A[lg][2 * lt + 8 + half] = bits_to_float(x[2] >> shift, op.bf16);
+        A[lg + 8][2 * lt + 8 + half] = bits_to_float(x[3] >> shift, op.bf16);
+      }
+    }
+    w.bar.arrive_and_wait();
+  } else {
+    for (int r = 0; r < 16; ++r) {
+      for (int k = 0; k < 16; ++k)
+        A[r][k] = bits_to_float(load_u16(wgmma_elem_addr(op.desc_a, false, wrow + r, k)), op.bf16);
+    }
+  }
+  for (int i = 0; i < op.n_tiles; ++i) {
+    for (int e = 0; e < 4; ++e) {
+      const int row = g + 8 * (e / 2), col = 8 * i + 2 * t + (e % 2);
+      double dot = 0.0;
+      for (int k = 0; k < 16; ++k)
+        dot += static_cast<double>(A[row][k]) *
+               bits_to_float(load_u16(wgmma_elem_addr(op.desc_b, op.trans_b, col, k)), op.bf16);
+      float& acc = op.d[4 * i + e];
+      acc = static_cast<float>((op.accumulate ? static_cast<double>(acc) : 0.0) + dot);
+    }
+  }
+}
+
+inline void wgmma_fence() {}
+inline void fence_proxy_async() {}
+template <int N>
+inline void fence_regs(float (&)[N][4]) {}
+
+inline void wgmma_commit() { tls_wgmma_groups.push_back(tls_wgmma_ops.size()); }
+
+template <int N>
+inline void wgmma_wait() {
+  while (tls_wgmma_groups.size() > static_cast<size_t>(N)) {
+    const size_t n = tls_wgmma_groups.front();
+    for (size_t i = 0; i < n; ++i) wgmma_run(tls_wgmma_ops[i]);
+    tls_wgmma_ops.erase(tls_wgmma_ops.begin(), tls_wgmma_ops.begin() + static_cast<std::ptrdiff_t>(n));
+    tls_wgmma_groups.erase(tls_wgmma_groups.begin());
+    for (size_t& x : tls_wgmma_groups) x -= n;
+  }
+}
+
+template <int N, typename T>
+inline void wgmma_ss(float (&d)[N][4], uint64_t desc_a, uint64_t desc_b, int scale_d, T) {
+  tls_wgmma_ops.push_back(WgmmaOp{&d[0][0], N, nullptr, desc_a, desc_b, false, scale_d != 0,
+                                  std::is_same_v<T, __nv_bfloat16>});
+}
+
+template <int N, typename T>
+inline void wgmma_rs(float (&d)[N][4], const uint32_t (&a)[4], uint64_t desc_b, int scale_d, T) {
+  tls_wgmma_ops.push_back(WgmmaOp{&d[0][0], N, &a[0], 0, desc_b, true, scale_d != 0,
+                                  std::is_same_v<T, __nv_bfloat16>});
 }
 
 inline float fast_exp2(float x) { return std::exp2(x); }

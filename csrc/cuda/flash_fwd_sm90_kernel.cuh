@@ -1,0 +1,251 @@
+// Device code of the Hopper (sm_90a) flash-attention forward: warpgroup MMA (wgmma) on the tensor cores,
+// float16 / bfloat16, head dims 64 and 128 (smaller D zero-padded up to 64, D in (96, 128] up to 128).
+// Host side: flash_attn_fwd.cu picks it on sm_90 devices; launches: flash_fwd_launch.h.
+//
+// One CTA owns 128 query rows of one (batch, head): two warpgroups of four warps, 64 rows each. Per key
+// block of 128 keys, each warpgroup computes
+//   S = Q K^T   wgmma m64n128k16, Q and K both read from shared memory by descriptor (K-major)
+//   online softmax in registers: wgmma's accumulator gives each warp its 16 rows in the layout of mma.sync
+//               m16n8k16, so masking, softmax and the epilogue are the ldmatrix kernel's (flash_fwd_kernel.cuh)
+//   O += P V    wgmma m64n{D}k16 with P from registers (the S accumulators re-packed) and V by descriptor,
+//               read transposed (V is [keys, D] with D contiguous: N-major for this product)
+// All of Q, K and V lie in shared memory in the 128-byte-swizzled layout (Swizzled128): 64-column panels of
+// 128-byte rows, groups of 8 rows 1024 bytes apart. K/V blocks are double-buffered: block n + 1 streams in by
+// cp.async while block n is computed. wgmma reads shared memory through the async proxy, so every refill is
+// fenced (fence.proxy.async) before the barrier that publishes it.
+//
+// Matrix descriptors (PTX ISA, wgmma shared-memory matrix descriptor; 16-byte units): start address in
+// bits 0-13, leading-dimension byte offset in 16-29, stride-dimension byte offset in 32-45, swizzle mode
+// in 62-63 (1 = 128 bytes). With 128-byte swizzling, a K-major operand (Q, K) is 8-row groups of 128-byte
+// rows, SBO apart, its 16-element k-step a 32-byte offset within the row; an N-major one (V) is rows of 64
+// contiguous N-elements (128 bytes), 8 k-rows per group, groups SBO apart and 64-element N-panels LBO apart.
+#pragma once
+
+#include "cuda/flash_fwd_kernel.cuh"
+
+namespace cp_attention {
+namespace flash {
+
+template <int kD_>
+struct Sm90Tiles {
+  static constexpr int kD = kD_;
+  static constexpr int kBlockM = 128, kBlockN = 128;
+  static constexpr int kWarpGroups = kBlockM / 64;
+  static constexpr int kThreads = kWarpGroups * 128;
+  static constexpr int kNTiles = kBlockN / 8;  // 8-column tiles of S per warp
+  static constexpr int kDTiles = kD / 8;       // 8-column tiles of O per warp
+  static constexpr int kQElems = kBlockM * kD, kKVElems = kBlockN * kD;
+  // Q, K stages 0 and 1, V stages 0 and 1; plus 1 KB to align the start to 1024 bytes (the swizzle pattern
+  // repeats every 1024 bytes of address).
+  static constexpr int kSmemBytes = (kQElems + 4 * kKVElems) * 2 + 1024;
+  static_assert(kD == 64 || kD == 128, "compiled head dims");
+};
+
+#ifndef CP_ATTENTION_LANE_EMULATION
+
+// Compiled only where wgmma exists (sm_90a); other targets get empty stubs the host never launches.
+#if defined(__CUDA_ARCH__) && defined(__CUDA_ARCH_FEAT_SM90_ALL)
+#define CP_ATTENTION_SM90_DEVICE 1
+
+__device__ __forceinline__ void wgmma_fence() { asm volatile("wgmma.fence.sync.aligned;\n" ::: "memory"); }
+__device__ __forceinline__ void wgmma_commit() { asm volatile("wgmma.commit_group.sync.aligned;\n" ::: "memory"); }
+
+// Waits until at most N of the warpgroup's committed wgmma groups are pending.
+template <int N>
+__device__ __forceinline__ void wgmma_wait() {
+  asm volatile("wgmma.wait_group.sync.aligned %0;\n" ::"n"(N) : "memory");
+}
+
+// Orders this thread's generic-proxy writes to shared memory (cp.async, st.shared) before later reads of
+// the same memory by the async proxy (wgmma).
+__device__ __forceinline__ void fence_proxy_async() { asm volatile("fence.proxy.async.shared::cta;\n" ::: "memory"); }
+
+// Pins the compiler's view of accumulator registers at this point: wgmma writes them asynchronously, so
+// their reads must not move above the wait that completes it.
+template <int N>
+__device__ __forceinline__ void fence_regs(float (&x)[N][4]) {
+#pragma unroll
+  for (int i = 0; i < N; ++i) {
+#pragma unroll
+    for (int j = 0; j < 4; ++j) asm volatile("" : "+f"(x[i][j])::"memory");
+  }
+}
+
+// d (+)= A B for one m64nNk16 tile per warpgroup, fp32 accumulators; scale_d == 0 overwrites d.
+// wgmma_ss (N = 128): A and B by descriptor, both K-major; operands %64 (desc_a), %65 (desc_b), %66 (scale_d).
+// wgmma_rs (N = 64, 128): A from registers (the m16n8k16 A fragment of each warp's 16 rows), B by descriptor
+// read N-major (imm-trans-b = 1); operands a in %(N/2)..%(N/2 + 3), then desc_b and scale_d.
+// Accumulator operands of an m64nNk16 wgmma with N = 64 or 128 (N / 2 fp32 registers per thread), and
+// their placeholders in the instruction text.
+#define CP_ATTENTION_WGMMA_ACC_N64 "+f"(d[0][0]), "+f"(d[0][1]), "+f"(d[0][2]), "+f"(d[0][3]), "+f"(d[1][0]),        \
+  "+f"(d[1][1]), "+f"(d[1][2]), "+f"(d[1][3]), "+f"(d[2][0]), "+f"(d[2][1]), "+f"(d[2][2]), "+f"(d[2][3]),           \
+  "+f"(d[3][0]), "+f"(d[3][1]), "+f"(d[3][2]), "+f"(d[3][3]), "+f"(d[4][0]), "+f"(d[4][1]), "+f"(d[4][2]),           \
+  "+f"(d[4][3]), "+f"(d[5][0]), "+f"(d[5][1]), "+f"(d[5][2]), "+f"(d[5][3]), "+f"(d[6][0]), "+f"(d[6][1]),           \
+  "+f"(d[6][2]), "+f"(d[6][3]), "+f"(d[7][0]), "+f"(d[7][1]), "+f"(d[7][2]), "+f"(d[7][3])
+#define CP_ATTENTION_WGMMA_D_N64                                                                                     \
+  "{%0, %1, %2, %3, %4, %5, %6, %7, %8, %9, %10, %11, %12, %13, %14, %15, "                                          \
+  "%16, %17, %18, %19, %20, %21, %22, %23, %24, %25, %26, %27, %28, %29, %30, %31}"
+#define CP_ATTENTION_WGMMA_ACC_N128 "+f"(d[0][0]), "+f"(d[0][1]), "+f"(d[0][2]), "+f"(d[0][3]), "+f"(d[1][0]),       \
+  "+f"(d[1][1]), "+f"(d[1][2]), "+f"(d[1][3]), "+f"(d[2][0]), "+f"(d[2][1]), "+f"(d[2][2]), "+f"(d[2][3]),           \
+  "+f"(d[3][0]), "+f"(d[3][1]), "+f"(d[3][2]), "+f"(d[3][3]), "+f"(d[4][0]), "+f"(d[4][1]), "+f"(d[4][2]),           \
+  "+f"(d[4][3]), "+f"(d[5][0]), "+f"(d[5][1]), "+f"(d[5][2]), "+f"(d[5][3]), "+f"(d[6][0]), "+f"(d[6][1]),           \
+  "+f"(d[6][2]), "+f"(d[6][3]), "+f"(d[7][0]), "+f"(d[7][1]), "+f"(d[7][2]), "+f"(d[7][3]), "+f"(d[8][0]),           \
+  "+f"(d[8][1]), "+f"(d[8][2]), "+f"(d[8][3]), "+f"(d[9][0]), "+f"(d[9][1]), "+f"(d[9][2]), "+f"(d[9][3]),           \
+  "+f"(d[10][0]), "+f"(d[10][1]), "+f"(d[10][2]), "+f"(d[10][3]), "+f"(d[11][0]), "+f"(d[11][1]), "+f"(d[11][2]),    \
+  "+f"(d[11][3]), "+f"(d[12][0]), "+f"(d[12][1]), "+f"(d[12][2]), "+f"(d[12][3]), "+f"(d[13][0]), "+f"(d[13][1]),    \
+  "+f"(d[13][2]), "+f"(d[13][3]), "+f"(d[14][0]), "+f"(d[14][1]), "+f"(d[14][2]), "+f"(d[14][3]), "+f"(d[15][0]),    \
+  "+f"(d[15][1]), "+f"(d[15][2]), "+f"(d[15][3])
+#define CP_ATTENTION_WGMMA_D_N128                                                                                    \
+  "{%0, %1, %2, %3, %4, %5, %6, %7, %8, %9, %10, %11, %12, %13, %14, %15, "                                          \
+  "%16, %17, %18, %19, %20, %21, %22, %23, %24, %25, %26, %27, %28, %29, %30, %31, "                                 \
+  "%32, %33, %34, %35, %36, %37, %38, %39, %40, %41, %42, %43, %44, %45, %46, %47, "                                 \
+  "%48, %49, %50, %51, %52, %53, %54, %55, %56, %57, %58, %59, %60, %61, %62, %63}"
+#define CP_ATTENTION_DEFINE_WGMMA_SS_N128(T, TY)                                                                     \
+  __device__ __forceinline__ void wgmma_ss(float (&d)[16][4], uint64_t desc_a, uint64_t desc_b, int scale_d, T) {    \
+    asm volatile("{\n.reg .pred p;\nsetp.ne.b32 p, %66, 0;\n"                                                        \
+                 "wgmma.mma_async.sync.aligned.m64n128k16.f32." TY "." TY " " CP_ATTENTION_WGMMA_D_N128              \
+                 ", %64, %65, p, 1, 1, 0, 0;\n}\n"                                                                   \
+                 : CP_ATTENTION_WGMMA_ACC_N128                                                                       \
+                 : "l"(desc_a), "l"(desc_b), "r"(scale_d));                                                          \
+  }
+#define CP_ATTENTION_DEFINE_WGMMA_RS(N, T, TY, OPERANDS, SCALE)                                                      \
+  __device__ __forceinline__ void wgmma_rs(float (&d)[N / 8][4], const uint32_t (&a)[4], uint64_t desc_b,            \
+                                           int scale_d, T) {                                                         \
+    asm volatile("{\n.reg .pred p;\nsetp.ne.b32 p, " SCALE ", 0;\n"                                                  \
+                 "wgmma.mma_async.sync.aligned.m64n" #N "k16.f32." TY "." TY " " CP_ATTENTION_WGMMA_D_N##N           \
+                 ", " OPERANDS ", p, 1, 1, 1;\n}\n"                                                                  \
+                 : CP_ATTENTION_WGMMA_ACC_N##N                                                                       \
+                 : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "l"(desc_b), "r"(scale_d));                           \
+  }
+
+CP_ATTENTION_DEFINE_WGMMA_SS_N128(__half, "f16")
+CP_ATTENTION_DEFINE_WGMMA_SS_N128(__nv_bfloat16, "bf16")
+CP_ATTENTION_DEFINE_WGMMA_RS(64, __half, "f16", "{%32, %33, %34, %35}, %36", "%37")
+CP_ATTENTION_DEFINE_WGMMA_RS(64, __nv_bfloat16, "bf16", "{%32, %33, %34, %35}, %36", "%37")
+CP_ATTENTION_DEFINE_WGMMA_RS(128, __half, "f16", "{%64, %65, %66, %67}, %68", "%69")
+CP_ATTENTION_DEFINE_WGMMA_RS(128, __nv_bfloat16, "bf16", "{%64, %65, %66, %67}, %68", "%69")
+
+#undef CP_ATTENTION_DEFINE_WGMMA_RS
+#undef CP_ATTENTION_DEFINE_WGMMA_SS_N128
+#undef CP_ATTENTION_WGMMA_D_N128
+#undef CP_ATTENTION_WGMMA_ACC_N128
+#undef CP_ATTENTION_WGMMA_D_N64
+#undef CP_ATTENTION_WGMMA_ACC_N64
+
+#endif  // sm_90a device code
+#endif  // CP_ATTENTION_LANE_EMULATION
+
+// The 64-bit wgmma descriptor of a 128-byte-swizzled operand starting at shared address addr.
+__device__ __forceinline__ uint64_t sw128_desc(uint32_t addr, uint32_t lbo_bytes, uint32_t sbo_bytes) {
+  return static_cast<uint64_t>((addr & 0x3FFFFu) >> 4) | (static_cast<uint64_t>(lbo_bytes >> 4) << 16) |
+         (static_cast<uint64_t>(sbo_bytes >> 4) << 32) | (1ull << 62);
+}
+
+template <typename T, int kD>
+__global__ void __launch_bounds__(Sm90Tiles<kD>::kThreads, 1) flash_fwd_sm90_kernel(const FwdParams p) {
+#if defined(CP_ATTENTION_SM90_DEVICE) || defined(CP_ATTENTION_LANE_EMULATION)
+  using Tl = Sm90Tiles<kD>;
+  constexpr int kBlockM = Tl::kBlockM, kBlockN = Tl::kBlockN, kThreads = Tl::kThreads;
+  constexpr int kNTiles = Tl::kNTiles, kDTiles = Tl::kDTiles;
+  constexpr uint32_t kRowBytes = 128;             // one swizzled row of a 64-column panel
+  constexpr uint32_t kGroupBytes = 8 * kRowBytes;  // SBO: 8-row groups
+  constexpr uint32_t kKVPanelBytes = kBlockN * kRowBytes, kQPanelBytes = kBlockM * kRowBytes;
+
+  extern __shared__ __align__(1024) unsigned char smem_raw[];
+  const uint32_t raw_u = smem_u32(smem_raw);
+  const uint32_t pad = ((raw_u + 1023u) & ~1023u) - raw_u;
+  uint16_t* sQ = reinterpret_cast<uint16_t*>(smem_raw + pad);
+  uint16_t* sK = sQ + Tl::kQElems;         // stage s at sK + s * kKVElems
+  uint16_t* sV = sK + 2 * Tl::kKVElems;    // stage s at sV + s * kKVElems
+  const uint32_t sQ_u = smem_u32(sQ), sK_u = smem_u32(sK), sV_u = smem_u32(sV);
+
+  const int tid = static_cast<int>(threadIdx.x);
+  const int wg = tid >> 7, warp = (tid >> 5) & 3, lane = tid & 31, tq = lane & 3;
+
+  const CtaTile c = cta_tile(p, kBlockM, kBlockN);
+  const int b = c.b, h = c.h, m0 = c.m0, n_blocks = c.n_blocks;
+  const uint16_t *qg = c.qg, *kg = c.kg, *vg = c.vg;
+  const uint8_t* mrow = c.mrow;
+
+  // This thread's rows: warpgroup wg's 64 rows, warp's 16 of them, g and g + 8.
+  const int64_t row0 = static_cast<int64_t>(m0) + wg * 64 + warp * 16 + (lane >> 2);
+  const int block_lim = row_key_limit(p, m0);
+
+  float o[kDTiles][4];
+#pragma unroll
+  for (int i = 0; i < kDTiles; ++i) o[i][0] = o[i][1] = o[i][2] = o[i][3] = 0.f;
+  float row_m[2] = {kNegInf, kNegInf}, row_l[2] = {0.f, 0.f};
+
+  using QLayout = Swizzled128<kBlockM>;
+  using KVLayout = Swizzled128<kBlockN>;
+  if (n_blocks > 0) {
+    load_tile<kBlockM, kD, kThreads, QLayout>(sQ, qg, p.q_ss, min(kBlockM, p.Sq - m0), p.D, p.q_vec, tid);
+    load_kv_block<kBlockN, kD, kThreads, KVLayout>(sK, sV, kg, vg, p, 0, tid);
+    cp_async_commit();
+  }
+  // This warpgroup's 64 rows of Q.
+  const uint32_t q_base = sQ_u + wg * 64 * kRowBytes;
+
+  for (int it = 0; it < n_blocks; ++it) {
+    const int n0 = it * kBlockN;
+    const int st = it & 1;
+    if (it + 1 < n_blocks) {
+      // Prefetch the next block into the other stage; the barrier that ended the previous iteration
+      // guarantees both warpgroups are done reading it.
+      load_kv_block<kBlockN, kD, kThreads, KVLayout>(sK + (st ^ 1) * Tl::kKVElems, sV + (st ^ 1) * Tl::kKVElems,
+                                                     kg, vg, p, n0 + kBlockN, tid);
+      cp_async_commit();
+      cp_async_wait<1>();
+    } else {
+      cp_async_wait<0>();
+    }
+    fence_proxy_async();  // this thread's landed copies, before wgmma reads them
+    __syncthreads();
+
+    // Issued before the matrix products so the mask loads overlap them.
+    const uint32_t mbits = kv_mask_bits<kNTiles>(p, mrow, n0, tq);
+    const bool need_mask = mrow != nullptr || n0 + kBlockN - 1 > block_lim;
+
+    // S = Q K^T: kD / 16 k-steps, the first overwriting s.
+    const uint32_t k_base = sK_u + st * Tl::kKVElems * 2, v_base = sV_u + st * Tl::kKVElems * 2;
+    float s[kNTiles][4];
+    wgmma_fence();
+#pragma unroll
+    for (int ks = 0; ks < kD / 16; ++ks) {
+      const uint32_t koff = (ks & 3) * 32;  // 16 elements = 32 bytes within the 128-byte row
+      const uint64_t da = sw128_desc(q_base + (ks >> 2) * kQPanelBytes + koff, 16, kGroupBytes);
+      const uint64_t db = sw128_desc(k_base + (ks >> 2) * kKVPanelBytes + koff, 16, kGroupBytes);
+      wgmma_ss(s, da, db, ks > 0 ? 1 : 0, T{});
+    }
+    wgmma_commit();
+    wgmma_wait<0>();
+    fence_regs(s);
+
+    if (need_mask) mask_scores<kNTiles>(s, p, row0, n0, tq, mbits);
+    softmax_step<kNTiles, kDTiles>(s, o, row_m, row_l, p.scale_log2);
+
+    // O += P V: keys [16 kk, 16 kk + 16) are V rows 16 kk.., two 8-key groups of 1024 bytes, so a k-step
+    // starts 2048 bytes further; N = D spans the 64-column panels, LBO apart.
+    // P is packed whole before the fence: registers written between a fence and the wgmma that reads them
+    // make ptxas insert a fence of its own before every wgmma.
+    uint32_t pa[kBlockN / 16][4];
+#pragma unroll
+    for (int kk = 0; kk < kBlockN / 16; ++kk) pack_p<T, kNTiles>(pa[kk], s, kk);
+    wgmma_fence();
+#pragma unroll
+    for (int kk = 0; kk < kBlockN / 16; ++kk) {
+      const uint64_t dv = sw128_desc(v_base + kk * 2 * kGroupBytes, kKVPanelBytes, kGroupBytes);
+      wgmma_rs(o, pa[kk], dv, 1, T{});
+    }
+    wgmma_commit();
+    wgmma_wait<0>();
+    fence_regs(o);
+    __syncthreads();  // both warpgroups are done with this stage before the next iteration refills it
+  }
+
+  store_rows<T, kDTiles>(p, b, h, row0, o, row_m, row_l, lane);
+#endif
+}
+
+}  // namespace flash
+}  // namespace cp_attention
