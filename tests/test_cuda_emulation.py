@@ -135,11 +135,13 @@ def test_causal_mask_gqa(kernel, dtype, B, Sq, Sk, H, Hkv, D, causal, masked, un
     check_attention(out, lse, q, k, v, causal=causal, kv_mask=kv_mask)
 
 
-def test_sm90_causal_many_key_blocks():
-    # Bottom-right causal over three key blocks with Sq < Sk: the first query block starts mid-way through
-    # the second key block, so blocks both before and on the diagonal, and the double buffer's both stages.
-    q, k, v, _ = _qkv(1, 150, 330, 2, 1, 128, BF16, seed=17)
-    check_attention(*_fwd(q, k, v, causal=True, kernel="sm90"), q, k, v, causal=True)
+@pytest.mark.parametrize("causal", [False, True], ids=["full", "causal"])
+def test_sm90_many_key_blocks(causal):
+    # Five key blocks: each of the three K/V stages is refilled while the blocks before it are still in use.
+    # Causal with Sq < Sk: the query blocks start mid-way through the key blocks, so blocks both before and
+    # on the diagonal.
+    q, k, v, _ = _qkv(1, 150, 530, 2, 1, 128, BF16, seed=17)
+    check_attention(*_fwd(q, k, v, causal=causal, kernel="sm90"), q, k, v, causal=causal)
 
 
 @pytest.mark.parametrize("kernel", ["mma", "sm90"])

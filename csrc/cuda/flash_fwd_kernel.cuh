@@ -474,11 +474,11 @@ __device__ __forceinline__ void mask_scores(float (&s)[kNTiles][4], const FwdPar
 }
 
 // Online softmax on raw scores: c = scale_log2 > 0 (the host makes it so), hence max(s) * c = max(s * c) and
-// p = 2^(s c - m) is one FFMA and one MUFU per score. Replaces s by p, updates the running max m and this
-// lane's part of the running sum l, and rescales o.
-template <int kNTiles, int kDTiles>
-__device__ __forceinline__ void softmax_step(float (&s)[kNTiles][4], float (&o)[kDTiles][4], float (&row_m)[2],
-                                             float (&row_l)[2], float c) {
+// p = 2^(s c - m) is one FFMA and one MUFU per score. Replaces s by p and updates the running max m and this
+// lane's part of the running sum l; alpha receives the factor the rows' earlier output must be scaled by.
+template <int kNTiles>
+__device__ __forceinline__ void softmax_scores(float (&s)[kNTiles][4], float (&row_m)[2], float (&row_l)[2],
+                                               float c, float (&alpha)[2]) {
 #pragma unroll
   for (int r = 0; r < 2; ++r) {
     float mx = kNegInf;
@@ -491,7 +491,7 @@ __device__ __forceinline__ void softmax_step(float (&s)[kNTiles][4], float (&o)[
     // A row that has seen no visible key yet keeps m = -inf; exponentiating against 0 then gives 0 for its
     // (all -inf) scores instead of NaN from -inf - -inf.
     const float m_use = m_new == kNegInf ? 0.f : m_new;
-    const float alpha = fast_exp2(row_m[r] - m_use);
+    alpha[r] = fast_exp2(row_m[r] - m_use);
     row_m[r] = m_new;
     float sum = 0.f;
 #pragma unroll
@@ -503,13 +503,26 @@ __device__ __forceinline__ void softmax_step(float (&s)[kNTiles][4], float (&o)[
         sum += pe;
       }
     }
-    row_l[r] = row_l[r] * alpha + sum;
-#pragma unroll
-    for (int dt = 0; dt < kDTiles; ++dt) {
-      o[dt][2 * r] *= alpha;
-      o[dt][2 * r + 1] *= alpha;
-    }
+    row_l[r] = row_l[r] * alpha[r] + sum;
   }
+}
+
+template <int kDTiles>
+__device__ __forceinline__ void rescale_rows(float (&o)[kDTiles][4], const float (&alpha)[2]) {
+#pragma unroll
+  for (int dt = 0; dt < kDTiles; ++dt) {
+#pragma unroll
+    for (int e = 0; e < 4; ++e) o[dt][e] *= alpha[e / 2];
+  }
+}
+
+// softmax_scores, then the rescaling of o.
+template <int kNTiles, int kDTiles>
+__device__ __forceinline__ void softmax_step(float (&s)[kNTiles][4], float (&o)[kDTiles][4], float (&row_m)[2],
+                                             float (&row_l)[2], float c) {
+  float alpha[2];
+  softmax_scores<kNTiles>(s, row_m, row_l, c, alpha);
+  rescale_rows<kDTiles>(o, alpha);
 }
 
 // The A fragment (m16n8k16 layout, 16-bit) of P for keys [16 kk, 16 kk + 16): S's n-tiles 2 kk and 2 kk + 1

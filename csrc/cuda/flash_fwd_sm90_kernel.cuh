@@ -10,9 +10,13 @@
 //   O += P V    wgmma m64n{D}k16 with P from registers (the S accumulators re-packed) and V by descriptor,
 //               read transposed (V is [keys, D] with D contiguous: N-major for this product)
 // All of Q, K and V lie in shared memory in the 128-byte-swizzled layout (Swizzled128): 64-column panels of
-// 128-byte rows, groups of 8 rows 1024 bytes apart. K/V blocks are double-buffered: block n + 1 streams in by
-// cp.async while block n is computed. wgmma reads shared memory through the async proxy, so every refill is
-// fenced (fence.proxy.async) before the barrier that publishes it.
+// 128-byte rows, groups of 8 rows 1024 bytes apart. wgmma reads shared memory through the async proxy, so
+// every refill is fenced (fence.proxy.async) before the barrier that publishes it.
+//
+// Per key block n, a warpgroup issues S_n = Q K_n^T and O += P_{n-1} V_{n-1} together, waits for S_n only,
+// and runs the softmax of S_n while the tensor cores work on P_{n-1} V_{n-1}; then it waits for that, scales
+// O by the softmax's correction and packs P_n for the next block. Meanwhile block n + 1 streams in by
+// cp.async into the third K/V stage (block n - 1's V is still being read).
 //
 // Matrix descriptors (PTX ISA, wgmma shared-memory matrix descriptor; 16-byte units): start address in
 // bits 0-13, leading-dimension byte offset in 16-29, stride-dimension byte offset in 32-45, swizzle mode
@@ -34,10 +38,12 @@ struct Sm90Tiles {
   static constexpr int kThreads = kWarpGroups * 128;
   static constexpr int kNTiles = kBlockN / 8;  // 8-column tiles of S per warp
   static constexpr int kDTiles = kD / 8;       // 8-column tiles of O per warp
+  // K/V stages: block n + 1 streams in while block n's S = QK^T and block n - 1's O += PV run.
+  static constexpr int kStages = 3;
   static constexpr int kQElems = kBlockM * kD, kKVElems = kBlockN * kD;
-  // Q, K stages 0 and 1, V stages 0 and 1; plus 1 KB to align the start to 1024 bytes (the swizzle pattern
-  // repeats every 1024 bytes of address).
-  static constexpr int kSmemBytes = (kQElems + 4 * kKVElems) * 2 + 1024;
+  // Q, the K stages, the V stages; plus 1 KB to align the start to 1024 bytes (the swizzle pattern repeats
+  // every 1024 bytes of address). At D = 128: 225 KB of the 227 KB a CTA may have.
+  static constexpr int kSmemBytes = (kQElems + 2 * kStages * kKVElems) * 2 + 1024;
   static_assert(kD == 64 || kD == 128, "compiled head dims");
 };
 
@@ -155,8 +161,8 @@ __global__ void __launch_bounds__(Sm90Tiles<kD>::kThreads, 1) flash_fwd_sm90_ker
   const uint32_t raw_u = smem_u32(smem_raw);
   const uint32_t pad = ((raw_u + 1023u) & ~1023u) - raw_u;
   uint16_t* sQ = reinterpret_cast<uint16_t*>(smem_raw + pad);
-  uint16_t* sK = sQ + Tl::kQElems;         // stage s at sK + s * kKVElems
-  uint16_t* sV = sK + 2 * Tl::kKVElems;    // stage s at sV + s * kKVElems
+  uint16_t* sK = sQ + Tl::kQElems;                // stage s at sK + s * kKVElems
+  uint16_t* sV = sK + Tl::kStages * Tl::kKVElems;  // stage s at sV + s * kKVElems
   const uint32_t sQ_u = smem_u32(sQ), sK_u = smem_u32(sK), sV_u = smem_u32(sV);
 
   const int tid = static_cast<int>(threadIdx.x);
@@ -178,22 +184,55 @@ __global__ void __launch_bounds__(Sm90Tiles<kD>::kThreads, 1) flash_fwd_sm90_ker
 
   using QLayout = Swizzled128<kBlockM>;
   using KVLayout = Swizzled128<kBlockN>;
+  // This warpgroup's 64 rows of Q; stage st of K and V.
+  const uint32_t q_base = sQ_u + wg * 64 * kRowBytes;
+  auto k_stage = [&](int st) { return sK_u + st * Tl::kKVElems * 2; };
+  auto v_stage = [&](int st) { return sV_u + st * Tl::kKVElems * 2; };
+
+  // S = Q K^T over key block n0 (K in stage st): kD / 16 k-steps, the first overwriting s.
+  float s[kNTiles][4];
+  auto issue_qk = [&](int st) {
+#pragma unroll
+    for (int ks = 0; ks < kD / 16; ++ks) {
+      const uint32_t koff = (ks & 3) * 32;  // 16 elements = 32 bytes within the 128-byte row
+      const uint64_t da = sw128_desc(q_base + (ks >> 2) * kQPanelBytes + koff, 16, kGroupBytes);
+      const uint64_t db = sw128_desc(k_stage(st) + (ks >> 2) * kKVPanelBytes + koff, 16, kGroupBytes);
+      wgmma_ss(s, da, db, ks > 0 ? 1 : 0, T{});
+    }
+    wgmma_commit();
+  };
+  // O += P V (V in stage st): keys [16 kk, 16 kk + 16) are V rows 16 kk.., two 8-key groups of 1024 bytes,
+  // so a k-step starts 2048 bytes further; N = D spans the 64-column panels, LBO apart. P is packed whole
+  // (pa) before the wgmma fence: registers written between a fence and the wgmma that reads them make
+  // ptxas insert a fence of its own before every wgmma.
+  uint32_t pa[kBlockN / 16][4];
+  auto issue_pv = [&](int st) {
+#pragma unroll
+    for (int kk = 0; kk < kBlockN / 16; ++kk) {
+      const uint64_t dv = sw128_desc(v_stage(st) + kk * 2 * kGroupBytes, kKVPanelBytes, kGroupBytes);
+      wgmma_rs(o, pa[kk], dv, 1, T{});
+    }
+    wgmma_commit();
+  };
+  // Masks S of key block n0 where needed (mbits: kv_mask_bits, loaded before the matrix products so the
+  // loads overlap them), runs its softmax and returns the correction for O in alpha.
+  auto softmax = [&](int n0, uint32_t mbits, float (&alpha)[2]) {
+    if (mrow != nullptr || n0 + kBlockN - 1 > block_lim) mask_scores<kNTiles>(s, p, row0, n0, tq, mbits);
+    softmax_scores<kNTiles>(s, row_m, row_l, p.scale_log2, alpha);
+  };
+  auto pack = [&] {
+#pragma unroll
+    for (int kk = 0; kk < kBlockN / 16; ++kk) pack_p<T, kNTiles>(pa[kk], s, kk);
+  };
+
   if (n_blocks > 0) {
+    // Prologue: Q with key block 0, then block 1 behind it; S_0 and its softmax.
     load_tile<kBlockM, kD, kThreads, QLayout>(sQ, qg, p.q_ss, min(kBlockM, p.Sq - m0), p.D, p.q_vec, tid);
     load_kv_block<kBlockN, kD, kThreads, KVLayout>(sK, sV, kg, vg, p, 0, tid);
     cp_async_commit();
-  }
-  // This warpgroup's 64 rows of Q.
-  const uint32_t q_base = sQ_u + wg * 64 * kRowBytes;
-
-  for (int it = 0; it < n_blocks; ++it) {
-    const int n0 = it * kBlockN;
-    const int st = it & 1;
-    if (it + 1 < n_blocks) {
-      // Prefetch the next block into the other stage; the barrier that ended the previous iteration
-      // guarantees both warpgroups are done reading it.
-      load_kv_block<kBlockN, kD, kThreads, KVLayout>(sK + (st ^ 1) * Tl::kKVElems, sV + (st ^ 1) * Tl::kKVElems,
-                                                     kg, vg, p, n0 + kBlockN, tid);
+    if (n_blocks > 1) {
+      load_kv_block<kBlockN, kD, kThreads, KVLayout>(sK + Tl::kKVElems, sV + Tl::kKVElems, kg, vg, p, kBlockN,
+                                                     tid);
       cp_async_commit();
       cp_async_wait<1>();
     } else {
@@ -201,46 +240,49 @@ __global__ void __launch_bounds__(Sm90Tiles<kD>::kThreads, 1) flash_fwd_sm90_ker
     }
     fence_proxy_async();  // this thread's landed copies, before wgmma reads them
     __syncthreads();
-
-    // Issued before the matrix products so the mask loads overlap them.
-    const uint32_t mbits = kv_mask_bits<kNTiles>(p, mrow, n0, tq);
-    const bool need_mask = mrow != nullptr || n0 + kBlockN - 1 > block_lim;
-
-    // S = Q K^T: kD / 16 k-steps, the first overwriting s.
-    const uint32_t k_base = sK_u + st * Tl::kKVElems * 2, v_base = sV_u + st * Tl::kKVElems * 2;
-    float s[kNTiles][4];
+    const uint32_t mbits = kv_mask_bits<kNTiles>(p, mrow, 0, tq);
     wgmma_fence();
-#pragma unroll
-    for (int ks = 0; ks < kD / 16; ++ks) {
-      const uint32_t koff = (ks & 3) * 32;  // 16 elements = 32 bytes within the 128-byte row
-      const uint64_t da = sw128_desc(q_base + (ks >> 2) * kQPanelBytes + koff, 16, kGroupBytes);
-      const uint64_t db = sw128_desc(k_base + (ks >> 2) * kKVPanelBytes + koff, 16, kGroupBytes);
-      wgmma_ss(s, da, db, ks > 0 ? 1 : 0, T{});
-    }
-    wgmma_commit();
+    issue_qk(0);
     wgmma_wait<0>();
     fence_regs(s);
+    float alpha[2];
+    softmax(0, mbits, alpha);  // O is still 0: nothing to correct
+    pack();
+  }
 
-    if (need_mask) mask_scores<kNTiles>(s, p, row0, n0, tq, mbits);
-    softmax_step<kNTiles, kDTiles>(s, o, row_m, row_l, p.scale_log2);
-
-    // O += P V: keys [16 kk, 16 kk + 16) are V rows 16 kk.., two 8-key groups of 1024 bytes, so a k-step
-    // starts 2048 bytes further; N = D spans the 64-column panels, LBO apart.
-    // P is packed whole before the fence: registers written between a fence and the wgmma that reads them
-    // make ptxas insert a fence of its own before every wgmma.
-    uint32_t pa[kBlockN / 16][4];
-#pragma unroll
-    for (int kk = 0; kk < kBlockN / 16; ++kk) pack_p<T, kNTiles>(pa[kk], s, kk);
-    wgmma_fence();
-#pragma unroll
-    for (int kk = 0; kk < kBlockN / 16; ++kk) {
-      const uint64_t dv = sw128_desc(v_base + kk * 2 * kGroupBytes, kKVPanelBytes, kGroupBytes);
-      wgmma_rs(o, pa[kk], dv, 1, T{});
+  for (int it = 1; it < n_blocks; ++it) {
+    const int st = it % Tl::kStages;
+    // Block it is the only copy in flight (issued one iteration earlier, or in the prologue).
+    cp_async_wait<0>();
+    fence_proxy_async();
+    __syncthreads();
+    if (it + 1 < n_blocks) {
+      // Block it + 1 goes into the stage block it - 2 used; both warpgroups finished reading it (block
+      // it - 2's O += PV) in the previous iteration, before the barrier above.
+      const int nx = (it + 1) % Tl::kStages;
+      load_kv_block<kBlockN, kD, kThreads, KVLayout>(sK + nx * Tl::kKVElems, sV + nx * Tl::kKVElems, kg, vg, p,
+                                                     (it + 1) * kBlockN, tid);
+      cp_async_commit();
     }
-    wgmma_commit();
+    const uint32_t mbits = kv_mask_bits<kNTiles>(p, mrow, it * kBlockN, tq);
+    wgmma_fence();
+    issue_qk(st);
+    issue_pv((it - 1) % Tl::kStages);
+    wgmma_wait<1>();  // S_it is done; P_{it-1} V_{it-1} may still run
+    fence_regs(s);
+    float alpha[2];
+    softmax(it * kBlockN, mbits, alpha);
     wgmma_wait<0>();
     fence_regs(o);
-    __syncthreads();  // both warpgroups are done with this stage before the next iteration refills it
+    rescale_rows<kDTiles>(o, alpha);
+    pack();  // pa is free again: its wgmma has completed
+  }
+
+  if (n_blocks > 0) {
+    wgmma_fence();
+    issue_pv((n_blocks - 1) % Tl::kStages);
+    wgmma_wait<0>();
+    fence_regs(o);
   }
 
   store_rows<T, kDTiles>(p, b, h, row0, o, row_m, row_l, lane);
