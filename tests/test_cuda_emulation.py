@@ -6,8 +6,9 @@ exchange operands between the 32 threads of a warp as the PTX ISA specifies; wgm
 shared-memory descriptors by the ISA's canonical layouts and completes at its wait), checked against the
 float64 reference: every compiled head dim and the padding between them, ragged query and key blocks,
 causal, masks, GQA, the element-load path, and the fused accumulation into a running state. This checks
-the kernels' index and fragment arithmetic, their masking and their epilogue; not their speed, nor races
-that only the GPU's timing would expose (cp.async lands at once here).
+the kernels' index and fragment arithmetic, their masking and their epilogue, and their asynchronous
+copies and products at the two extremes of their timing (cp.async landing at once or at its wait; wgmma
+completing at its wait); not their speed, nor orders in between that only the GPU's timing would produce.
 
 The extension compiles on first use (about a minute); it needs the CUDA toolkit's headers, which any
 machine that builds the CUDA kernels has."""
@@ -68,11 +69,13 @@ def _emulated():
                 build_directory=build, verbose=False)
 
 
-def _fwd(q, k, v, scale=None, causal=False, kv_mask=None, kernel="mma"):
+def _fwd(q, k, v, scale=None, causal=False, kv_mask=None, kernel="mma", late_copies=False):
+    """kernel: "mma" (the mma.sync kernel) or "sm90" (the wgmma one); float32 runs the SIMT kernel either way.
+    late_copies: cp.async lands at the wait that retires it instead of at once."""
     B, Sq, H, D = q.shape
     out = torch.full((B, Sq, H, D), float("nan"), dtype=q.dtype)
     lse = torch.full((B, H, Sq), float("nan"))
-    _emulated().flash_fwd(q, k, v, out, lse, kv_mask, scale, causal, False, kernel)
+    _emulated().flash_fwd(q, k, v, out, lse, kv_mask, scale, causal, False, kernel, late_copies)
     return out, lse
 
 
@@ -135,13 +138,23 @@ def test_causal_mask_gqa(kernel, dtype, B, Sq, Sk, H, Hkv, D, causal, masked, un
     check_attention(out, lse, q, k, v, causal=causal, kv_mask=kv_mask)
 
 
+@pytest.mark.parametrize("late_copies", [False, True], ids=["copies-early", "copies-late"])
 @pytest.mark.parametrize("causal", [False, True], ids=["full", "causal"])
-def test_sm90_many_key_blocks(causal):
+def test_sm90_many_key_blocks(causal, late_copies):
     # Five key blocks: each of the three K/V stages is refilled while the blocks before it are still in use.
     # Causal with Sq < Sk: the query blocks start mid-way through the key blocks, so blocks both before and
-    # on the diagonal.
+    # on the diagonal. Copies landing at once expose a refill of a stage still being read, copies landing
+    # at their wait a read of a block not yet waited for.
     q, k, v, _ = _qkv(1, 150, 530, 2, 1, 128, BF16, seed=17)
-    check_attention(*_fwd(q, k, v, causal=causal, kernel="sm90"), q, k, v, causal=causal)
+    out, lse = _fwd(q, k, v, causal=causal, kernel="sm90", late_copies=late_copies)
+    check_attention(out, lse, q, k, v, causal=causal)
+
+
+@pytest.mark.parametrize("D", [32, 64, 128])
+def test_mma_copies_land_late(D):
+    # The mma.sync kernel's double buffer with copies landing at their wait: several key and query blocks.
+    q, k, v, _ = _qkv(1, 140, 300, 2, 1, D, F16, seed=D + 3)
+    check_attention(*_fwd(q, k, v, causal=True, late_copies=True), q, k, v, causal=True)
 
 
 @pytest.mark.parametrize("kernel", ["mma", "sm90"])
@@ -169,5 +182,5 @@ def test_acc_chunks_equal_whole(kernel, dtype, state_dtype):
     for s, e in ((0, 30), (30, 30), (30, 90)):
         if e > s:
             _emulated().flash_fwd(q, k[:, s:e], v[:, s:e], out, lse, kv_mask[:, s:e], None, False, True,
-                                  kernel)
+                                  kernel, False)
     check_attention(out.to(dtype), lse, q, k, v, kv_mask=kv_mask)

@@ -19,7 +19,8 @@
 // holding row l/4, elements 2(l%4), 2(l%4)+1 (with .trans: column l/4, rows 2(l%4), 2(l%4)+1).
 //
 // The float32 kernel (flash_fwd_f32_kernel.cuh) is a plain SIMT fallback that shares the epilogue helpers
-// here.
+// here; the Hopper wgmma kernel (flash_fwd_sm90_kernel.cuh) shares the tile loads, masking, softmax and
+// epilogue helpers, since its accumulators give each warp the same fragment layout.
 #pragma once
 
 #include <cuda_bf16.h>

@@ -34,12 +34,15 @@ namespace emu = cp_attention::lane_emulation;
 
 // Runs kernel(p) for every CTA of a grid of `grid` blocks of `threads` threads, one CTA at a time, over
 // shared memory poisoned with 0xff bytes (NaN halves and floats), so reads of unwritten shared memory show.
+// late_copies: cp.async lands at its wait instead of at once (lane_emulation.h).
+inline thread_local bool late_copies_for_launch = false;
+
 template <typename Kernel>
 void run_grid(Kernel kernel, const FwdParams& p, int grid, int threads, size_t smem_bytes) {
   TORCH_CHECK(smem_bytes <= sizeof(cp_attention::flash::smem_raw), "emulated shared memory too small");
   for (int block = 0; block < grid; ++block) {
     std::memset(cp_attention::flash::smem_raw, 0xff, smem_bytes);
-    emu::Cta cta(threads, cp_attention::flash::smem_raw);
+    emu::Cta cta(threads, cp_attention::flash::smem_raw, late_copies_for_launch);
     std::atomic<bool> stalled{false};
     std::mutex error_mu;
     std::string error;
@@ -111,7 +114,7 @@ void dispatch(const FwdParams& p) {
 // out [B, Sq, H, D] and lse [B, H, Sq] are written, or with accumulate merged into, as the CUDA op does.
 void flash_fwd(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, const at::Tensor& out,
                const at::Tensor& lse, const std::optional<at::Tensor>& kv_mask, std::optional<double> scale,
-               bool causal, bool accumulate, const std::string& kernel) {
+               bool causal, bool accumulate, const std::string& kernel, bool late_copies) {
   constexpr const char* op = "emulated flash_attn_fwd";
   const cp_attention::AttnDims d = cp_attention::check_attn_inputs(op, q, k, v, kv_mask);
   if (d.B * d.H * d.Sq == 0) return;
@@ -120,6 +123,7 @@ void flash_fwd(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, co
                                                            accumulate, q_used);
   TORCH_CHECK(kernel == "mma" || kernel == "sm90", "kernel must be 'mma' or 'sm90', got '", kernel, "'");
   const bool sm90 = kernel == "sm90";
+  late_copies_for_launch = late_copies;
   if (q.scalar_type() == at::kHalf) sm90 ? dispatch_sm90<__half>(p) : dispatch<__half>(p);
   else if (q.scalar_type() == at::kBFloat16) sm90 ? dispatch_sm90<__nv_bfloat16>(p) : dispatch<__nv_bfloat16>(p);
   else run_f32(p);  // float32: the SIMT kernel, as the CUDA op dispatches
@@ -130,5 +134,5 @@ void flash_fwd(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, co
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("flash_fwd", &flash_fwd,
         "the CUDA flash forward (kernel 'mma': the mma.sync one, 'sm90': the wgmma one; float32 always takes the "
-        "SIMT kernel), emulated on CPU tensors");
+        "SIMT kernel), emulated on CPU tensors; late_copies: cp.async lands at its wait instead of at once");
 }

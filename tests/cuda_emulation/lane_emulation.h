@@ -4,8 +4,9 @@
 // Warp-collective instructions (ldmatrix, mma.sync, shuffles) exchange their operands through per-warp
 // slots between two barriers of the warp's 32 threads; each lane then computes what the PTX ISA says that
 // lane receives. Shared memory is one buffer per CTA, addressed by 32-bit offsets as on the GPU. cp.async
-// copies at once (its data landing early is one of the orders the hardware allows). __syncthreads is a
-// barrier of the CTA's threads. Fragment layouts are those quoted at the top of flash_fwd_kernel.cuh.
+// lands either at once or at the cp.async.wait that retires its group (the earliest and the latest the
+// hardware allows; the launch picks one): the first exposes refills of memory still being read, the second
+// reads of copies not yet waited for. __syncthreads is a barrier of the CTA's threads. Fragment layouts are those quoted at the top of flash_fwd_kernel.cuh.
 //
 // wgmma (the sm_90a kernel, flash_fwd_sm90_kernel.cuh) reads its shared-memory operands through matrix
 // descriptors, decoded here from the PTX ISA's canonical layouts (128-byte swizzle only; anything else is
@@ -82,11 +83,12 @@ struct Warp {
 
 // One CTA being emulated: its threads' barrier, its warps and its shared memory.
 struct Cta {
-  explicit Cta(int threads, unsigned char* smem_base)
-      : bar(threads), warps(new Warp[threads / 32]), smem(smem_base) {}
+  explicit Cta(int threads, unsigned char* smem_base, bool late_copies_)
+      : bar(threads), warps(new Warp[threads / 32]), smem(smem_base), late_copies(late_copies_) {}
   Barrier bar;
   std::unique_ptr<Warp[]> warps;
   unsigned char* smem;
+  bool late_copies;  // cp.async lands at its wait (else at once)
 };
 
 inline thread_local Cta* tls_cta = nullptr;
@@ -112,15 +114,40 @@ inline uint32_t load_u16(uint32_t addr) {
   return x;
 }
 
-inline void cp_async_16(uint32_t dst, const void* src, int src_bytes) {
-  std::memset(tls_cta->smem + dst, 0, 16);
-  if (src_bytes > 0) std::memcpy(tls_cta->smem + dst, src, static_cast<size_t>(src_bytes));
+struct PendingCopy {
+  uint32_t dst;
+  const void* src;
+  int bytes;
+};
+
+inline thread_local std::vector<PendingCopy> tls_copies;       // issued, not yet landed (late mode)
+inline thread_local std::vector<size_t> tls_copy_groups;       // copies issued up to each commit
+
+inline void land_copy(const PendingCopy& c) {
+  std::memset(tls_cta->smem + c.dst, 0, 16);
+  if (c.bytes > 0) std::memcpy(tls_cta->smem + c.dst, c.src, static_cast<size_t>(c.bytes));
 }
 
-inline void cp_async_commit() {}
+inline void cp_async_16(uint32_t dst, const void* src, int src_bytes) {
+  if (tls_cta->late_copies) tls_copies.push_back(PendingCopy{dst, src, src_bytes});
+  else land_copy(PendingCopy{dst, src, src_bytes});
+}
 
+inline void cp_async_commit() {
+  if (tls_cta->late_copies) tls_copy_groups.push_back(tls_copies.size());
+}
+
+// Lands every committed group but the newest N (copies issued after the last commit stay in flight).
 template <int N>
-inline void cp_async_wait() {}
+inline void cp_async_wait() {
+  while (tls_copy_groups.size() > static_cast<size_t>(N)) {
+    const size_t n = tls_copy_groups.front();
+    for (size_t i = 0; i < n; ++i) land_copy(tls_copies[i]);
+    tls_copies.erase(tls_copies.begin(), tls_copies.begin() + static_cast<std::ptrdiff_t>(n));
+    tls_copy_groups.erase(tls_copy_groups.begin());
+    for (size_t& x : tls_copy_groups) x -= n;
+  }
+}
 
 // Lanes 8i..8i+7 address the rows of matrix i; lane l receives row l/4, elements 2(l%4), 2(l%4)+1 of each
 // (with trans: column l/4, rows 2(l%4), 2(l%4)+1), the lower index in the low half.
