@@ -114,6 +114,20 @@ inline uint32_t load_u16(uint32_t addr) {
   return x;
 }
 
+// Retires the oldest committed groups of an in-flight queue until at most `keep` remain: complete(op) for
+// each of their operations, oldest first. groups[i] counts the operations issued up to commit i; operations
+// issued after the last commit stay in flight (cp.async and wgmma waits alike count committed groups only).
+template <typename Op, typename Complete>
+inline void retire_groups(std::vector<Op>& ops, std::vector<size_t>& groups, size_t keep, Complete complete) {
+  while (groups.size() > keep) {
+    const size_t n = groups.front();
+    for (size_t i = 0; i < n; ++i) complete(ops[i]);
+    ops.erase(ops.begin(), ops.begin() + static_cast<std::ptrdiff_t>(n));
+    groups.erase(groups.begin());
+    for (size_t& x : groups) x -= n;
+  }
+}
+
 struct PendingCopy {
   uint32_t dst;
   const void* src;
@@ -137,16 +151,10 @@ inline void cp_async_commit() {
   if (tls_cta->late_copies) tls_copy_groups.push_back(tls_copies.size());
 }
 
-// Lands every committed group but the newest N (copies issued after the last commit stay in flight).
+// Lands every committed group but the newest N.
 template <int N>
 inline void cp_async_wait() {
-  while (tls_copy_groups.size() > static_cast<size_t>(N)) {
-    const size_t n = tls_copy_groups.front();
-    for (size_t i = 0; i < n; ++i) land_copy(tls_copies[i]);
-    tls_copies.erase(tls_copies.begin(), tls_copies.begin() + static_cast<std::ptrdiff_t>(n));
-    tls_copy_groups.erase(tls_copy_groups.begin());
-    for (size_t& x : tls_copy_groups) x -= n;
-  }
+  retire_groups(tls_copies, tls_copy_groups, N, land_copy);
 }
 
 // Lanes 8i..8i+7 address the rows of matrix i; lane l receives row l/4, elements 2(l%4), 2(l%4)+1 of each
@@ -316,13 +324,7 @@ inline void wgmma_commit() { tls_wgmma_groups.push_back(tls_wgmma_ops.size()); }
 
 template <int N>
 inline void wgmma_wait() {
-  while (tls_wgmma_groups.size() > static_cast<size_t>(N)) {
-    const size_t n = tls_wgmma_groups.front();
-    for (size_t i = 0; i < n; ++i) wgmma_run(tls_wgmma_ops[i]);
-    tls_wgmma_ops.erase(tls_wgmma_ops.begin(), tls_wgmma_ops.begin() + static_cast<std::ptrdiff_t>(n));
-    tls_wgmma_groups.erase(tls_wgmma_groups.begin());
-    for (size_t& x : tls_wgmma_groups) x -= n;
-  }
+  retire_groups(tls_wgmma_ops, tls_wgmma_groups, N, wgmma_run);
 }
 
 template <int N, typename T>
