@@ -1,7 +1,8 @@
 // CUDA flash-attention forward returning the LSE (DESIGN section 1), and its fused ring step
 // flash_attn_fwd_acc_, which merges the result into a running (out, lse) in the kernel's epilogue instead
-// of writing a partial (out, lse) that a merge would read back. Device code: flash_fwd_kernel.cuh; the
-// kernels are instantiated in flash_fwd_hdim*.cu and flash_fwd_f32.cu (flash_fwd_launch.h).
+// of writing a partial (out, lse) that a merge would read back. Device code: flash_fwd_kernel.cuh,
+// flash_fwd_sm90_kernel.cuh and flash_fwd_f32_kernel.cuh; the kernels are instantiated in flash_fwd_hdim*.cu,
+// flash_fwd_sm90_hdim*.cu and flash_fwd_f32.cu (flash_fwd_launch.h).
 //
 // float16 / bfloat16 run on tensor cores: on sm_90 devices (when the build holds sm_90a code) through the
 // wgmma kernel at D <= 64 and 96 < D <= 128 (compiled for 64 and 128), elsewhere through the mma.sync kernel
