@@ -107,6 +107,21 @@ def test_fwd_kernel_knob_errors(monkeypatch):
         OPS.flash_attn_fwd(q, k, v, None, False, None)
 
 
+@pytest.mark.parametrize("D", [64, 128])
+def test_fwd_sm90_kernel_forced(D, monkeypatch):
+    # On sm_90 the wgmma kernel must be built and run when demanded (so "auto" cannot have quietly fallen
+    # back to mma.sync); on other devices demanding it is an error naming the variable.
+    q, k, v, gen = _qkv(2, 300, 600, 4, 2, D, BF16, seed=D)
+    kv_mask = make_kv_mask(2, 600, gen, device=DEV)
+    monkeypatch.setenv("CP_ATTENTION_CUDA_FWD_KERNEL", "sm90")
+    if torch.cuda.get_device_capability()[0] != 9:
+        with pytest.raises(ValueError, match="CP_ATTENTION_CUDA_FWD_KERNEL=sm90 needs"):
+            OPS.flash_attn_fwd(q, k, v, None, True, kv_mask)
+        return
+    out, lse = OPS.flash_attn_fwd(q, k, v, None, True, kv_mask)
+    check_attention(out, lse, q, k, v, None, True, kv_mask)
+
+
 def test_fwd_long_sequence_many_blocks(fwd_kernel):
     # Many key blocks (online rescaling over dozens of steps) and many query blocks, causal.
     q, k, v, _ = _qkv(1, 1100, 1300, 2, 1, 128, BF16, seed=11)
