@@ -31,6 +31,7 @@
 #include "cuda/cuda_utils.cuh"
 #include "cuda/flash_fwd_launch.h"
 #include "cuda/flash_fwd_params.h"
+#include "cuda/flash_fwd_sm90_kernel.cuh"
 
 namespace cp_attention {
 namespace {
@@ -61,7 +62,7 @@ bool use_sm90_kernel(const char* op, const FwdParams& p) {
                     op, ": CP_ATTENTION_CUDA_FWD_KERNEL must be auto, mma or sm90, got '", knob, "'");
   if (force_mma) return false;
   const bool built = std::strstr(CP_ATTENTION_CUDA_ARCHS, "9.0a") != nullptr;
-  const bool head_dim = p.D <= 64 || (p.D > 96 && p.D <= 128);
+  const bool head_dim = flash::sm90_head_dim(p.D) != 0;
   const bool device = at::cuda::getCurrentDeviceProperties()->major == 9;
   if (force_sm90) {
     TORCH_CHECK_VALUE(built && head_dim && device, op,
@@ -74,7 +75,7 @@ bool use_sm90_kernel(const char* op, const FwdParams& p) {
 template <typename T>
 void dispatch_16bit(const char* op, const FwdParams& p, cudaStream_t stream) {
   if (use_sm90_kernel(op, p)) {
-    if (p.D <= 64) flash::launch_fwd_sm90<T, 64>(op, p, stream);
+    if (flash::sm90_head_dim(p.D) == 64) flash::launch_fwd_sm90<T, 64>(op, p, stream);
     else flash::launch_fwd_sm90<T, 128>(op, p, stream);
     return;
   }

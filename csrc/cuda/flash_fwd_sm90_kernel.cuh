@@ -47,6 +47,12 @@ struct Sm90Tiles {
   static_assert(kD == 64 || kD == 128, "compiled head dims");
 };
 
+// The compiled head dim the wgmma kernel runs D at (D <= 64: 64; 96 < D <= 128: 128), or 0 where it has
+// none (the mma.sync kernel's D 96 and 256 tiles waste less there).
+__host__ __device__ constexpr int sm90_head_dim(int64_t D) {
+  return D <= 64 ? 64 : (D > 96 && D <= 128 ? 128 : 0);
+}
+
 #ifndef CP_ATTENTION_LANE_EMULATION
 
 // Compiled only where wgmma exists (sm_90a); other targets get empty stubs the host never launches.

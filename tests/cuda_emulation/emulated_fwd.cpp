@@ -97,8 +97,9 @@ void run_f32(FwdParams p) {
 
 template <typename T>
 void dispatch_sm90(const FwdParams& p) {
-  TORCH_CHECK(p.D <= 64 || (p.D > 96 && p.D <= 128), "the sm90 kernel takes D <= 64 or 96 < D <= 128, got ", p.D);
-  if (p.D <= 64) run_sm90<T, 64>(p);
+  const int kd = cp_attention::flash::sm90_head_dim(p.D);
+  TORCH_CHECK(kd != 0, "the sm90 kernel takes D <= 64 or 96 < D <= 128, got ", p.D);
+  if (kd == 64) run_sm90<T, 64>(p);
   else run_sm90<T, 128>(p);
 }
 

@@ -6,7 +6,8 @@
 // lane receives. Shared memory is one buffer per CTA, addressed by 32-bit offsets as on the GPU. cp.async
 // lands either at once or at the cp.async.wait that retires its group (the earliest and the latest the
 // hardware allows; the launch picks one): the first exposes refills of memory still being read, the second
-// reads of copies not yet waited for. __syncthreads is a barrier of the CTA's threads. Fragment layouts are those quoted at the top of flash_fwd_kernel.cuh.
+// reads of copies not yet waited for. __syncthreads is a barrier of the CTA's threads. Fragment layouts are
+// those quoted at the top of flash_fwd_kernel.cuh.
 //
 // wgmma (the sm_90a kernel, flash_fwd_sm90_kernel.cuh) reads its shared-memory operands through matrix
 // descriptors, decoded here from the PTX ISA's canonical layouts (128-byte swizzle only; anything else is
@@ -193,6 +194,20 @@ inline float half_bits_to_float(uint32_t bits, __nv_bfloat16) {
   return __bfloat162float(h);
 }
 
+// Unpacks lane `lane`'s m16n8k16 A fragment x[0..3] (16-bit pairs, lower column in the low half) into its
+// places of the 16 x 16 matrix A: a0 = (row g, cols 2t, 2t+1), a1 = row g + 8, a2/a3 = cols + 8.
+template <typename T>
+inline void unpack_a_fragment(float (&A)[16][16], const uint32_t* x, int lane, T) {
+  const int g = lane / 4, t = lane % 4;
+  for (int half = 0; half < 2; ++half) {
+    const int shift = 16 * half;
+    A[g][2 * t + half] = half_bits_to_float(x[0] >> shift, T{});
+    A[g + 8][2 * t + half] = half_bits_to_float(x[1] >> shift, T{});
+    A[g][2 * t + 8 + half] = half_bits_to_float(x[2] >> shift, T{});
+    A[g + 8][2 * t + 8 + half] = half_bits_to_float(x[3] >> shift, T{});
+  }
+}
+
 // c += A B for one m16n8k16 tile: the warp's fragments are gathered into whole matrices, and each lane
 // accumulates its own four elements of C (in double, rounded once to float).
 template <typename T>
@@ -207,12 +222,9 @@ inline void mma_16816(float (&c)[4], const uint32_t (&a)[4], uint32_t b0, uint32
   for (int lane = 0; lane < 32; ++lane) {
     const int g = lane / 4, t = lane % 4;
     const uint32_t* x = w.words[lane];
+    unpack_a_fragment(A, x, lane, T{});
     for (int half = 0; half < 2; ++half) {
       const int shift = 16 * half;
-      A[g][2 * t + half] = half_bits_to_float(x[0] >> shift, T{});
-      A[g + 8][2 * t + half] = half_bits_to_float(x[1] >> shift, T{});
-      A[g][2 * t + 8 + half] = half_bits_to_float(x[2] >> shift, T{});
-      A[g + 8][2 * t + 8 + half] = half_bits_to_float(x[3] >> shift, T{});
       B[2 * t + half][g] = half_bits_to_float(x[4] >> shift, T{});
       B[2 * t + 8 + half][g] = half_bits_to_float(x[5] >> shift, T{});
     }
@@ -285,15 +297,8 @@ inline void wgmma_run(const WgmmaOp& op) {
     for (int i = 0; i < 4; ++i) w.words[l][i] = op.a[i];
     w.bar.arrive_and_wait();
     for (int lane = 0; lane < 32; ++lane) {
-      const int lg = lane / 4, lt = lane % 4;
-      const uint32_t* x = w.words[lane];
-      for (int half = 0; half < 2; ++half) {
-        const int shift = 16 * half;
-        A[lg][2 * lt + half] = bits_to_float(x[0] >> shift, op.bf16);
-        A[lg + 8][2 * lt + half] = bits_to_float(x[1] >> shift, op.bf16);
-        A[lg][2 * lt + 8 + half] = bits_to_float(x[2] >> shift, op.bf16);
-        A[lg + 8][2 * lt + 8 + half] = bits_to_float(x[3] >> shift, op.bf16);
-      }
+      if (op.bf16) unpack_a_fragment(A, w.words[lane], lane, __nv_bfloat16{});
+      else unpack_a_fragment(A, w.words[lane], lane, __half{});
     }
     w.bar.arrive_and_wait();
   } else {
