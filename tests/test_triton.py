@@ -374,6 +374,22 @@ def test_tuned_configs_keep_every_tuning(monkeypatch):
     assert got["sm_90 ('k2',)"] == {"chosen": str(b), "trials_ms": {str(b): 0.25}}
 
 
+def test_length_bucket_separates_sizes():
+    # The autotuning key's size class: the benchmark's D-128 shapes (B * H * Sq = 2**18 each, with 1k, 4k and
+    # 16k keys per row) must be tuned apart, and lengths between powers of two join the class above them.
+    from cp_attention.triton_kernels.configs import length_bucket
+    rows = 1 << 18
+    assert len({length_bucket(rows, s) for s in (1024, 4096, 16384)}) == 3
+    assert length_bucket(rows, 3000) == length_bucket(rows, 4096) != length_bucket(rows, 2048)
+    assert length_bucket(rows, 5) == length_bucket(rows, 1024)
+    assert length_bucket(rows, 1 << 20) == length_bucket(rows, 1 << 14)
+    assert length_bucket(1 << 15, 4096) != length_bucket(1 << 16, 4096)
+    assert length_bucket(1, 4096) == length_bucket(1 << 14, 4096)
+    assert length_bucket(1 << 30, 4096) == length_bucket(1 << 20, 4096)
+    # 7 row classes x 5 key classes, each its own value
+    assert len({length_bucket(1 << r, 1 << k) for r in range(8, 26) for k in range(4, 20)}) == 7 * 5
+
+
 @pytest.mark.skipif(INTERPRETING, reason="checks the CPU without the interpreter")
 def test_triton_backend_refuses_cpu_without_interpreter():
     q = torch.randn(1, 3, 2, 8)

@@ -4,6 +4,8 @@ The forward kernel's tile is (BLOCK_M query rows) x (BLOCK_N keys) x (BLOCK_D = 
 of two). Candidates are chosen per (dtype class, BLOCK_D) and autotuned once per key (BLOCK_D, causal,
 mask, accumulation, TMA possible, tensor dtypes): few candidates, so the first call of a shape class stays
 cheap. Problems with fewer than AUTOTUNE_MIN_WORK (query, key) pairs run the first pointer tile untuned.
+The key also holds a coarse size class of the launch (length_bucket): the best tile for 1k keys per row and
+a few waves of CTAs is not the best for 16k keys per row, so one tuning must not serve every length.
 
 Why these tiles:
 - BLOCK_M 128 is what wgmma (sm_90) and mma.sync (sm_80) keep busy with 4-8 warps, and it halves the K/V
@@ -87,6 +89,25 @@ INTERPRETER_FWD = FwdConfig(32, 16, 4, 1)
 # flight per SM for a memory-bound kernel without spilling.
 MERGE_ELEMS_PER_PROGRAM = 4096
 MERGE_NUM_WARPS = 4
+
+
+# Size classes of the tuning key: powers of two between these bounds (keys per query row; query rows of the
+# whole launch, B * H * Sq). Below the low bound a launch is short enough for any tuned tile to do; past the
+# high one the work per CTA (keys) or the number of waves (rows) no longer changes which tile wins.
+KEYS_BUCKETS = (1 << 10, 1 << 14)
+ROWS_BUCKETS = (1 << 14, 1 << 20)
+
+
+def _pow2_class(n: int, lo: int, hi: int) -> int:
+    """n rounded up to a power of two, clamped to [lo, hi]."""
+    return min(max(1 << max(int(n) - 1, 0).bit_length(), lo), hi)
+
+
+def length_bucket(rows: int, keys: int) -> int:
+    """The size class of a launch with `rows` query rows in all (B * H * Sq) and `keys` keys per row (Sk):
+    one int, part of the autotuning key, so that tile choices are made per class (at most 5 x 7 classes)
+    rather than once for every length (a ring step's chunks, for instance, are all of one class)."""
+    return _pow2_class(rows, *ROWS_BUCKETS) * (KEYS_BUCKETS[1] * 2) + _pow2_class(keys, *KEYS_BUCKETS)
 
 
 def _d_bucket(block_d: int) -> int:

@@ -124,7 +124,7 @@ def _attend_blocks(acc, l_i, m_i, q, k_ptrs, v_ptrs, desc_k, desc_v, kv_b, kv_h,
 # alignment would otherwise compile a new variant. Q/K/V/OUT pointers and strides are specialized, so
 # aligned rows load with wide vectors.
 NOT_SPECIALIZED = ("Sq", "Sk", "H", "GROUP", "D", "LSE", "KV_MASK", "stride_lb", "stride_lh", "stride_ls",
-                   "stride_mb", "stride_ms")
+                   "stride_mb", "stride_ms", "LENGTH_BUCKET")
 
 
 @triton.jit(do_not_specialize=NOT_SPECIALIZED)
@@ -136,7 +136,7 @@ def _flash_fwd_kernel(
     stride_ob, stride_os, stride_oh, stride_od,
     stride_lb, stride_lh, stride_ls,
     stride_mb, stride_ms,
-    Sq, Sk, H, GROUP, D, qk_scale,
+    Sq, Sk, H, GROUP, D, qk_scale, LENGTH_BUCKET,
     BLOCK_D: tl.constexpr, EVEN_D: tl.constexpr, CAUSAL: tl.constexpr, HAS_MASK: tl.constexpr,
     ACCUMULATE: tl.constexpr, DOT_PRECISION: tl.constexpr, UPCAST: tl.constexpr, TMA_OK: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, TMA: tl.constexpr,
@@ -146,7 +146,8 @@ def _flash_fwd_kernel(
     TMA (Hopper and newer, and the interpreter): Q, K and V tiles are loaded, and OUT is stored unless
     ACCUMULATE, through the tensor descriptors DESC_* (each over its whole BSHD tensor, block [1, rows, 1,
     BLOCK_D]) by the copy engine, which bounds-checks every dimension itself; they are None where the
-    launcher found the tensors unfit for TMA, and then TMA_OK is False (it only keys the autotuner)."""
+    launcher found the tensors unfit for TMA, and then TMA_OK is False (it only keys the autotuner).
+    LENGTH_BUCKET (configs.length_bucket) is not read either: it keys the autotuner by the launch's size."""
     num_m = tl.cdiv(Sq, BLOCK_M)
     pid = tl.program_id(0)
     bh = pid // num_m
@@ -310,12 +311,14 @@ def _prune(configs, named_args, **kwargs):
 def _autotuned(capability: tuple[int, int]):
     """The kernel behind an autotuner with this GPU generation's candidates. Keyed by BLOCK_D, causal, the
     mask, accumulation and whether descriptors were given (plus, automatically, every tensor argument's
-    dtype): each changes the kernel's code, so each may want another tile. OUT and LSE are restored after
-    each trial because the accumulating variant updates them in place."""
+    dtype): each changes the kernel's code, so each may want another tile; and by the launch's size class
+    (LENGTH_BUCKET), since a tile tuned on short sequences need not be the best on long ones. OUT and LSE
+    are restored after each trial because the accumulating variant updates them in place."""
     configs = [triton.Config({"BLOCK_M": c.block_m, "BLOCK_N": c.block_n, "TMA": c.tma},
                              num_warps=c.num_warps, num_stages=c.num_stages, pre_hook=_set_block_shapes)
                for c in cfg.all_fwd_candidates(capability)]
-    tuner = triton.autotune(configs, key=["BLOCK_D", "CAUSAL", "HAS_MASK", "ACCUMULATE", "TMA_OK"],
+    key = ["BLOCK_D", "CAUSAL", "HAS_MASK", "ACCUMULATE", "TMA_OK", "LENGTH_BUCKET"]
+    tuner = triton.autotune(configs, key=key,
                             prune_configs_by={"early_config_prune": _prune},
                             restore_value=["OUT", "LSE"])(_flash_fwd_kernel)
     _TUNERS[capability] = tuner
@@ -336,9 +339,9 @@ def _record_trials(capability: tuple[int, int], tuner) -> None:
 
 def tuned_configs() -> dict[str, dict]:
     """What the autotuner has chosen in this process, per GPU generation and tuning key (BLOCK_D, causal,
-    mask, accumulation, TMA_OK and the arguments' dtypes), with the median milliseconds of every candidate
-    it tried: benchmark reports record it, so a figure can be traced to the tile (and load path, TMA or
-    pointers) behind it."""
+    mask, accumulation, TMA_OK, the size class and the arguments' dtypes), with the median milliseconds of
+    every candidate it tried: benchmark reports record it, so a figure can be traced to the tile (and load
+    path, TMA or pointers) behind it."""
     return {f"sm_{major}{minor} {key}": {"chosen": str(config),
                                          "trials_ms": _TRIALS.get((major, minor), {}).get(key, {})}
             for (major, minor), tuner in _TUNERS.items()
@@ -392,7 +395,8 @@ def flash_fwd(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float | 
                          "half-precision inputs with 16-byte aligned bases and strides, unit last strides "
                          "and a non-empty K/V")
     args = (q, k, v, out, lse, mask, *(descs or [None] * 4), *q.stride(), *k.stride(), *v.stride(),
-            *out.stride(), *lse.stride(), *mask_strides, Sq, Sk, H, H // Hkv, D, scale * LOG2E)
+            *out.stride(), *lse.stride(), *mask_strides, Sq, Sk, H, H // Hkv, D, scale * LOG2E,
+            cfg.length_bucket(B * H * Sq, Sk))
     meta = dict(BLOCK_D=block_d, EVEN_D=block_d == D, CAUSAL=bool(causal), HAS_MASK=has_mask,
                 ACCUMULATE=accumulate, DOT_PRECISION="ieee" if is_fp32 else "tf32",
                 UPCAST=INTERPRETED and q.dtype == torch.bfloat16, TMA_OK=descs is not None)
