@@ -165,22 +165,26 @@ def test_scale_folding(scale, kernel):
     check_attention(*_fwd(q, k, v, scale=scale, kernel=kernel), q, k, v, scale=scale)
 
 
-ACC_CASES = [("mma", BF16, F32), ("mma", BF16, BF16), ("mma", F32, F32), ("sm90", F16, F32),
-             ("sm90", BF16, BF16)]
+# (kernel, dtype, state dtype, state layout): "dense" states move in 16-byte chunks, "unaligned" ones (rows
+# one element off 16-byte alignment) element by element.
+ACC_CASES = [("mma", BF16, F32, "dense"), ("mma", BF16, BF16, "dense"), ("mma", F32, F32, "dense"),
+             ("sm90", F16, F32, "dense"), ("sm90", BF16, BF16, "dense"), ("mma", F16, F32, "unaligned"),
+             ("sm90", BF16, BF16, "unaligned")]
 
 
-@pytest.mark.parametrize("kernel,dtype,state_dtype", ACC_CASES,
-                         ids=[f"{k}-{str(t)[6:]}-{str(s)[6:]}" for k, t, s in ACC_CASES])
-def test_acc_chunks_equal_whole(kernel, dtype, state_dtype):
+@pytest.mark.parametrize("kernel,dtype,state_dtype,layout", ACC_CASES,
+                         ids=[f"{k}-{str(t)[6:]}-{str(s)[6:]}-{lay}" for k, t, s, lay in ACC_CASES])
+def test_acc_chunks_equal_whole(kernel, dtype, state_dtype, layout):
     # The fused ring step: chunks of keys (one empty) merged in the kernel's epilogue into a NaN-poisoned
     # state equal attention over all keys.
     B, Sq, Sk, H, Hkv, D = 2, 45, 90, 2, 1, 64
     q, k, v, gen = _qkv(B, Sq, Sk, H, Hkv, D, dtype, seed=9)
     kv_mask = make_kv_mask(B, Sk, gen)
-    out = torch.full((B, Sq, H, D), float("nan"), dtype=state_dtype)
+    out = torch.full((B, Sq, H, D + (layout == "unaligned")), float("nan"), dtype=state_dtype)
+    out = out[..., 1:] if layout == "unaligned" else out
     lse = torch.full((B, H, Sq), float("-inf"))
     for s, e in ((0, 30), (30, 30), (30, 90)):
         if e > s:
             _emulated().flash_fwd(q, k[:, s:e], v[:, s:e], out, lse, kv_mask[:, s:e], None, False, True,
                                   kernel, False)
-    check_attention(out.to(dtype), lse, q, k, v, kv_mask=kv_mask)
+    check_attention(out.to(dtype).contiguous(), lse, q, k, v, kv_mask=kv_mask)

@@ -114,7 +114,7 @@ __global__ void __launch_bounds__(kF32Threads) flash_fwd_f32_kernel(const FwdPar
     const int64_t i = static_cast<int64_t>(m0) + warp * kF32RowsPerWarp + rr;
     const float l = row_l[rr];  // already the warp-wide sum
     // Lane 0 leads the row.
-    const RowEnd e = finish_row(p, b, h, i, l, row_m[rr], lane == 0, 0);
+    const RowEnd e = finish_row(p, b, h, i, l, row_m[rr], old_lse(p, b, h, i, lane == 0, 0), lane == 0);
     if (!e.write) continue;
     const RowPlan& pl = e.plan;
     const float inv = e.inv;

@@ -8,6 +8,8 @@
 //   O += P V    P re-packed from the S accumulators in registers, V fragments by ldmatrix.trans
 // K/V blocks are double-buffered: block n + 1 streams in by cp.async while block n is computed. Shared
 // rows are padded by 16 bytes, which puts the 8 rows of every ldmatrix phase in 8 different bank groups.
+// The epilogue stages the finished rows in shared memory and writes them along rows (stage_rows,
+// write_staged).
 // Head dims are compiled for kD in {32, 64, 96, 128, 256}; a smaller D is zero-padded up to kD by the
 // loads (zeros change neither q.k nor the unused output columns, which are never stored).
 //
@@ -59,7 +61,7 @@ struct FwdParams {
   bool causal;               // bottom-right: query i sees key j iff j <= i + Sk - Sq
   bool accumulate;           // merge into (out, lse) instead of overwriting them
   bool out_f32;              // out is float32 (else q's dtype)
-  bool out_pair;             // out rows allow 2-element vector access (o_sd == 1, aligned)
+  bool out_vec;              // out rows allow 16-byte access (o_sd == 1, aligned, D a whole number of them)
   bool q_vec, k_vec, v_vec;  // rows 16-byte aligned and D % 8 == 0: cp.async in 16-byte chunks
 };
 
@@ -179,19 +181,6 @@ __device__ __forceinline__ float blend(float old_v, float new_v, const RowPlan& 
   return __fadd_rn(__fmul_rn(old_v, pl.ca), __fmul_rn(new_v, pl.cb));
 }
 
-__device__ __forceinline__ float2 load_pair(const float* p) { return *reinterpret_cast<const float2*>(p); }
-template <typename T>
-__device__ __forceinline__ float2 load_pair(const T* p) {
-  return cuda_util::detail::unpack2(*reinterpret_cast<const uint32_t*>(p), T{});
-}
-__device__ __forceinline__ void store_pair(float* p, float a, float b) {
-  *reinterpret_cast<float2*>(p) = make_float2(a, b);
-}
-template <typename T>
-__device__ __forceinline__ void store_pair(T* p, float a, float b) {
-  *reinterpret_cast<uint32_t*>(p) = cuda_util::detail::pack2(a, b, T{});
-}
-
 // Element c of an out row (real columns only; the caller checks c < D).
 template <typename TO>
 __device__ __forceinline__ void write_elem(TO* row, int64_t sd, int c, float new_v, const RowPlan& pl) {
@@ -201,32 +190,21 @@ __device__ __forceinline__ void write_elem(TO* row, int64_t sd, int c, float new
   *ptr = cuda_util::from_float<TO>(v);
 }
 
-// Elements c, c + 1 (c even) of an out row; only those below D are touched.
-template <typename TO>
-__device__ __forceinline__ void write_two(TO* row, int64_t sd, bool pair_ok, int c, int D, float v0, float v1,
-                                          const RowPlan& pl) {
-  if (pair_ok && c + 1 < D) {
-    TO* ptr = row + c;
-    if (pl.mode == kRowZero) {
-      v0 = 0.f;
-      v1 = 0.f;
-    } else if (pl.mode == kRowBlend) {
-      const float2 o = load_pair(ptr);
-      v0 = blend(o.x, v0, pl);
-      v1 = blend(o.y, v1, pl);
-    }
-    store_pair(ptr, v0, v1);
-  } else {
-    if (c < D) write_elem(row, sd, c, v0, pl);
-    if (c + 1 < D) write_elem(row, sd, c + 1, v1, pl);
-  }
+// The running lse of row i when accumulating (-inf otherwise, or past Sq): one leader lane per row (leader,
+// at lane leader_lane) reads it and shares it with the row's other lanes (a full-warp shuffle: every lane of
+// the warp must call this together).
+__device__ __forceinline__ float old_lse(const FwdParams& p, int b, int h, int64_t i, bool leader,
+                                         int leader_lane) {
+  if (!p.accumulate) return kNegInf;
+  float x = kNegInf;
+  if (i < p.Sq && leader) x = p.lse[b * p.l_sb + h * p.l_sh + i * p.l_ss];
+  return __shfl_sync(0xffffffffu, x, leader_lane);
 }
 
-// A row's end of the key loop, common to both kernels: l is the row's full sum of 2^(s - m), m its running
-// max (log2 units). Plans how its result meets (out, lse) and writes the new lse. One leader lane per row
-// (leader, at lane leader_lane) reads the old lse when accumulating and shares it with the row's other
-// lanes (a full-warp shuffle: every lane of the warp must call this together); the leader alone writes the
-// lse. write: the caller must write the row's out with plan and inv (1 / l, 0 for an empty row).
+// A row's end of the key loop, common to every kernel: l is the row's full sum of 2^(s - m), m its running
+// max (log2 units), lse_old what old_lse returned. Plans how its result meets (out, lse); the leader lane
+// writes the new lse. write: the caller must write the row's out with plan and inv (1 / l, 0 for an empty
+// row).
 struct RowEnd {
   RowPlan plan;
   float inv;
@@ -234,20 +212,12 @@ struct RowEnd {
 };
 
 __device__ __forceinline__ RowEnd finish_row(const FwdParams& p, int b, int h, int64_t i, float l, float m,
-                                             bool leader, int leader_lane) {
-  const bool valid = i < p.Sq;
+                                             float lse_old, bool leader) {
   // l > 0 iff the row saw a visible key (its maximum contributes 2^0 = 1).
   const float lse_new = l > 0.f ? m * kLn2 + logf(l) : kNegInf;
-  float* lse_ptr = p.lse + b * p.l_sb + h * p.l_sh + i * p.l_ss;
-  float lse_old = kNegInf;
-  if (p.accumulate) {
-    float x = kNegInf;
-    if (valid && leader) x = *lse_ptr;
-    lse_old = __shfl_sync(0xffffffffu, x, leader_lane);
-  }
   RowEnd e{plan_row(p.accumulate, lse_new, lse_old), l > 0.f ? 1.f / l : 0.f, false};
-  e.write = valid && e.plan.mode != kRowKeep;
-  if (e.write && leader) *lse_ptr = e.plan.lse;
+  e.write = i < p.Sq && e.plan.mode != kRowKeep;
+  if (e.write && leader) p.lse[b * p.l_sb + h * p.l_sh + i * p.l_ss] = e.plan.lse;
   return e;
 }
 
@@ -536,37 +506,143 @@ __device__ __forceinline__ void pack_p(uint32_t (&a)[4], const float (&s)[kNTile
   a[3] = pack_rn<T>(s[2 * kk + 1][2], s[2 * kk + 1][3]);
 }
 
-// Epilogue of one 16-row tile: normalizes o, then writes or merges it into (out, lse). row: the tile's row g.
-// Every lane of the warp must call this together (finish_row shuffles).
-template <typename T, int kDTiles>
-__device__ __forceinline__ void store_rows(const FwdParams& p, int b, int h, int64_t row,
-                                           const float (&o)[kDTiles][4], const float (&row_m)[2],
-                                           const float (&row_l)[2], int lane) {
+// ---------------------------------------------------------------------------------------------------------
+// Epilogue of the 16-bit kernels, staged through shared memory. In the accumulator layout a row is spread
+// over the four lanes of a quad, 4 or 8 bytes each, so writing (or, accumulating, reading and rewriting) out
+// from there takes many narrow accesses, each a global round trip the warp waits on in turn. Instead each
+// warp writes its rows, normalized, to shared memory as float32 together with each row's merge plan
+// (stage_rows), and then the whole CTA moves the tile along rows in 16-byte accesses (write_staged): out is
+// read (accumulating) and written in full 32-byte sectors, and a thread issues a batch of reads of the
+// running out before any of the batch's writes.
+struct StagedRow {
+  int mode;  // RowMode; kRowKeep also for rows past Sq
+  float ca, cb;
+};
+
+// Shared-memory layout of the staged tile: kRows rows of kD float32, then a StagedRow per row. Row r's
+// 8-float granule j lies at granule j ^ (r % 4) of the row, so that the float2 writes of a half warp (rows
+// g .. g + 3, the quad's four column pairs) fall in four different bank groups; kD / 8 is a multiple of 4,
+// so the swizzle stays inside the row, and 16-byte reads along a row stay conflict-free.
+template <int kRows, int kD>
+struct StagedTile {
+  static constexpr int kFloats = kRows * kD;
+  static constexpr int kBytes = kFloats * 4 + kRows * static_cast<int>(sizeof(StagedRow));
+  static_assert(kD % 32 == 0, "granules of 8 floats, swizzled in groups of 4");
+  __device__ __forceinline__ static int at(int r, int c) {
+    return r * kD + ((((c >> 3) ^ (r & 3)) << 3) | (c & 7));
+  }
+  __device__ __forceinline__ static StagedRow* rows(float* tile) {
+    return reinterpret_cast<StagedRow*>(tile + kFloats);
+  }
+};
+
+// Phase 1 of the epilogue, for kMT 16-row m-tiles of one warp: m-tile mt holds block rows lrow + 16 mt
+// (this lane's g) and + 8, at global row m0 + that. Writes the rows' lse, their plans and their normalized
+// out (o / l) to the staged tile. The old lse of every row is read first, in one batch. Every lane of the
+// warp must call this together (old_lse shuffles).
+template <int kRows, int kD, int kMT>
+__device__ __forceinline__ void stage_rows(const FwdParams& p, int b, int h, int m0, int lrow,
+                                           const float (&o)[kMT][kD / 8][4], const float (&row_m)[kMT][2],
+                                           const float (&row_l)[kMT][2], float* tile, int lane) {
+  using Tile = StagedTile<kRows, kD>;
   const int tq = lane & 3;
+  float lse_old[kMT][2];
 #pragma unroll
-  for (int r = 0; r < 2; ++r) {
-    float l = row_l[r];
-    l += __shfl_xor_sync(0xffffffffu, l, 1);
-    l += __shfl_xor_sync(0xffffffffu, l, 2);
-    const int64_t i = row + 8 * r;
-    // The quad's first lane leads the row.
-    const RowEnd e = finish_row(p, b, h, i, l, row_m[r], tq == 0, lane & ~3);
-    if (!e.write) continue;
-    const RowPlan& pl = e.plan;
-    const float inv = e.inv;
-    const int64_t orow = b * p.o_sb + i * p.o_ss + h * p.o_sh;
-    if (p.out_f32) {
-      float* op = static_cast<float*>(p.out) + orow;
+  for (int mt = 0; mt < kMT; ++mt) {
 #pragma unroll
-      for (int dt = 0; dt < kDTiles; ++dt)
-        write_two(op, p.o_sd, p.out_pair, dt * 8 + 2 * tq, p.D, o[dt][2 * r] * inv, o[dt][2 * r + 1] * inv, pl);
-    } else {
-      T* op = static_cast<T*>(p.out) + orow;
+    for (int r = 0; r < 2; ++r)
+      lse_old[mt][r] = old_lse(p, b, h, static_cast<int64_t>(m0) + lrow + 16 * mt + 8 * r, tq == 0, lane & ~3);
+  }
+  StagedRow* plans = Tile::rows(tile);
 #pragma unroll
-      for (int dt = 0; dt < kDTiles; ++dt)
-        write_two(op, p.o_sd, p.out_pair, dt * 8 + 2 * tq, p.D, o[dt][2 * r] * inv, o[dt][2 * r + 1] * inv, pl);
+  for (int mt = 0; mt < kMT; ++mt) {
+#pragma unroll
+    for (int r = 0; r < 2; ++r) {
+      float l = row_l[mt][r];
+      l += __shfl_xor_sync(0xffffffffu, l, 1);
+      l += __shfl_xor_sync(0xffffffffu, l, 2);
+      const int lr = lrow + 16 * mt + 8 * r;
+      const int64_t i = static_cast<int64_t>(m0) + lr;
+      const RowEnd e = finish_row(p, b, h, i, l, row_m[mt][r], lse_old[mt][r], tq == 0);
+      if (tq == 0) plans[lr] = StagedRow{e.write ? e.plan.mode : kRowKeep, e.plan.ca, e.plan.cb};
+#pragma unroll
+      for (int dt = 0; dt < kD / 8; ++dt) {
+        float2* dst = reinterpret_cast<float2*>(tile + Tile::at(lr, dt * 8 + 2 * tq));
+        *dst = make_float2(o[mt][dt][2 * r] * e.inv, o[mt][dt][2 * r + 1] * e.inv);
+      }
     }
   }
+}
+
+// Phase 2: the CTA's kThreads threads write the staged tile's rows of global rows m0 + r into out (of type
+// TO), 16 bytes (kW elements) per access where out's rows allow it (p.out_vec), else element by element.
+template <typename TO, int kRows, int kD, int kThreads>
+__device__ __forceinline__ void write_staged_as(const FwdParams& p, int b, int h, int m0, const float* tile,
+                                                int tid) {
+  using Tile = StagedTile<kRows, kD>;
+  constexpr int kW = 16 / static_cast<int>(sizeof(TO));
+  constexpr int kChunksPerRow = kD / kW, kChunks = kRows * kChunksPerRow;
+  static_assert(kChunks % kThreads == 0, "every thread moves the same number of chunks");
+  constexpr int kPer = kChunks / kThreads;
+  // Reads of the running out in flight per thread: the largest divisor of kPer up to 8.
+  constexpr int kBatch = kPer % 8 == 0 ? 8 : kPer % 6 == 0 ? 6 : kPer % 4 == 0 ? 4 : kPer % 2 == 0 ? 2 : 1;
+  static_assert(kPer % kBatch == 0 && kBatch <= 8, "whole batches");
+  const StagedRow* plans = Tile::rows(const_cast<float*>(tile));
+  TO* out = static_cast<TO*>(p.out) + b * p.o_sb + h * p.o_sh + static_cast<int64_t>(m0) * p.o_ss;
+  const int rows = p.Sq - m0 < kRows ? p.Sq - m0 : kRows;  // the plans mark rows past Sq too; bounds first
+#pragma unroll 1
+  for (int c0 = 0; c0 < kPer; c0 += kBatch) {
+    int rr[kBatch], cc[kBatch];
+    uint4 old[kBatch];
+#pragma unroll
+    for (int j = 0; j < kBatch; ++j) {
+      // Consecutive threads take consecutive chunks of a row.
+      const int c = tid + (c0 + j) * kThreads;
+      rr[j] = c / kChunksPerRow;
+      cc[j] = (c % kChunksPerRow) * kW;
+      old[j] = make_uint4(0u, 0u, 0u, 0u);
+      if (p.out_vec && rr[j] < rows && plans[rr[j]].mode == kRowBlend && cc[j] < p.D)
+        old[j] = *reinterpret_cast<const uint4*>(out + rr[j] * p.o_ss + cc[j]);
+    }
+#pragma unroll
+    for (int j = 0; j < kBatch; ++j) {
+      if (rr[j] >= rows || cc[j] >= p.D) continue;
+      const StagedRow sr = plans[rr[j]];
+      if (sr.mode == kRowKeep) continue;
+      const RowPlan pl{sr.mode, 0.f, sr.ca, sr.cb};
+      float v[kW];
+#pragma unroll
+      for (int e = 0; e < kW; e += 4) {
+        const float4 f = *reinterpret_cast<const float4*>(tile + Tile::at(rr[j], cc[j] + e));
+        v[e] = f.x;
+        v[e + 1] = f.y;
+        v[e + 2] = f.z;
+        v[e + 3] = f.w;
+      }
+      TO* row = out + rr[j] * p.o_ss;
+      if (p.out_vec) {
+        float prev[kW];
+        cuda_util::load_vec(reinterpret_cast<const TO*>(&old[j]), prev);
+#pragma unroll
+        for (int e = 0; e < kW; ++e)
+          v[e] = sr.mode == kRowZero ? 0.f : (sr.mode == kRowBlend ? blend(prev[e], v[e], pl) : v[e]);
+        cuda_util::store_vec(row + cc[j], v);
+      } else {
+#pragma unroll
+        for (int e = 0; e < kW; ++e)
+          if (cc[j] + e < p.D) write_elem(row, p.o_sd, cc[j] + e, v[e], pl);
+      }
+    }
+  }
+}
+
+template <typename T, int kRows, int kD, int kThreads>
+__device__ __forceinline__ void write_staged(const FwdParams& p, int b, int h, int m0, const float* tile,
+                                             int tid) {
+  if (p.out_f32)
+    write_staged_as<float, kRows, kD, kThreads>(p, b, h, m0, tile, tid);
+  else
+    write_staged_as<T, kRows, kD, kThreads>(p, b, h, m0, tile, tid);
 }
 
 template <typename T, typename Cfg, int kMinBlocks>
@@ -718,10 +794,14 @@ __global__ void __launch_bounds__(Cfg::kThreads, kMinBlocks) flash_fwd_tc_kernel
     __syncthreads();  // every warp is done with this stage before the next iteration refills it
   }
 
-  // Epilogue: normalize, then write or merge into (out, lse).
-#pragma unroll
-  for (int mt = 0; mt < kMT; ++mt)
-    store_rows<T, kDTiles>(p, b, h, row0 + 16 * mt, o[mt], row_m[mt], row_l[mt], lane);
+  // Epilogue: normalize, then write or merge into (out, lse), staged through shared memory (the key loop's
+  // last barrier freed it).
+  using Staged = StagedTile<kBlockM, kD>;
+  static_assert(Staged::kBytes <= Cfg::kSmemBytes, "the staged out tile fits the kernel's shared memory");
+  float* tile = reinterpret_cast<float*>(smem_raw);
+  stage_rows<kBlockM, kD, kMT>(p, b, h, m0, warp * Cfg::kWarpRows + g, o, row_m, row_l, tile, lane);
+  __syncthreads();
+  write_staged<T, kBlockM, kD, kThreads>(p, b, h, m0, tile, tid);
 }
 
 }  // namespace flash

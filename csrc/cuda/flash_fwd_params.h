@@ -74,8 +74,8 @@ inline FwdParams make_fwd_params(const char* op, const AttnDims& d, const at::Te
   p.causal = causal;
   p.accumulate = accumulate;
   p.out_f32 = out.scalar_type() == at::kFloat;
-  // Pairs of adjacent out elements move as one access when they are contiguous and aligned to the pair.
-  p.out_pair = cuda_util::rows_aligned(out, 2 * static_cast<int64_t>(out.element_size()));
+  // The 16-bit kernels' epilogue moves out in 16-byte chunks when rows are aligned to them and whole chunks.
+  p.out_vec = d.D % (16 / static_cast<int64_t>(out.element_size())) == 0 && cuda_util::rows_aligned(out, 16);
   // cp.async moves 16-byte chunks: every row start 16-byte aligned and rows a whole number of chunks.
   const int64_t chunk = 16 / static_cast<int64_t>(q.element_size());
   p.q_vec = d.D % chunk == 0 && cuda_util::rows_aligned(q, 16);

@@ -291,7 +291,18 @@ __global__ void __launch_bounds__(Sm90Tiles<kD>::kThreads, 1) flash_fwd_sm90_ker
     fence_regs(o);
   }
 
-  store_rows<T, kDTiles>(p, b, h, row0, o, row_m, row_l, lane);
+  // Epilogue, staged through shared memory once both warpgroups are done reading it.
+  using Staged = StagedTile<kBlockM, kD>;
+  static_assert(Staged::kBytes <= Tl::kSmemBytes - 1024, "the staged out tile fits the kernel's shared memory");
+  __syncthreads();
+  float* tile = reinterpret_cast<float*>(sQ);
+  // This warp's single 16-row m-tile, seen as an array of one.
+  using OneTile = const float(&)[1][kDTiles][4];
+  using OneRow = const float(&)[1][2];
+  stage_rows<kBlockM, kD, 1>(p, b, h, m0, wg * 64 + warp * 16 + (lane >> 2), reinterpret_cast<OneTile>(o),
+                             reinterpret_cast<OneRow>(row_m), reinterpret_cast<OneRow>(row_l), tile, lane);
+  __syncthreads();
+  write_staged<T, kBlockM, kD, kThreads>(p, b, h, m0, tile, tid);
 #endif
 }
 
