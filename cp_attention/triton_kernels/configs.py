@@ -19,6 +19,11 @@ Why these tiles:
   not the tensor cores: small tiles, since every operand lives in registers.
 - TMA tiles (Hopper and newer): the copy engine moves Q, K and V into shared memory and bounds-checks them
   itself, which frees the registers and instructions of pointer arithmetic and masks.
+- 64-row TMA tiles of one warpgroup (4 warps) at D 64 and 128: small enough in registers and shared memory
+  for two or more CTAs per SM. The 8-warp tiles keep their two warpgroups in step (Triton's sm_90 code
+  waits for every wgmma before the softmax and synchronizes the CTA once per key block), so the tensor
+  cores idle during the softmax; separate CTAs run their softmax and products independently, at the price
+  of reading K and V twice as often.
 The pointer tiles of every list end with a small tile that fits any chip of its generation, so a config
 that runs out of shared memory (skipped by the autotuner) never leaves the list empty. The lists are what
 compiles well; the autotuner picks among them on the GPU at hand.
@@ -46,14 +51,17 @@ class FwdConfig(NamedTuple):
 # D 128 x 128 keys and 304 B at D 256 x 128 rows; the autotuner weighs that.
 _T = True
 _HOPPER = {
+    # The 64-row TMA tiles: 127 and 173 registers, 48 and 64 KB of shared memory: 4 and 2 CTAs per SM.
     ("half", 64): [FwdConfig(128, 64, 4, 3), FwdConfig(128, 128, 8, 3), FwdConfig(128, 64, 4, 4),
-                   FwdConfig(64, 64, 4, 3), FwdConfig(128, 64, 4, 3, _T), FwdConfig(128, 128, 8, 3, _T)],
+                   FwdConfig(64, 64, 4, 3), FwdConfig(128, 64, 4, 3, _T), FwdConfig(128, 128, 8, 3, _T),
+                   FwdConfig(64, 64, 4, 3, _T), FwdConfig(64, 128, 4, 2, _T)],
     # 4 warps cannot hold a 128 x 128 float32 accumulator plus the scores without spilling: 8 warps.
-    # 128 x 128 x 3 stages with TMA takes 229,440 B of shared memory, just under Hopper's 232,448 B.
+    # 128 x 128 x 3 stages with TMA takes 229,440 B of shared memory, just under Hopper's 232,448 B. The
+    # 64 x 64 TMA tile: 170 registers (194 accumulating), 96 KB, so two CTAs per SM.
     ("half", 128): [FwdConfig(128, 64, 8, 3), FwdConfig(128, 128, 8, 3), FwdConfig(128, 64, 8, 4),
                     FwdConfig(128, 128, 8, 2), FwdConfig(64, 64, 4, 3), FwdConfig(128, 64, 8, 3, _T),
                     FwdConfig(128, 128, 8, 2, _T), FwdConfig(128, 64, 8, 4, _T),
-                    FwdConfig(128, 128, 8, 3, _T)],
+                    FwdConfig(128, 128, 8, 3, _T), FwdConfig(64, 64, 4, 3, _T)],
     ("half", 256): [FwdConfig(128, 32, 8, 3), FwdConfig(128, 64, 8, 2), FwdConfig(64, 64, 8, 2),
                     FwdConfig(64, 32, 8, 2), FwdConfig(64, 64, 8, 2, _T), FwdConfig(128, 64, 8, 2, _T)],
     ("fp32", 64): [FwdConfig(64, 32, 8, 2), FwdConfig(32, 32, 8, 2), FwdConfig(32, 32, 4, 2)],
