@@ -44,6 +44,10 @@ struct Sm90Tiles {
   // Q, the K stages, the V stages; plus 1 KB to align the start to 1024 bytes (the swizzle pattern repeats
   // every 1024 bytes of address). At D = 128: 225 KB of the 227 KB a CTA may have.
   static constexpr int kSmemBytes = (kQElems + 2 * kStages * kKVElems) * 2 + 1024;
+  // Swizzled128 tiles: a row of a 64-column panel is 128 bytes, groups of 8 rows (SBO) 1024 bytes, a panel
+  // (LBO of the N-major V) all rows of its 64 columns.
+  static constexpr uint32_t kRowBytes = 128, kGroupBytes = 8 * kRowBytes;
+  static constexpr uint32_t kQPanelBytes = kBlockM * kRowBytes, kKVPanelBytes = kBlockN * kRowBytes;
   static_assert(kD == 64 || kD == 128, "compiled head dims");
 };
 
@@ -153,15 +157,86 @@ __device__ __forceinline__ uint64_t sw128_desc(uint32_t addr, uint32_t lbo_bytes
          (static_cast<uint64_t>(sbo_bytes >> 4) << 32) | (1ull << 62);
 }
 
+#if defined(CP_ATTENTION_SM90_DEVICE) || defined(CP_ATTENTION_LANE_EMULATION)
+// The work of one warpgroup per key block, shared by both Hopper kernels. Stage addresses are shared-memory
+// byte addresses of Swizzled128 tiles (64-column panels of 128-byte rows).
+
+// S = Q K^T over one key block: Q (this warpgroup's 64 rows, at q_base) and K (at k_base) by descriptor,
+// kD / 16 k-steps, the first overwriting s; one commit group.
+template <typename T, int kD>
+__device__ __forceinline__ void sm90_issue_qk(float (&s)[Sm90Tiles<kD>::kNTiles][4], uint32_t q_base,
+                                              uint32_t k_base) {
+  using Tl = Sm90Tiles<kD>;
+#pragma unroll
+  for (int ks = 0; ks < kD / 16; ++ks) {
+    const uint32_t koff = (ks & 3) * 32;  // 16 elements = 32 bytes within the 128-byte row
+    const uint64_t da = sw128_desc(q_base + (ks >> 2) * Tl::kQPanelBytes + koff, 16, Tl::kGroupBytes);
+    const uint64_t db = sw128_desc(k_base + (ks >> 2) * Tl::kKVPanelBytes + koff, 16, Tl::kGroupBytes);
+    wgmma_ss(s, da, db, ks > 0 ? 1 : 0, T{});
+  }
+  wgmma_commit();
+}
+
+// O += P V over one key block (V at v_base): keys [16 kk, 16 kk + 16) are V rows 16 kk.., two 8-key groups
+// of 1024 bytes, so a k-step starts 2048 bytes further; N = D spans the 64-column panels, LBO apart. P comes
+// packed (sm90_pack) before the wgmma fence: registers written between a fence and the wgmma that reads
+// them make ptxas insert a fence of its own before every wgmma. One commit group.
+template <typename T, int kD>
+__device__ __forceinline__ void sm90_issue_pv(float (&o)[kD / 8][4],
+                                              const uint32_t (&pa)[Sm90Tiles<kD>::kBlockN / 16][4],
+                                              uint32_t v_base) {
+  using Tl = Sm90Tiles<kD>;
+#pragma unroll
+  for (int kk = 0; kk < Tl::kBlockN / 16; ++kk) {
+    const uint64_t dv = sw128_desc(v_base + kk * 2 * Tl::kGroupBytes, Tl::kKVPanelBytes, Tl::kGroupBytes);
+    wgmma_rs(o, pa[kk], dv, 1, T{});
+  }
+  wgmma_commit();
+}
+
+// P (the softmaxed S) as the A fragments of O += PV, one per 16 keys.
+template <typename T, int kD>
+__device__ __forceinline__ void sm90_pack(uint32_t (&pa)[Sm90Tiles<kD>::kBlockN / 16][4],
+                                          const float (&s)[Sm90Tiles<kD>::kNTiles][4]) {
+#pragma unroll
+  for (int kk = 0; kk < Sm90Tiles<kD>::kBlockN / 16; ++kk) pack_p<T, Sm90Tiles<kD>::kNTiles>(pa[kk], s, kk);
+}
+
+// Masks S of key block n0 where needed (mbits: kv_mask_bits, loaded before the matrix products so the
+// loads overlap them; row: this lane's row g), runs its softmax and returns the correction for O in alpha.
+template <int kNTiles>
+__device__ __forceinline__ void sm90_softmax(float (&s)[kNTiles][4], float (&row_m)[2], float (&row_l)[2],
+                                             const FwdParams& p, bool masked, int64_t row, int n0, int tq,
+                                             uint32_t mbits, float (&alpha)[2]) {
+  if (masked) mask_scores<kNTiles>(s, p, row, n0, tq, mbits);
+  softmax_scores<kNTiles>(s, row_m, row_l, p.scale_log2, alpha);
+}
+
+// The epilogue of both kernels, run by the kThreads threads (index t) of the two compute warpgroups once
+// no wgmma reads shared memory any more: stages the rows (warpgroup wg, warp w of it) through tile.
+template <typename T, int kD>
+__device__ __forceinline__ void sm90_epilogue(const FwdParams& p, int b, int h, int m0, int wg, int warp,
+                                              int lane, int t, const float (&o)[kD / 8][4],
+                                              const float (&row_m)[2], const float (&row_l)[2], float* tile,
+                                              bool barrier_only) {
+  using Tl = Sm90Tiles<kD>;
+  // This warp's single 16-row m-tile, seen as an array of one.
+  using OneTile = const float(&)[1][kD / 8][4];
+  using OneRow = const float(&)[1][2];
+  if (!barrier_only)
+    stage_rows<Tl::kBlockM, kD, 1>(p, b, h, m0, wg * 64 + warp * 16 + (lane >> 2), reinterpret_cast<OneTile>(o),
+                                   reinterpret_cast<OneRow>(row_m), reinterpret_cast<OneRow>(row_l), tile, lane);
+  __syncthreads();
+  if (!barrier_only) write_staged<T, Tl::kBlockM, kD, Tl::kThreads>(p, b, h, m0, tile, t);
+}
+#endif  // sm_90a device code or the emulation
+
 template <typename T, int kD>
 __global__ void __launch_bounds__(Sm90Tiles<kD>::kThreads, 1) flash_fwd_sm90_kernel(const FwdParams p) {
 #if defined(CP_ATTENTION_SM90_DEVICE) || defined(CP_ATTENTION_LANE_EMULATION)
   using Tl = Sm90Tiles<kD>;
   constexpr int kBlockM = Tl::kBlockM, kBlockN = Tl::kBlockN, kThreads = Tl::kThreads;
   constexpr int kNTiles = Tl::kNTiles, kDTiles = Tl::kDTiles;
-  constexpr uint32_t kRowBytes = 128;             // one swizzled row of a 64-column panel
-  constexpr uint32_t kGroupBytes = 8 * kRowBytes;  // SBO: 8-row groups
-  constexpr uint32_t kKVPanelBytes = kBlockN * kRowBytes, kQPanelBytes = kBlockM * kRowBytes;
 
   extern __shared__ __align__(1024) unsigned char smem_raw[];
   const uint32_t raw_u = smem_u32(smem_raw);
@@ -191,45 +266,13 @@ __global__ void __launch_bounds__(Sm90Tiles<kD>::kThreads, 1) flash_fwd_sm90_ker
   using QLayout = Swizzled128<kBlockM>;
   using KVLayout = Swizzled128<kBlockN>;
   // This warpgroup's 64 rows of Q; stage st of K and V.
-  const uint32_t q_base = sQ_u + wg * 64 * kRowBytes;
+  const uint32_t q_base = sQ_u + wg * 64 * Tl::kRowBytes;
   auto k_stage = [&](int st) { return sK_u + st * Tl::kKVElems * 2; };
   auto v_stage = [&](int st) { return sV_u + st * Tl::kKVElems * 2; };
+  auto masked = [&](int n0) { return mrow != nullptr || n0 + kBlockN - 1 > block_lim; };
 
-  // S = Q K^T over key block n0 (K in stage st): kD / 16 k-steps, the first overwriting s.
   float s[kNTiles][4];
-  auto issue_qk = [&](int st) {
-#pragma unroll
-    for (int ks = 0; ks < kD / 16; ++ks) {
-      const uint32_t koff = (ks & 3) * 32;  // 16 elements = 32 bytes within the 128-byte row
-      const uint64_t da = sw128_desc(q_base + (ks >> 2) * kQPanelBytes + koff, 16, kGroupBytes);
-      const uint64_t db = sw128_desc(k_stage(st) + (ks >> 2) * kKVPanelBytes + koff, 16, kGroupBytes);
-      wgmma_ss(s, da, db, ks > 0 ? 1 : 0, T{});
-    }
-    wgmma_commit();
-  };
-  // O += P V (V in stage st): keys [16 kk, 16 kk + 16) are V rows 16 kk.., two 8-key groups of 1024 bytes,
-  // so a k-step starts 2048 bytes further; N = D spans the 64-column panels, LBO apart. P is packed whole
-  // (pa) before the wgmma fence: registers written between a fence and the wgmma that reads them make
-  // ptxas insert a fence of its own before every wgmma.
   uint32_t pa[kBlockN / 16][4];
-  auto issue_pv = [&](int st) {
-#pragma unroll
-    for (int kk = 0; kk < kBlockN / 16; ++kk) {
-      const uint64_t dv = sw128_desc(v_stage(st) + kk * 2 * kGroupBytes, kKVPanelBytes, kGroupBytes);
-      wgmma_rs(o, pa[kk], dv, 1, T{});
-    }
-    wgmma_commit();
-  };
-  // Masks S of key block n0 where needed (mbits: kv_mask_bits, loaded before the matrix products so the
-  // loads overlap them), runs its softmax and returns the correction for O in alpha.
-  auto softmax = [&](int n0, uint32_t mbits, float (&alpha)[2]) {
-    if (mrow != nullptr || n0 + kBlockN - 1 > block_lim) mask_scores<kNTiles>(s, p, row0, n0, tq, mbits);
-    softmax_scores<kNTiles>(s, row_m, row_l, p.scale_log2, alpha);
-  };
-  auto pack = [&] {
-#pragma unroll
-    for (int kk = 0; kk < kBlockN / 16; ++kk) pack_p<T, kNTiles>(pa[kk], s, kk);
-  };
 
   if (n_blocks > 0) {
     // Prologue: Q with key block 0, then block 1 behind it; S_0 and its softmax.
@@ -248,12 +291,12 @@ __global__ void __launch_bounds__(Sm90Tiles<kD>::kThreads, 1) flash_fwd_sm90_ker
     __syncthreads();
     const uint32_t mbits = kv_mask_bits<kNTiles>(p, mrow, 0, tq);
     wgmma_fence();
-    issue_qk(0);
+    sm90_issue_qk<T, kD>(s, q_base, k_stage(0));
     wgmma_wait<0>();
     fence_regs(s);
     float alpha[2];
-    softmax(0, mbits, alpha);  // O is still 0: nothing to correct
-    pack();
+    sm90_softmax<kNTiles>(s, row_m, row_l, p, masked(0), row0, 0, tq, mbits, alpha);  // O is 0: no correction
+    sm90_pack<T, kD>(pa, s);
   }
 
   for (int it = 1; it < n_blocks; ++it) {
@@ -270,39 +313,32 @@ __global__ void __launch_bounds__(Sm90Tiles<kD>::kThreads, 1) flash_fwd_sm90_ker
                                                      (it + 1) * kBlockN, tid);
       cp_async_commit();
     }
-    const uint32_t mbits = kv_mask_bits<kNTiles>(p, mrow, it * kBlockN, tq);
+    const int n0 = it * kBlockN;
+    const uint32_t mbits = kv_mask_bits<kNTiles>(p, mrow, n0, tq);
     wgmma_fence();
-    issue_qk(st);
-    issue_pv((it - 1) % Tl::kStages);
+    sm90_issue_qk<T, kD>(s, q_base, k_stage(st));
+    sm90_issue_pv<T, kD>(o, pa, v_stage((it - 1) % Tl::kStages));
     wgmma_wait<1>();  // S_it is done; P_{it-1} V_{it-1} may still run
     fence_regs(s);
     float alpha[2];
-    softmax(it * kBlockN, mbits, alpha);
+    sm90_softmax<kNTiles>(s, row_m, row_l, p, masked(n0), row0, n0, tq, mbits, alpha);
     wgmma_wait<0>();
     fence_regs(o);
     rescale_rows<kDTiles>(o, alpha);
-    pack();  // pa is free again: its wgmma has completed
+    sm90_pack<T, kD>(pa, s);  // pa is free again: its wgmma has completed
   }
 
   if (n_blocks > 0) {
     wgmma_fence();
-    issue_pv((n_blocks - 1) % Tl::kStages);
+    sm90_issue_pv<T, kD>(o, pa, v_stage((n_blocks - 1) % Tl::kStages));
     wgmma_wait<0>();
     fence_regs(o);
   }
 
   // Epilogue, staged through shared memory once both warpgroups are done reading it.
-  using Staged = StagedTile<kBlockM, kD>;
-  static_assert(Staged::kBytes <= Tl::kSmemBytes - 1024, "the staged out tile fits the kernel's shared memory");
+  static_assert(StagedTile<kBlockM, kD>::kBytes <= Tl::kSmemBytes - 1024, "the staged tile fits");
   __syncthreads();
-  float* tile = reinterpret_cast<float*>(sQ);
-  // This warp's single 16-row m-tile, seen as an array of one.
-  using OneTile = const float(&)[1][kDTiles][4];
-  using OneRow = const float(&)[1][2];
-  stage_rows<kBlockM, kD, 1>(p, b, h, m0, wg * 64 + warp * 16 + (lane >> 2), reinterpret_cast<OneTile>(o),
-                             reinterpret_cast<OneRow>(row_m), reinterpret_cast<OneRow>(row_l), tile, lane);
-  __syncthreads();
-  write_staged<T, kBlockM, kD, kThreads>(p, b, h, m0, tile, tid);
+  sm90_epilogue<T, kD>(p, b, h, m0, wg, warp, lane, tid, o, row_m, row_l, reinterpret_cast<float*>(sQ), false);
 #endif
 }
 
