@@ -109,8 +109,10 @@ def shapes_for(quick: bool, device: torch.device) -> list[Shape]:
 
 
 # Timed variants of our backends that are not backends of their own: (backend, environment). On sm_90 the
-# CUDA op runs its wgmma kernel; "cuda_mma" times its mma.sync kernel beside it on the same inputs.
-VARIANTS = {"cuda_mma": ("cuda", {"CP_ATTENTION_CUDA_FWD_KERNEL": "mma"})}
+# CUDA op runs its warp-specialized TMA wgmma kernel; "cuda_sm90" times its cp.async wgmma kernel and
+# "cuda_mma" its mma.sync kernel beside it on the same inputs.
+VARIANTS = {"cuda_sm90": ("cuda", {"CP_ATTENTION_CUDA_FWD_KERNEL": "sm90"}),
+            "cuda_mma": ("cuda", {"CP_ATTENTION_CUDA_FWD_KERNEL": "mma"})}
 
 
 @contextlib.contextmanager
@@ -130,10 +132,10 @@ def _environ(env: dict[str, str]):
 
 def default_backends(device: torch.device) -> list[str]:
     """Our own backends on the device (not the aten wrappers, which are torch's kernels), and on sm_90
-    devices the CUDA op's mma.sync kernel as "cuda_mma" beside its default wgmma one."""
+    devices the CUDA op's other kernels (VARIANTS) beside its default one."""
     names = [b for b in cp_attention.available_backends(device) if not b.startswith("aten")]
     if "cuda" in names and device.type == "cuda" and torch.cuda.get_device_capability(device)[0] == 9:
-        names.append("cuda_mma")
+        names += list(VARIANTS)
     return names
 
 

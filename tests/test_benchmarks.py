@@ -46,8 +46,8 @@ def test_gpu_check_dry_run(tmp_path):
 
 
 def test_flash_bench_variant_sets_and_restores_kernel_choice(monkeypatch):
-    # "cuda_mma" (and its fused step) runs the CUDA op with its mma.sync kernel forced; other names run as
-    # they are, and the caller's setting survives either.
+    # "cuda_mma" and "cuda_sm90" (and their fused steps) run the CUDA op with that kernel forced; other names
+    # run as they are, and the caller's setting survives either.
     monkeypatch.syspath_prepend(os.path.join(ROOT, "benchmarks"))
     import bench_flash_fwd
 
@@ -57,9 +57,10 @@ def test_flash_bench_variant_sets_and_restores_kernel_choice(monkeypatch):
             monkeypatch.delenv(key, raising=False)
         else:
             monkeypatch.setenv(key, before)
-        for name in ("cuda_mma", "cuda_mma_acc"):
+        for name, kernel in (("cuda_mma", "mma"), ("cuda_mma_acc", "mma"), ("cuda_sm90", "sm90"),
+                             ("cuda_sm90_acc", "sm90")):
             with bench_flash_fwd._context(name)():
-                assert os.environ[key] == "mma"
+                assert os.environ[key] == kernel
             assert os.environ.get(key) == before
         with bench_flash_fwd._context("cuda")():
             assert os.environ.get(key) == before

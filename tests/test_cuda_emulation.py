@@ -1,14 +1,17 @@
 """The CUDA flash kernels without a GPU: their own source (csrc/cuda/flash_fwd_kernel.cuh, the mma.sync
-tensor-core kernel for float16/bfloat16; flash_fwd_sm90_kernel.cuh, the Hopper wgmma one; and
-flash_fwd_f32_kernel.cuh, the float32 SIMT one), built for the CPU with the lane-level stand-ins of
+tensor-core kernel for float16/bfloat16; flash_fwd_sm90_kernel.cuh and flash_fwd_sm90_tma_kernel.cuh, the
+Hopper wgmma ones, loading by cp.async and by TMA from a producer warpgroup; and flash_fwd_f32_kernel.cuh,
+the float32 SIMT one), built for the CPU with the lane-level stand-ins of
 tests/cuda_emulation/lane_emulation.h (every CUDA thread a real thread; ldmatrix, mma.sync and shuffles
 exchange operands between the 32 threads of a warp as the PTX ISA specifies; wgmma decodes its
-shared-memory descriptors by the ISA's canonical layouts and completes at its wait), checked against the
-float64 reference: every compiled head dim and the padding between them, ragged query and key blocks,
+shared-memory descriptors by the ISA's canonical layouts and completes at its wait; mbarriers count
+arrivals and transaction bytes per phase; TMA copies boxes from an emulated tensor map), checked against
+the float64 reference: every compiled head dim and the padding between them, ragged query and key blocks,
 causal, masks, GQA, the element-load path, and the fused accumulation into a running state. This checks
 the kernels' index and fragment arithmetic, their masking and their epilogue, and their asynchronous
-copies and products at the two extremes of their timing (cp.async landing at once or at its wait; wgmma
-completing at its wait); not their speed, nor orders in between that only the GPU's timing would produce.
+copies and products at the two extremes of their timing (cp.async and TMA copies landing at once or at
+their wait; wgmma completing at its wait); not their speed, nor orders in between that only the GPU's
+timing would produce.
 
 The extension compiles on first use (about a minute); it needs the CUDA toolkit's headers, which any
 machine that builds the CUDA kernels has."""
@@ -70,8 +73,10 @@ def _emulated():
 
 
 def _fwd(q, k, v, scale=None, causal=False, kv_mask=None, kernel="mma", late_copies=False):
-    """kernel: "mma" (the mma.sync kernel) or "sm90" (the wgmma one); float32 runs the SIMT kernel either way.
-    late_copies: cp.async lands at the wait that retires it instead of at once."""
+    """kernel: "mma" (the mma.sync kernel), "sm90" (the wgmma one) or "sm90_tma" (the warp-specialized wgmma
+    one, which needs q, k and v that TMA can address); float32 runs the SIMT kernel either way.
+    late_copies: cp.async lands at the wait that retires it, TMA copies when their barrier is first waited
+    on, instead of at once."""
     B, Sq, H, D = q.shape
     out = torch.full((B, Sq, H, D), float("nan"), dtype=q.dtype)
     lse = torch.full((B, H, Sq), float("nan"))
@@ -111,10 +116,15 @@ def test_head_dims(D, dtype):
 SM90_HEAD_DIMS = [(64, F16), (128, BF16), (8, BF16), (40, F16), (100, BF16), (128, F16)]
 
 
+@pytest.mark.parametrize("kernel", ["sm90", "sm90_tma"])
 @pytest.mark.parametrize("D,dtype", SM90_HEAD_DIMS, ids=[f"{d}-{str(t)[6:]}" for d, t in SM90_HEAD_DIMS])
-def test_sm90_head_dims(D, dtype):
+def test_sm90_head_dims(D, dtype, kernel):
     q, k, v, _ = _qkv(1, 131, 200, 1, 1, D, dtype, seed=D + 1)
-    check_attention(*_fwd(q, k, v, kernel="sm90"), q, k, v)
+    if kernel == "sm90_tma" and D % 8:  # rows of D elements are not whole 16-byte strides: no tensor map
+        with pytest.raises(RuntimeError, match="TMA can address"):
+            _fwd(q, k, v, kernel=kernel)
+        return
+    check_attention(*_fwd(q, k, v, kernel=kernel), q, k, v)
 
 
 CASES = [  # (B, Sq, Sk, H, Hkv, D, causal, masked, unaligned)
@@ -123,8 +133,9 @@ CASES = [  # (B, Sq, Sk, H, Hkv, D, causal, masked, unaligned)
     (2, 33, 50, 2, 2, 40, False, True, True),    # the element-load path, an all-masked batch
     (1, 129, 129, 2, 1, 32, True, False, False),  # two query blocks on the diagonal
 ]
-# (kernel, dtype): the mma.sync kernel, the float32 SIMT one, and the wgmma one in both 16-bit dtypes.
-KERNEL_DTYPES = [("mma", F16), ("mma", F32), ("sm90", F16), ("sm90", BF16)]
+# (kernel, dtype): the mma.sync kernel, the float32 SIMT one, the wgmma one in both 16-bit dtypes and the
+# warp-specialized (TMA) wgmma one.
+KERNEL_DTYPES = [("mma", F16), ("mma", F32), ("sm90", F16), ("sm90", BF16), ("sm90_tma", BF16)]
 
 
 @pytest.mark.parametrize("B,Sq,Sk,H,Hkv,D,causal,masked,unaligned", CASES,
@@ -134,19 +145,24 @@ KERNEL_DTYPES = [("mma", F16), ("mma", F32), ("sm90", F16), ("sm90", BF16)]
 def test_causal_mask_gqa(kernel, dtype, B, Sq, Sk, H, Hkv, D, causal, masked, unaligned):
     q, k, v, gen = _qkv(B, Sq, Sk, H, Hkv, D, dtype, seed=Sq + Sk, unaligned=unaligned)
     kv_mask = make_kv_mask(B, Sk, gen) if masked else None
+    if kernel == "sm90_tma" and unaligned:  # rows off 16-byte alignment: no tensor map (the op falls back)
+        with pytest.raises(RuntimeError, match="TMA can address"):
+            _fwd(q, k, v, causal=causal, kv_mask=kv_mask, kernel=kernel)
+        return
     out, lse = _fwd(q, k, v, causal=causal, kv_mask=kv_mask, kernel=kernel)
     check_attention(out, lse, q, k, v, causal=causal, kv_mask=kv_mask)
 
 
+@pytest.mark.parametrize("kernel", ["sm90", "sm90_tma"])
 @pytest.mark.parametrize("late_copies", [False, True], ids=["copies-early", "copies-late"])
 @pytest.mark.parametrize("causal", [False, True], ids=["full", "causal"])
-def test_sm90_many_key_blocks(causal, late_copies):
+def test_sm90_many_key_blocks(causal, late_copies, kernel):
     # Five key blocks: each of the three K/V stages is refilled while the blocks before it are still in use.
     # Causal with Sq < Sk: the query blocks start mid-way through the key blocks, so blocks both before and
     # on the diagonal. Copies landing at once expose a refill of a stage still being read, copies landing
     # at their wait a read of a block not yet waited for.
     q, k, v, _ = _qkv(1, 150, 530, 2, 1, 128, BF16, seed=17)
-    out, lse = _fwd(q, k, v, causal=causal, kernel="sm90", late_copies=late_copies)
+    out, lse = _fwd(q, k, v, causal=causal, kernel=kernel, late_copies=late_copies)
     check_attention(out, lse, q, k, v, causal=causal)
 
 
@@ -157,7 +173,7 @@ def test_mma_copies_land_late(D):
     check_attention(*_fwd(q, k, v, causal=True, late_copies=True), q, k, v, causal=True)
 
 
-@pytest.mark.parametrize("kernel", ["mma", "sm90"])
+@pytest.mark.parametrize("kernel", ["mma", "sm90", "sm90_tma"])
 @pytest.mark.parametrize("scale", [-0.3, 0.0])
 def test_scale_folding(scale, kernel):
     # A negative scale runs on -q, a zero scale on a tiny one (make_fwd_params): both exact.
@@ -169,7 +185,8 @@ def test_scale_folding(scale, kernel):
 # one element off 16-byte alignment) element by element.
 ACC_CASES = [("mma", BF16, F32, "dense"), ("mma", BF16, BF16, "dense"), ("mma", F32, F32, "dense"),
              ("sm90", F16, F32, "dense"), ("sm90", BF16, BF16, "dense"), ("mma", F16, F32, "unaligned"),
-             ("sm90", BF16, BF16, "unaligned")]
+             ("sm90", BF16, BF16, "unaligned"), ("sm90_tma", BF16, F32, "dense"),
+             ("sm90_tma", F16, F16, "unaligned")]
 
 
 @pytest.mark.parametrize("kernel,dtype,state_dtype,layout", ACC_CASES,

@@ -40,9 +40,11 @@ def _qkv(B, Sq, Sk, H, Hkv, D, dtype, seed, layout="bshd"):
 # ---------------------------------------------------------------------------------------------------------
 # flash_attn_fwd
 
-# The forward kernels a 16-bit call can take on this device: on sm_90 the wgmma kernel (chosen by default
-# where it applies) and the mma.sync one (forced through CP_ATTENTION_CUDA_FWD_KERNEL); elsewhere mma.sync.
-FWD_KERNELS = ["auto", "mma"] if HAS_CUDA and torch.cuda.get_device_capability()[0] == 9 else ["auto"]
+# The forward kernels a 16-bit call can take on this device: on sm_90 the wgmma kernels (by default the TMA
+# one where the tensors allow it, else the cp.async one) and, forced through CP_ATTENTION_CUDA_FWD_KERNEL,
+# the cp.async wgmma one and the mma.sync one; elsewhere mma.sync.
+IS_SM90 = HAS_CUDA and torch.cuda.get_device_capability()[0] == 9
+FWD_KERNELS = ["auto", "sm90", "mma"] if IS_SM90 else ["auto"]
 
 
 @pytest.fixture(params=FWD_KERNELS)
@@ -100,26 +102,45 @@ def test_fwd_scale_sign_and_zero(scale, dtype, fwd_kernel):
 def test_fwd_kernel_knob_errors(monkeypatch):
     q, k, v, _ = _qkv(1, 8, 8, 1, 1, 72, F16, seed=3)
     monkeypatch.setenv("CP_ATTENTION_CUDA_FWD_KERNEL", "fastest")
-    with pytest.raises(ValueError, match="CP_ATTENTION_CUDA_FWD_KERNEL must be auto, mma or sm90"):
+    with pytest.raises(ValueError, match="CP_ATTENTION_CUDA_FWD_KERNEL must be auto, mma, sm90 or sm90_tma"):
         OPS.flash_attn_fwd(q, k, v, None, False, None)
     monkeypatch.setenv("CP_ATTENTION_CUDA_FWD_KERNEL", "sm90")  # D = 72 has no wgmma kernel on any device
     with pytest.raises(ValueError, match="D <= 64 or 96 < D <= 128"):
         OPS.flash_attn_fwd(q, k, v, None, False, None)
 
 
+@pytest.mark.parametrize("kernel", ["sm90", "sm90_tma"])
 @pytest.mark.parametrize("D", [64, 128])
-def test_fwd_sm90_kernel_forced(D, monkeypatch):
-    # On sm_90 the wgmma kernel must be built and run when demanded (so "auto" cannot have quietly fallen
-    # back to mma.sync); on other devices demanding it is an error naming the variable.
+def test_fwd_sm90_kernel_forced(D, kernel, monkeypatch):
+    # On sm_90 each wgmma kernel must be built and run when demanded (so "auto" cannot have quietly fallen
+    # back to another); on other devices demanding it is an error naming the variable.
     q, k, v, gen = _qkv(2, 300, 600, 4, 2, D, BF16, seed=D)
     kv_mask = make_kv_mask(2, 600, gen, device=DEV)
-    monkeypatch.setenv("CP_ATTENTION_CUDA_FWD_KERNEL", "sm90")
-    if torch.cuda.get_device_capability()[0] != 9:
-        with pytest.raises(ValueError, match="CP_ATTENTION_CUDA_FWD_KERNEL=sm90 needs"):
+    monkeypatch.setenv("CP_ATTENTION_CUDA_FWD_KERNEL", kernel)
+    if not IS_SM90:
+        with pytest.raises(ValueError, match=f"CP_ATTENTION_CUDA_FWD_KERNEL={kernel} needs"):
             OPS.flash_attn_fwd(q, k, v, None, True, kv_mask)
         return
     out, lse = OPS.flash_attn_fwd(q, k, v, None, True, kv_mask)
     check_attention(out, lse, q, k, v, None, True, kv_mask)
+    # Accumulating chunk by chunk into a float32 state (the fused ring step) equals the whole.
+    acc = torch.full(q.shape, float("nan"), dtype=torch.float32, device=DEV)
+    acc_lse = torch.full((2, 4, 300), float("-inf"), device=DEV)
+    for s, e in ((0, 250), (250, 600)):
+        OPS.flash_attn_fwd_acc_(q, k[:, s:e], v[:, s:e], acc, acc_lse, None, False, kv_mask[:, s:e])
+    check_attention(acc.to(q.dtype), acc_lse, q, k, v, None, False, kv_mask)
+
+
+@pytest.mark.skipif(not IS_SM90, reason="the TMA kernel's layout rules apply on sm_90 devices")
+def test_fwd_sm90_tma_refuses_what_tma_cannot_address(monkeypatch):
+    # Rows one element off 16-byte alignment have no tensor map: demanding the TMA kernel is an error that
+    # says what it needs, while "auto" takes the cp.async wgmma kernel and gets the right answer.
+    q, k, v, _ = _qkv(1, 70, 90, 2, 1, 64, F16, seed=11, layout="offset")
+    monkeypatch.setenv("CP_ATTENTION_CUDA_FWD_KERNEL", "sm90_tma")
+    with pytest.raises(ValueError, match="sm90_tma needs q, k and v that TMA can address"):
+        OPS.flash_attn_fwd(q, k, v, None, False, None)
+    monkeypatch.setenv("CP_ATTENTION_CUDA_FWD_KERNEL", "auto")
+    check_attention(*OPS.flash_attn_fwd(q, k, v, None, False, None), q, k, v)
 
 
 def test_fwd_long_sequence_many_blocks(fwd_kernel):

@@ -1,15 +1,18 @@
 // CUDA flash-attention forward returning the LSE (DESIGN section 1), and its fused ring step
 // flash_attn_fwd_acc_, which merges the result into a running (out, lse) in the kernel's epilogue instead
 // of writing a partial (out, lse) that a merge would read back. Device code: flash_fwd_kernel.cuh,
-// flash_fwd_sm90_kernel.cuh and flash_fwd_f32_kernel.cuh; the kernels are instantiated in flash_fwd_hdim*.cu,
-// flash_fwd_sm90_hdim*.cu and flash_fwd_f32.cu (flash_fwd_launch.h).
+// flash_fwd_sm90_kernel.cuh, flash_fwd_sm90_tma_kernel.cuh and flash_fwd_f32_kernel.cuh; the kernels are
+// instantiated in flash_fwd_hdim*.cu, flash_fwd_sm90_hdim*.cu and flash_fwd_f32.cu (flash_fwd_launch.h).
 //
-// float16 / bfloat16 run on tensor cores: on sm_90 devices (when the build holds sm_90a code) through the
-// wgmma kernel at D <= 64 and 96 < D <= 128 (compiled for 64 and 128), elsewhere through the mma.sync kernel
-// with the head dim compiled for 32, 64, 96, 128 and 256 (other D are zero-padded up to the next of these
-// inside the kernels); float32 runs on a SIMT kernel. The environment variable CP_ATTENTION_CUDA_FWD_KERNEL,
-// read per call, overrides the choice: "mma" forces the mma.sync kernel, "sm90" the wgmma one (an error where
-// it cannot run), "auto" or unset chooses as above.
+// float16 / bfloat16 run on tensor cores: on sm_90 devices (when the build holds sm_90a code) at D <= 64
+// and 96 < D <= 128 (compiled for 64 and 128) through a wgmma kernel, the warp-specialized one that loads by
+// TMA (flash_fwd_sm90_tma_kernel.cuh) where q, k and v have tensor maps (flash_fwd_tma.h: aligned BSHD
+// layouts), else the one that loads by cp.async (flash_fwd_sm90_kernel.cuh); elsewhere through the mma.sync
+// kernel with the head dim compiled for 32, 64, 96, 128 and 256 (other D are zero-padded up to the next of
+// these inside the kernels); float32 runs on a SIMT kernel. The environment variable
+// CP_ATTENTION_CUDA_FWD_KERNEL, read per call, overrides the choice: "mma" forces the mma.sync kernel,
+// "sm90" the cp.async wgmma one, "sm90_tma" the TMA one (an error where it cannot run), "auto" or unset
+// chooses as above.
 #include <ATen/MemoryOverlap.h>
 #include <ATen/core/Tensor.h>
 #include <ATen/cuda/CUDAContext.h>
@@ -32,6 +35,8 @@
 #include "cuda/flash_fwd_launch.h"
 #include "cuda/flash_fwd_params.h"
 #include "cuda/flash_fwd_sm90_kernel.cuh"
+#include "cuda/flash_fwd_sm90_tma_kernel.cuh"
+#include "cuda/flash_fwd_tma.h"
 
 namespace cp_attention {
 namespace {
@@ -53,33 +58,55 @@ void dispatch_head_dim(const char* op, const FwdParams& p, cudaStream_t stream) 
   }
 }
 
-// Whether the wgmma kernel runs this call (see the top of this file).
-bool use_sm90_kernel(const char* op, const FwdParams& p) {
+// Which 16-bit kernel runs this call (see the top of this file).
+enum class FwdKernel { kMma, kSm90, kSm90Tma };
+
+FwdKernel choose_kernel(const char* op, const FwdParams& p, const at::Tensor& q, const at::Tensor& k,
+                        const at::Tensor& v, flash::Sm90TmaMaps& maps) {
   const char* knob = std::getenv("CP_ATTENTION_CUDA_FWD_KERNEL");
-  const bool force_mma = knob != nullptr && std::strcmp(knob, "mma") == 0;
-  const bool force_sm90 = knob != nullptr && std::strcmp(knob, "sm90") == 0;
-  TORCH_CHECK_VALUE(knob == nullptr || force_mma || force_sm90 || std::strcmp(knob, "auto") == 0 || *knob == 0,
-                    op, ": CP_ATTENTION_CUDA_FWD_KERNEL must be auto, mma or sm90, got '", knob, "'");
-  if (force_mma) return false;
+  auto is = [&](const char* name) { return knob != nullptr && std::strcmp(knob, name) == 0; };
+  TORCH_CHECK_VALUE(knob == nullptr || *knob == 0 || is("auto") || is("mma") || is("sm90") || is("sm90_tma"), op,
+                    ": CP_ATTENTION_CUDA_FWD_KERNEL must be auto, mma, sm90 or sm90_tma, got '", knob, "'");
+  if (is("mma")) return FwdKernel::kMma;
   const bool built = std::strstr(CP_ATTENTION_CUDA_ARCHS, "9.0a") != nullptr;
   const bool head_dim = flash::sm90_head_dim(p.D) != 0;
   const bool device = at::cuda::getCurrentDeviceProperties()->major == 9;
-  if (force_sm90) {
-    TORCH_CHECK_VALUE(built && head_dim && device, op,
-                      ": CP_ATTENTION_CUDA_FWD_KERNEL=sm90 needs a build with sm_90a code (this one: '",
-                      CP_ATTENTION_CUDA_ARCHS, "'), an sm_90 device and D <= 64 or 96 < D <= 128 (got D=", p.D, ")");
+  const bool sm90 = built && head_dim && device;
+  if (is("sm90") || is("sm90_tma")) {
+    TORCH_CHECK_VALUE(sm90, op, ": CP_ATTENTION_CUDA_FWD_KERNEL=", knob,
+                      " needs a build with sm_90a code (this one: '", CP_ATTENTION_CUDA_ARCHS,
+                      "'), an sm_90 device and D <= 64 or 96 < D <= 128 (got D=", p.D, ")");
   }
-  return built && head_dim && device;
+  if (is("sm90")) return FwdKernel::kSm90;
+  // Tensor maps are encoded only where the TMA kernel may run; Sk == 0 (no key to load) keeps the other.
+  const bool tma = sm90 && p.Sk > 0 && flash::encode_bshd_map(&maps.q, q) && flash::encode_bshd_map(&maps.k, k) &&
+                   flash::encode_bshd_map(&maps.v, v);
+  if (is("sm90_tma")) {
+    TORCH_CHECK_VALUE(tma, op, ": CP_ATTENTION_CUDA_FWD_KERNEL=sm90_tma needs q, k and v that TMA can address: ",
+                      "16-byte aligned, D a multiple of 8, strides in [B, S, H, D] order that are multiples of 16 ",
+                      "bytes and do not overlap, and Sk > 0");
+    return FwdKernel::kSm90Tma;
+  }
+  return tma ? FwdKernel::kSm90Tma : sm90 ? FwdKernel::kSm90 : FwdKernel::kMma;
 }
 
 template <typename T>
-void dispatch_16bit(const char* op, const FwdParams& p, cudaStream_t stream) {
-  if (use_sm90_kernel(op, p)) {
-    if (flash::sm90_head_dim(p.D) == 64) flash::launch_fwd_sm90<T, 64>(op, p, stream);
-    else flash::launch_fwd_sm90<T, 128>(op, p, stream);
-    return;
+void dispatch_16bit(const char* op, const FwdParams& p, const at::Tensor& q, const at::Tensor& k,
+                    const at::Tensor& v, cudaStream_t stream) {
+  flash::Sm90TmaMaps maps;
+  switch (choose_kernel(op, p, q, k, v, maps)) {
+    case FwdKernel::kSm90Tma:
+      if (flash::sm90_head_dim(p.D) == 64) flash::launch_fwd_sm90_tma<T, 64>(op, p, maps, stream);
+      else flash::launch_fwd_sm90_tma<T, 128>(op, p, maps, stream);
+      return;
+    case FwdKernel::kSm90:
+      if (flash::sm90_head_dim(p.D) == 64) flash::launch_fwd_sm90<T, 64>(op, p, stream);
+      else flash::launch_fwd_sm90<T, 128>(op, p, stream);
+      return;
+    case FwdKernel::kMma:
+      dispatch_head_dim<T>(op, p, stream);
+      return;
   }
-  dispatch_head_dim<T>(op, p, stream);
 }
 
 // q, k, v, kv_mask are validated; out [B, Sq, H, D] and lse [B, H, Sq] float32 are valid outputs (any
@@ -94,8 +121,8 @@ void run_flash_fwd(const char* op, const AttnDims& d, const at::Tensor& q_in, co
 
   cudaStream_t stream = at::cuda::getCurrentCUDAStream();
   switch (q.scalar_type()) {
-    case at::kHalf: dispatch_16bit<__half>(op, p, stream); break;
-    case at::kBFloat16: dispatch_16bit<__nv_bfloat16>(op, p, stream); break;
+    case at::kHalf: dispatch_16bit<__half>(op, p, q, k, v, stream); break;
+    case at::kBFloat16: dispatch_16bit<__nv_bfloat16>(op, p, q, k, v, stream); break;
     default: flash::launch_fwd_f32(op, p, stream); break;  // float32 (dtypes are checked by check_attn_inputs)
   }
 }

@@ -6,6 +6,7 @@
 #include <cuda_runtime.h>
 
 #include "cuda/flash_fwd_kernel.cuh"
+#include "cuda/flash_fwd_sm90_tma_kernel.cuh"
 
 namespace cp_attention {
 namespace flash {
@@ -20,6 +21,12 @@ void launch_fwd_tc(const char* op, FwdParams p, cudaStream_t stream);
 // flash_fwd_sm90_hdim<kD>.cu). Sets p.n_mblocks.
 template <typename T, int kD>
 void launch_fwd_sm90(const char* op, FwdParams p, cudaStream_t stream);
+
+// Launches the warp-specialized Hopper kernel (flash_fwd_sm90_tma_kernel.cuh) with q, k and v's tensor maps
+// (flash_fwd_tma.h); same dtypes, head dims and conditions as launch_fwd_sm90, whose translation units
+// instantiate it too. Sets p.n_mblocks.
+template <typename T, int kD>
+void launch_fwd_sm90_tma(const char* op, FwdParams p, const Sm90TmaMaps& maps, cudaStream_t stream);
 
 // Launches the float32 SIMT kernel (flash_fwd_f32.cu). Sets p.n_mblocks.
 void launch_fwd_f32(const char* op, FwdParams p, cudaStream_t stream);

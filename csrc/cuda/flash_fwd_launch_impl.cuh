@@ -13,6 +13,7 @@
 #include "cuda/flash_fwd_kernel.cuh"
 #include "cuda/flash_fwd_launch.h"
 #include "cuda/flash_fwd_sm90_kernel.cuh"
+#include "cuda/flash_fwd_sm90_tma_kernel.cuh"
 
 namespace cp_attention {
 namespace flash {
@@ -58,6 +59,17 @@ void launch_fwd_sm90(const char* op, FwdParams p, cudaStream_t stream) {
   C10_CUDA_KERNEL_LAUNCH_CHECK();
 }
 
+template <typename T, int kD>
+void launch_fwd_sm90_tma(const char* op, FwdParams p, const Sm90TmaMaps& maps, cudaStream_t stream) {
+  using Tt = Sm90TmaTiles<kD>;
+  p.n_mblocks = static_cast<int>(cuda_util::ceil_div(p.Sq, Tt::Tl::kBlockM));
+  const unsigned int grid = grid_size(op, p);
+  auto kernel = flash_fwd_sm90_tma_kernel<T, kD>;
+  allow_smem(kernel, Tt::kSmemBytes);
+  kernel<<<grid, Tt::kThreads, Tt::kSmemBytes, stream>>>(p, maps);
+  C10_CUDA_KERNEL_LAUNCH_CHECK();
+}
+
 }  // namespace flash
 }  // namespace cp_attention
 
@@ -73,4 +85,8 @@ void launch_fwd_sm90(const char* op, FwdParams p, cudaStream_t stream) {
                                                                  cp_attention::flash::FwdParams,         \
                                                                  cudaStream_t);                          \
   template void cp_attention::flash::launch_fwd_sm90<__nv_bfloat16, kD>(                                 \
-      const char*, cp_attention::flash::FwdParams, cudaStream_t);
+      const char*, cp_attention::flash::FwdParams, cudaStream_t);                                        \
+  template void cp_attention::flash::launch_fwd_sm90_tma<__half, kD>(                                    \
+      const char*, cp_attention::flash::FwdParams, const cp_attention::flash::Sm90TmaMaps&, cudaStream_t); \
+  template void cp_attention::flash::launch_fwd_sm90_tma<__nv_bfloat16, kD>(                             \
+      const char*, cp_attention::flash::FwdParams, const cp_attention::flash::Sm90TmaMaps&, cudaStream_t);

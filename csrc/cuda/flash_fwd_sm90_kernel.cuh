@@ -1,6 +1,8 @@
 // Device code of the Hopper (sm_90a) flash-attention forward: warpgroup MMA (wgmma) on the tensor cores,
 // float16 / bfloat16, head dims 64 and 128 (smaller D zero-padded up to 64, D in (96, 128] up to 128).
-// Host side: flash_attn_fwd.cu picks it on sm_90 devices; launches: flash_fwd_launch.h.
+// Host side: flash_attn_fwd.cu picks it on sm_90 devices where the warp-specialized variant that loads by
+// TMA (flash_fwd_sm90_tma_kernel.cuh, which shares the per-block work below) cannot take the tensors;
+// launches: flash_fwd_launch.h.
 //
 // One CTA owns 128 query rows of one (batch, head): two warpgroups of four warps, 64 rows each. Per key
 // block of 128 keys, each warpgroup computes
@@ -70,6 +72,13 @@ __device__ __forceinline__ void wgmma_commit() { asm volatile("wgmma.commit_grou
 template <int N>
 __device__ __forceinline__ void wgmma_wait() {
   asm volatile("wgmma.wait_group.sync.aligned %0;\n" ::"n"(N) : "memory");
+}
+
+// A barrier of all kThreads threads of the CTA that may be reached from different places in the code
+// (bar.sync with an explicit thread count; warp-uniform, unlike __syncthreads in divergent branches).
+template <int kThreads>
+__device__ __forceinline__ void cta_sync() {
+  asm volatile("bar.sync 1, %0;\n" ::"n"(kThreads) : "memory");
 }
 
 // Orders this thread's generic-proxy writes to shared memory (cp.async, st.shared) before later reads of
@@ -212,22 +221,48 @@ __device__ __forceinline__ void sm90_softmax(float (&s)[kNTiles][4], float (&row
   softmax_scores<kNTiles>(s, row_m, row_l, p.scale_log2, alpha);
 }
 
-// The epilogue of both kernels, run by the kThreads threads (index t) of the two compute warpgroups once
-// no wgmma reads shared memory any more: stages the rows (warpgroup wg, warp w of it) through tile.
-template <typename T, int kD>
+// One key block after the first, for one warpgroup: S_n = Q K_n^T (K at k_base) and O += P_{n-1} V_{n-1}
+// (V at v_prev_base) issued together, the softmax of S_n (key block n0) while the second runs, then the
+// correction of O and P_n packed for the next block. done_reading() runs once both products have completed
+// (every read of K_n and V_{n-1} is over), before O is touched.
+template <typename T, int kD, typename DoneReading>
+__device__ __forceinline__ void sm90_block_step(float (&s)[Sm90Tiles<kD>::kNTiles][4], float (&o)[kD / 8][4],
+                                                uint32_t (&pa)[Sm90Tiles<kD>::kBlockN / 16][4],
+                                                float (&row_m)[2], float (&row_l)[2], const FwdParams& p,
+                                                bool masked, int64_t row, int n0, int tq, uint32_t mbits,
+                                                uint32_t q_base, uint32_t k_base, uint32_t v_prev_base,
+                                                DoneReading done_reading) {
+  wgmma_fence();
+  sm90_issue_qk<T, kD>(s, q_base, k_base);
+  sm90_issue_pv<T, kD>(o, pa, v_prev_base);
+  wgmma_wait<1>();  // S_n is done; P_{n-1} V_{n-1} may still run
+  fence_regs(s);
+  float alpha[2];
+  sm90_softmax<Sm90Tiles<kD>::kNTiles>(s, row_m, row_l, p, masked, row, n0, tq, mbits, alpha);
+  wgmma_wait<0>();
+  fence_regs(o);
+  done_reading();
+  rescale_rows<kD / 8>(o, alpha);
+  sm90_pack<T, kD>(pa, s);  // pa is free again: its wgmma has completed
+}
+
+// The epilogue of both kernels, run by the two compute warpgroups (thread t of their 256) once no wgmma
+// reads shared memory any more: stages the rows (warpgroup wg, warp w of it) through tile. Between the two
+// phases a barrier of the CTA's kCtaThreads threads: __syncthreads, or where the CTA has threads that are
+// not here (the TMA kernel's producer), a barrier they reach elsewhere (cta_sync).
+template <typename T, int kD, int kCtaThreads = Sm90Tiles<kD>::kThreads>
 __device__ __forceinline__ void sm90_epilogue(const FwdParams& p, int b, int h, int m0, int wg, int warp,
                                               int lane, int t, const float (&o)[kD / 8][4],
-                                              const float (&row_m)[2], const float (&row_l)[2], float* tile,
-                                              bool barrier_only) {
+                                              const float (&row_m)[2], const float (&row_l)[2], float* tile) {
   using Tl = Sm90Tiles<kD>;
   // This warp's single 16-row m-tile, seen as an array of one.
   using OneTile = const float(&)[1][kD / 8][4];
   using OneRow = const float(&)[1][2];
-  if (!barrier_only)
-    stage_rows<Tl::kBlockM, kD, 1>(p, b, h, m0, wg * 64 + warp * 16 + (lane >> 2), reinterpret_cast<OneTile>(o),
-                                   reinterpret_cast<OneRow>(row_m), reinterpret_cast<OneRow>(row_l), tile, lane);
-  __syncthreads();
-  if (!barrier_only) write_staged<T, Tl::kBlockM, kD, Tl::kThreads>(p, b, h, m0, tile, t);
+  stage_rows<Tl::kBlockM, kD, 1>(p, b, h, m0, wg * 64 + warp * 16 + (lane >> 2), reinterpret_cast<OneTile>(o),
+                                 reinterpret_cast<OneRow>(row_m), reinterpret_cast<OneRow>(row_l), tile, lane);
+  if constexpr (kCtaThreads == Tl::kThreads) __syncthreads();
+  else cta_sync<kCtaThreads>();
+  write_staged<T, Tl::kBlockM, kD, Tl::kThreads>(p, b, h, m0, tile, t);
 }
 #endif  // sm_90a device code or the emulation
 
@@ -315,17 +350,8 @@ __global__ void __launch_bounds__(Sm90Tiles<kD>::kThreads, 1) flash_fwd_sm90_ker
     }
     const int n0 = it * kBlockN;
     const uint32_t mbits = kv_mask_bits<kNTiles>(p, mrow, n0, tq);
-    wgmma_fence();
-    sm90_issue_qk<T, kD>(s, q_base, k_stage(st));
-    sm90_issue_pv<T, kD>(o, pa, v_stage((it - 1) % Tl::kStages));
-    wgmma_wait<1>();  // S_it is done; P_{it-1} V_{it-1} may still run
-    fence_regs(s);
-    float alpha[2];
-    sm90_softmax<kNTiles>(s, row_m, row_l, p, masked(n0), row0, n0, tq, mbits, alpha);
-    wgmma_wait<0>();
-    fence_regs(o);
-    rescale_rows<kDTiles>(o, alpha);
-    sm90_pack<T, kD>(pa, s);  // pa is free again: its wgmma has completed
+    sm90_block_step<T, kD>(s, o, pa, row_m, row_l, p, masked(n0), row0, n0, tq, mbits, q_base, k_stage(st),
+                           v_stage((it - 1) % Tl::kStages), [] {});  // the next barrier frees the stage
   }
 
   if (n_blocks > 0) {
@@ -338,7 +364,7 @@ __global__ void __launch_bounds__(Sm90Tiles<kD>::kThreads, 1) flash_fwd_sm90_ker
   // Epilogue, staged through shared memory once both warpgroups are done reading it.
   static_assert(StagedTile<kBlockM, kD>::kBytes <= Tl::kSmemBytes - 1024, "the staged tile fits");
   __syncthreads();
-  sm90_epilogue<T, kD>(p, b, h, m0, wg, warp, lane, tid, o, row_m, row_l, reinterpret_cast<float*>(sQ), false);
+  sm90_epilogue<T, kD>(p, b, h, m0, wg, warp, lane, tid, o, row_m, row_l, reinterpret_cast<float*>(sQ));
 #endif
 }
 

@@ -19,11 +19,28 @@
 #include "cuda/flash_fwd_kernel.cuh"
 #include "cuda/flash_fwd_params.h"
 #include "cuda/flash_fwd_sm90_kernel.cuh"
+#include "cuda/flash_fwd_sm90_tma_kernel.cuh"
+#include "cuda/flash_fwd_tma.h"
 
 namespace cp_attention {
 namespace flash {
 // The kernel's `extern __shared__` buffer; CTAs run one at a time, so one buffer serves them all.
 alignas(1024) unsigned char smem_raw[256 * 1024];
+
+// The emulation's stand-in for the driver's encoder (flash_fwd_tma.h): the same geometry checks, the map in
+// the form lane_emulation.h's TMA reads.
+bool encode_bshd_map(CUtensorMap* map, const at::Tensor& t) {
+  BshdGeometry g{};
+  if (!bshd_geometry(t, g)) return false;
+  lane_emulation::EmulatedTensorMap m{static_cast<const unsigned char*>(g.base), {}, {}, kTmaBoxCols,
+                                      kTmaBoxRows};
+  static_assert(sizeof(m) <= sizeof(CUtensorMap), "the emulated map fits the opaque one");
+  std::memcpy(m.dims, g.dims, sizeof(m.dims));
+  std::memcpy(m.strides, g.strides, sizeof(m.strides));
+  std::memset(map, 0, sizeof(CUtensorMap));
+  std::memcpy(map, &m, sizeof(m));
+  return true;
+}
 }  // namespace flash
 }  // namespace cp_attention
 
@@ -89,18 +106,27 @@ void run_sm90(FwdParams p) {
            Tl::kSmemBytes);
 }
 
+template <typename T, int kD>
+void run_sm90_tma(FwdParams p, const cp_attention::flash::Sm90TmaMaps& maps) {
+  using Tt = cp_attention::flash::Sm90TmaTiles<kD>;
+  p.n_mblocks = static_cast<int>((p.Sq + Tt::Tl::kBlockM - 1) / Tt::Tl::kBlockM);
+  auto kernel = [&maps](const FwdParams& q) { cp_attention::flash::flash_fwd_sm90_tma_kernel<T, kD>(q, maps); };
+  run_grid(kernel, p, p.B * p.H * p.n_mblocks, Tt::kThreads, Tt::kSmemBytes);
+}
+
 void run_f32(FwdParams p) {
   namespace fl = cp_attention::flash;
   p.n_mblocks = static_cast<int>((p.Sq + fl::kF32BlockM - 1) / fl::kF32BlockM);
   run_grid(fl::flash_fwd_f32_kernel, p, p.B * p.H * p.n_mblocks, fl::kF32Threads, fl::f32_smem_bytes(p.D));
 }
 
+// maps: the TMA kernel's tensor maps, or nullptr for the cp.async one.
 template <typename T>
-void dispatch_sm90(const FwdParams& p) {
+void dispatch_sm90(const FwdParams& p, const cp_attention::flash::Sm90TmaMaps* maps) {
   const int kd = cp_attention::flash::sm90_head_dim(p.D);
-  TORCH_CHECK(kd != 0, "the sm90 kernel takes D <= 64 or 96 < D <= 128, got ", p.D);
-  if (kd == 64) run_sm90<T, 64>(p);
-  else run_sm90<T, 128>(p);
+  TORCH_CHECK(kd != 0, "the sm90 kernels take D <= 64 or 96 < D <= 128, got ", p.D);
+  if (maps != nullptr) kd == 64 ? run_sm90_tma<T, 64>(p, *maps) : run_sm90_tma<T, 128>(p, *maps);
+  else kd == 64 ? run_sm90<T, 64>(p) : run_sm90<T, 128>(p);
 }
 
 template <typename T>
@@ -122,11 +148,22 @@ void flash_fwd(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, co
   at::Tensor q_used;
   const FwdParams p = cp_attention::flash::make_fwd_params(op, d, q, k, v, out, lse, scale, causal, kv_mask,
                                                            accumulate, q_used);
-  TORCH_CHECK(kernel == "mma" || kernel == "sm90", "kernel must be 'mma' or 'sm90', got '", kernel, "'");
-  const bool sm90 = kernel == "sm90";
+  TORCH_CHECK(kernel == "mma" || kernel == "sm90" || kernel == "sm90_tma",
+              "kernel must be 'mma', 'sm90' or 'sm90_tma', got '", kernel, "'");
+  const bool sm90 = kernel != "mma";
+  cp_attention::flash::Sm90TmaMaps maps;
+  const cp_attention::flash::Sm90TmaMaps* use_maps = nullptr;
+  if (kernel == "sm90_tma") {
+    namespace fl = cp_attention::flash;
+    TORCH_CHECK(fl::encode_bshd_map(&maps.q, q_used) && fl::encode_bshd_map(&maps.k, k) &&
+                    fl::encode_bshd_map(&maps.v, v),
+                "the sm90_tma kernel needs q, k and v that TMA can address");
+    use_maps = &maps;
+  }
   late_copies_for_launch = late_copies;
-  if (q.scalar_type() == at::kHalf) sm90 ? dispatch_sm90<__half>(p) : dispatch<__half>(p);
-  else if (q.scalar_type() == at::kBFloat16) sm90 ? dispatch_sm90<__nv_bfloat16>(p) : dispatch<__nv_bfloat16>(p);
+  if (q.scalar_type() == at::kHalf) sm90 ? dispatch_sm90<__half>(p, use_maps) : dispatch<__half>(p);
+  else if (q.scalar_type() == at::kBFloat16)
+    sm90 ? dispatch_sm90<__nv_bfloat16>(p, use_maps) : dispatch<__nv_bfloat16>(p);
   else run_f32(p);  // float32: the SIMT kernel, as the CUDA op dispatches
 }
 
@@ -134,6 +171,7 @@ void flash_fwd(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, co
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("flash_fwd", &flash_fwd,
-        "the CUDA flash forward (kernel 'mma': the mma.sync one, 'sm90': the wgmma one; float32 always takes the "
-        "SIMT kernel), emulated on CPU tensors; late_copies: cp.async lands at its wait instead of at once");
+        "the CUDA flash forward (kernel 'mma': the mma.sync one, 'sm90': the wgmma one, 'sm90_tma': the "
+        "warp-specialized wgmma one; float32 always takes the SIMT kernel), emulated on CPU tensors; "
+        "late_copies: cp.async and TMA copies land at their wait instead of at once");
 }

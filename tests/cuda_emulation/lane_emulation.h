@@ -16,19 +16,30 @@
 // registers, the accumulators) only then, so a kernel that touches any of them before that wait computes
 // wrong results here, as it could on the GPU.
 //
+// mbarriers and TMA (the warp-specialized sm_90a kernel, flash_fwd_sm90_tma_kernel.cuh) live beside shared
+// memory: arrivals, announced and delivered transaction bytes, completed phases and parity waits as the PTX
+// ISA defines them. A TMA copy reads the emulation's own encoding of a tensor map (the CPU stand-in of the
+// encoder is in emulated_fwd.cpp), writes its box 128-byte swizzled with zeros outside the tensor, and
+// lands either at once or only when a thread waits on its barrier (the launch picks, as for cp.async).
+// wgmma.wait_group is warp-synchronous, so the whole warp's products are complete once any lane is past it.
+//
 // Included by the kernel header in place of its PTX wrappers when CP_ATTENTION_LANE_EMULATION is defined,
 // and by the emulation's own sources before any kernel header (cuda_utils.cuh needs the built-ins below).
 #pragma once
 
+#include <cuda.h>
 #include <cuda_bf16.h>
 #include <cuda_fp16.h>
 #include <cuda_runtime.h>
 
+#include <atomic>
 #include <chrono>
 #include <cmath>
 #include <condition_variable>
 #include <cstdint>
 #include <cstring>
+#include <functional>
+#include <map>
 #include <memory>
 #include <mutex>
 #include <stdexcept>
@@ -39,9 +50,26 @@ namespace cp_attention {
 namespace lane_emulation {
 
 // A kernel bug that leaves a collective or __syncthreads without some of its threads would hang the
-// emulation (and the test run): every wait gives up after this long, breaks its barrier for the threads
-// still waiting, and they all leave the kernel by throwing Stalled.
+// emulation (and the test run): a wait gives up once nothing at all has progressed for this long (no
+// barrier of any kind completed: threads of a warp-specialized kernel may rightly wait at __syncthreads
+// for the whole kernel), breaks its barrier for the threads still waiting, and they all leave the kernel
+// by throwing Stalled.
 constexpr auto kStallTimeout = std::chrono::seconds(120);
+
+// Completed barriers, warp collectives and mbarrier phases so far (CTAs run one at a time).
+inline std::atomic<uint64_t> g_progress{0};
+
+// Waits on cv until done() holds; false once kStallTimeout passes without progress anywhere.
+template <typename Done>
+inline bool wait_with_progress(std::condition_variable& cv, std::unique_lock<std::mutex>& lock, Done done) {
+  uint64_t seen = g_progress.load();
+  while (!cv.wait_for(lock, kStallTimeout, done)) {
+    const uint64_t now = g_progress.load();
+    if (now == seen) return false;
+    seen = now;
+  }
+  return true;
+}
 
 struct Stalled : std::runtime_error {
   Stalled() : std::runtime_error("a warp collective or __syncthreads was not reached by all of its threads") {}
@@ -57,10 +85,11 @@ class Barrier {
     if (++count_ == n_) {
       count_ = 0;
       ++gen_;
+      ++g_progress;
       cv_.notify_all();
       return;
     }
-    if (!cv_.wait_for(lock, kStallTimeout, [&] { return gen_ != gen || broken_; })) broken_ = true;
+    if (!wait_with_progress(cv_, lock, [&] { return gen_ != gen || broken_; })) broken_ = true;
     if (broken_) {
       cv_.notify_all();
       throw Stalled();
@@ -82,14 +111,32 @@ struct Warp {
   float value[32];
 };
 
-// One CTA being emulated: its threads' barrier, its warps and its shared memory.
+// The mbarriers of a CTA (kept beside shared memory, keyed by their shared address): expected and pending
+// arrivals, transaction bytes still due, completed phases, and the TMA copies that have not landed yet
+// (late mode: they land when a thread first waits on their barrier).
+struct Mbarrier {
+  int expected = 0, pending = 0;
+  int64_t tx = 0;
+  uint32_t completed = 0;
+  std::vector<std::function<void()>> deferred;
+};
+
+struct MbarTable {
+  std::mutex mu;
+  std::condition_variable cv;
+  std::map<uint32_t, Mbarrier> bars;
+  bool broken = false;
+};
+
+// One CTA being emulated: its threads' barrier, its warps, its shared memory and its mbarriers.
 struct Cta {
   explicit Cta(int threads, unsigned char* smem_base, bool late_copies_)
       : bar(threads), warps(new Warp[threads / 32]), smem(smem_base), late_copies(late_copies_) {}
   Barrier bar;
   std::unique_ptr<Warp[]> warps;
   unsigned char* smem;
-  bool late_copies;  // cp.async lands at its wait (else at once)
+  bool late_copies;  // cp.async and TMA copies land at their wait (else at once)
+  MbarTable mbars;
 };
 
 inline thread_local Cta* tls_cta = nullptr;
@@ -327,9 +374,12 @@ inline void fence_regs(float (&)[N][4]) {}
 
 inline void wgmma_commit() { tls_wgmma_groups.push_back(tls_wgmma_ops.size()); }
 
+// wgmma.wait_group is .sync.aligned: the warp's lanes leave it together, so once any lane is past it the
+// whole warp's retired products have read their operands (a kernel may signal that with one lane).
 template <int N>
 inline void wgmma_wait() {
   retire_groups(tls_wgmma_ops, tls_wgmma_groups, N, wgmma_run);
+  this_warp().bar.arrive_and_wait();
 }
 
 template <int N, typename T>
@@ -343,6 +393,129 @@ inline void wgmma_rs(float (&d)[N][4], const uint32_t (&a)[4], uint64_t desc_b, 
   tls_wgmma_ops.push_back(WgmmaOp{&d[0][0], N, &a[0], 0, desc_b, true, scale_d != 0,
                                   std::is_same_v<T, __nv_bfloat16>});
 }
+
+// ---------------------------------------------------------------------------------------------------------
+// mbarriers and TMA (the warp-specialized sm_90a kernel, flash_fwd_sm90_tma_kernel.cuh).
+
+// A phase completes when its arrivals and its announced transaction bytes are all in; the barrier then
+// expects the same arrivals again. Call with the table's lock held.
+inline void mbar_maybe_complete(MbarTable& t, Mbarrier& m) {
+  if (m.pending == 0 && m.tx == 0) {
+    ++m.completed;
+    ++g_progress;
+    m.pending = m.expected;
+    t.cv.notify_all();
+  }
+}
+
+inline Mbarrier& mbar_at(MbarTable& t, uint32_t bar) {
+  auto it = t.bars.find(bar);
+  if (it == t.bars.end()) throw std::runtime_error("an mbarrier was used before mbarrier.init");
+  return it->second;
+}
+
+inline void mbar_init(uint32_t bar, uint32_t count) {
+  MbarTable& t = tls_cta->mbars;
+  std::lock_guard<std::mutex> lock(t.mu);
+  Mbarrier& m = t.bars[bar];
+  m = Mbarrier{};
+  m.expected = m.pending = static_cast<int>(count);
+}
+
+inline void mbar_init_fence() {}
+
+inline void mbar_arrive_tx(uint32_t bar, int64_t bytes) {
+  MbarTable& t = tls_cta->mbars;
+  std::lock_guard<std::mutex> lock(t.mu);
+  Mbarrier& m = mbar_at(t, bar);
+  if (m.pending == 0) throw std::runtime_error("more arrivals on an mbarrier than its count");
+  m.tx += bytes;
+  --m.pending;
+  mbar_maybe_complete(t, m);
+}
+
+inline void mbar_arrive(uint32_t bar) { mbar_arrive_tx(bar, 0); }
+inline void mbar_arrive_expect_tx(uint32_t bar, uint32_t bytes) { mbar_arrive_tx(bar, bytes); }
+
+// Returns once the phase of parity `parity` has completed: the count of completed phases then has the
+// other parity. In late mode this thread first lands the copies still due on the barrier.
+inline void mbar_wait(uint32_t bar, uint32_t parity) {
+  MbarTable& t = tls_cta->mbars;
+  std::unique_lock<std::mutex> lock(t.mu);
+  Mbarrier& m = mbar_at(t, bar);
+  auto done = [&] {
+    // Copies issued on this barrier (before or during the wait) land now, from the waiting thread.
+    std::vector<std::function<void()>> due;
+    due.swap(m.deferred);
+    for (auto& land : due) land();
+    return (m.completed & 1u) != (parity & 1u) || t.broken;
+  };
+  if (!wait_with_progress(t.cv, lock, done)) t.broken = true;
+  if (t.broken) {
+    t.cv.notify_all();
+    throw Stalled();
+  }
+}
+
+// The tensor map as this emulation encodes it (into the opaque CUtensorMap): a BSHD tensor's base, its
+// dims (D, H, S, B) and the byte strides of H, S and B; boxes of box_cols x 1 x box_rows x 1, 16-bit.
+struct EmulatedTensorMap {
+  const unsigned char* base;
+  uint64_t dims[4];
+  uint64_t strides[3];
+  uint32_t box_cols, box_rows;
+};
+
+// One box at (c0, c1, c2, c3) into shared memory at dst, 128-byte swizzled (row r of the box at r * 128
+// bytes, its 16-byte chunk j at chunk j ^ (r % 8)), elements outside the tensor zero; its bytes complete on
+// bar, at once or (late mode) when a thread first waits on bar.
+inline void tma_load_4d(uint32_t dst, const void* map, uint32_t bar, int c0, int c1, int c2, int c3) {
+  EmulatedTensorMap mp;
+  std::memcpy(&mp, map, sizeof(mp));
+  if (mp.box_cols * 2 != 128 || dst % 1024 != 0)
+    throw std::runtime_error("emulated TMA: 128-byte rows into 1024-byte aligned shared memory only");
+  unsigned char* smem = tls_cta->smem;
+  MbarTable* table = &tls_cta->mbars;
+  auto land = [mp, dst, smem, table, bar, c0, c1, c2, c3] {
+    for (uint32_t r = 0; r < mp.box_rows; ++r) {
+      for (uint32_t j = 0; j < 8; ++j) {
+        for (uint32_t e = 0; e < 8; ++e) {
+          const int64_t col = c0 + 8 * j + e, row = c2 + static_cast<int64_t>(r);
+          uint16_t v = 0;
+          if (col >= 0 && col < static_cast<int64_t>(mp.dims[0]) && c1 >= 0 && c1 < static_cast<int64_t>(mp.dims[1]) &&
+              row >= 0 && row < static_cast<int64_t>(mp.dims[2]) && c3 >= 0 && c3 < static_cast<int64_t>(mp.dims[3]))
+            std::memcpy(&v, mp.base + col * 2 + c1 * mp.strides[0] + row * mp.strides[1] + c3 * mp.strides[2], 2);
+          std::memcpy(smem + dst + r * 128 + ((j ^ (r % 8)) * 16) + e * 2, &v, 2);
+        }
+      }
+    }
+    Mbarrier& m = mbar_at(*table, bar);
+    m.tx -= static_cast<int64_t>(mp.box_rows) * 128;
+    mbar_maybe_complete(*table, m);
+  };
+  std::lock_guard<std::mutex> lock(table->mu);
+  if (tls_cta->late_copies) {
+    mbar_at(*table, bar).deferred.push_back(land);
+    table->cv.notify_all();  // a thread already waiting on bar lands it
+  } else {
+    land();
+  }
+}
+
+inline void tma_load_4d(uint32_t dst, const CUtensorMap* map, uint32_t bar, int c0, int c1, int c2, int c3) {
+  tma_load_4d(dst, static_cast<const void*>(map), bar, c0, c1, c2, c3);
+}
+
+// bar.sync 1, kThreads: every thread of the CTA, wherever in the code it is reached.
+template <int kThreads>
+inline void cta_sync() {
+  tls_cta->bar.arrive_and_wait();
+}
+
+template <int N>
+inline void setmaxnreg_inc() {}
+template <int N>
+inline void setmaxnreg_dec() {}
 
 inline float fast_exp2(float x) { return std::exp2(x); }
 
