@@ -181,13 +181,19 @@ __device__ __forceinline__ float blend(float old_v, float new_v, const RowPlan& 
   return __fadd_rn(__fmul_rn(old_v, pl.ca), __fmul_rn(new_v, pl.cb));
 }
 
+// What an out element becomes under plan pl (not kRowKeep): 0, the new value, or the blend with the old
+// one (read only for kRowBlend).
+template <typename Old>
+__device__ __forceinline__ float planned_value(Old old_v, float new_v, const RowPlan& pl) {
+  if (pl.mode == kRowZero) return 0.f;
+  return pl.mode == kRowBlend ? blend(old_v(), new_v, pl) : new_v;
+}
+
 // Element c of an out row (real columns only; the caller checks c < D).
 template <typename TO>
 __device__ __forceinline__ void write_elem(TO* row, int64_t sd, int c, float new_v, const RowPlan& pl) {
   TO* ptr = row + static_cast<int64_t>(c) * sd;
-  float v = pl.mode == kRowZero ? 0.f : new_v;
-  if (pl.mode == kRowBlend) v = blend(cuda_util::to_float(*ptr), new_v, pl);
-  *ptr = cuda_util::from_float<TO>(v);
+  *ptr = cuda_util::from_float<TO>(planned_value([&] { return cuda_util::to_float(*ptr); }, new_v, pl));
 }
 
 // The running lse of row i when accumulating (-inf otherwise, or past Sq): one leader lane per row (leader,
@@ -514,25 +520,25 @@ __device__ __forceinline__ void pack_p(uint32_t (&a)[4], const float (&s)[kNTile
 // (stage_rows), and then the whole CTA moves the tile along rows in 16-byte accesses (write_staged): out is
 // read (accumulating) and written in full 32-byte sectors, and a thread issues a batch of reads of the
 // running out before any of the batch's writes.
-struct StagedRow {
-  int mode;  // RowMode; kRowKeep also for rows past Sq
-  float ca, cb;
-};
 
-// Shared-memory layout of the staged tile: kRows rows of kD float32, then a StagedRow per row. Row r's
+// Shared-memory layout of the staged tile: kRows rows of kD float32, then a RowPlan per row (kRowKeep also
+// for rows past Sq). Row r's
 // 8-float granule j lies at granule j ^ (r % 4) of the row, so that the float2 writes of a half warp (rows
 // g .. g + 3, the quad's four column pairs) fall in four different bank groups; kD / 8 is a multiple of 4,
 // so the swizzle stays inside the row, and 16-byte reads along a row stay conflict-free.
 template <int kRows, int kD>
 struct StagedTile {
   static constexpr int kFloats = kRows * kD;
-  static constexpr int kBytes = kFloats * 4 + kRows * static_cast<int>(sizeof(StagedRow));
+  static constexpr int kBytes = kFloats * 4 + kRows * static_cast<int>(sizeof(RowPlan));
   static_assert(kD % 32 == 0, "granules of 8 floats, swizzled in groups of 4");
   __device__ __forceinline__ static int at(int r, int c) {
     return r * kD + ((((c >> 3) ^ (r & 3)) << 3) | (c & 7));
   }
-  __device__ __forceinline__ static StagedRow* rows(float* tile) {
-    return reinterpret_cast<StagedRow*>(tile + kFloats);
+  __device__ __forceinline__ static RowPlan* plans(float* tile) {
+    return reinterpret_cast<RowPlan*>(tile + kFloats);
+  }
+  __device__ __forceinline__ static const RowPlan* plans(const float* tile) {
+    return reinterpret_cast<const RowPlan*>(tile + kFloats);
   }
 };
 
@@ -553,7 +559,7 @@ __device__ __forceinline__ void stage_rows(const FwdParams& p, int b, int h, int
     for (int r = 0; r < 2; ++r)
       lse_old[mt][r] = old_lse(p, b, h, static_cast<int64_t>(m0) + lrow + 16 * mt + 8 * r, tq == 0, lane & ~3);
   }
-  StagedRow* plans = Tile::rows(tile);
+  RowPlan* plans = Tile::plans(tile);
 #pragma unroll
   for (int mt = 0; mt < kMT; ++mt) {
 #pragma unroll
@@ -564,7 +570,10 @@ __device__ __forceinline__ void stage_rows(const FwdParams& p, int b, int h, int
       const int lr = lrow + 16 * mt + 8 * r;
       const int64_t i = static_cast<int64_t>(m0) + lr;
       const RowEnd e = finish_row(p, b, h, i, l, row_m[mt][r], lse_old[mt][r], tq == 0);
-      if (tq == 0) plans[lr] = StagedRow{e.write ? e.plan.mode : kRowKeep, e.plan.ca, e.plan.cb};
+      if (tq == 0) {
+        plans[lr] = e.plan;
+        if (!e.write) plans[lr].mode = kRowKeep;
+      }
 #pragma unroll
       for (int dt = 0; dt < kD / 8; ++dt) {
         float2* dst = reinterpret_cast<float2*>(tile + Tile::at(lr, dt * 8 + 2 * tq));
@@ -587,7 +596,7 @@ __device__ __forceinline__ void write_staged_as(const FwdParams& p, int b, int h
   // Reads of the running out in flight per thread: the largest divisor of kPer up to 8.
   constexpr int kBatch = kPer % 8 == 0 ? 8 : kPer % 6 == 0 ? 6 : kPer % 4 == 0 ? 4 : kPer % 2 == 0 ? 2 : 1;
   static_assert(kPer % kBatch == 0 && kBatch <= 8, "whole batches");
-  const StagedRow* plans = Tile::rows(const_cast<float*>(tile));
+  const RowPlan* plans = Tile::plans(tile);
   TO* out = static_cast<TO*>(p.out) + b * p.o_sb + h * p.o_sh + static_cast<int64_t>(m0) * p.o_ss;
   const int rows = p.Sq - m0 < kRows ? p.Sq - m0 : kRows;  // the plans mark rows past Sq too; bounds first
 #pragma unroll 1
@@ -607,9 +616,8 @@ __device__ __forceinline__ void write_staged_as(const FwdParams& p, int b, int h
 #pragma unroll
     for (int j = 0; j < kBatch; ++j) {
       if (rr[j] >= rows || cc[j] >= p.D) continue;
-      const StagedRow sr = plans[rr[j]];
-      if (sr.mode == kRowKeep) continue;
-      const RowPlan pl{sr.mode, 0.f, sr.ca, sr.cb};
+      const RowPlan pl = plans[rr[j]];
+      if (pl.mode == kRowKeep) continue;
       float v[kW];
 #pragma unroll
       for (int e = 0; e < kW; e += 4) {
@@ -624,8 +632,7 @@ __device__ __forceinline__ void write_staged_as(const FwdParams& p, int b, int h
         float prev[kW];
         cuda_util::load_vec(reinterpret_cast<const TO*>(&old[j]), prev);
 #pragma unroll
-        for (int e = 0; e < kW; ++e)
-          v[e] = sr.mode == kRowZero ? 0.f : (sr.mode == kRowBlend ? blend(prev[e], v[e], pl) : v[e]);
+        for (int e = 0; e < kW; ++e) v[e] = planned_value([&] { return prev[e]; }, v[e], pl);
         cuda_util::store_vec(row + cc[j], v);
       } else {
 #pragma unroll

@@ -38,6 +38,11 @@ struct Sm90TmaMaps {
   CUtensorMap q, k, v;
 };
 
+// The boxes the tensor maps describe (flash_fwd_tma.h): 64 columns (one 128-byte swizzled panel row) x 1
+// head x kTmaBoxRows rows x 1 batch; one box fills one panel of a Q tile or of a K/V stage.
+constexpr int kTmaBoxCols = 64;
+constexpr int kTmaBoxRows = 128;
+
 template <int kD>
 struct Sm90TmaTiles {
   using Tl = Sm90Tiles<kD>;
@@ -49,6 +54,8 @@ struct Sm90TmaTiles {
   // Registers per thread after setmaxnreg: 128 x (40 + 2 x 232) = 64,512 of the SM's 65,536.
   static constexpr int kProducerRegs = 40, kComputeRegs = 232;
   static constexpr uint32_t kQBytes = Tl::kBlockM * kD * 2, kKVBytes = Tl::kBlockN * kD * 2;
+  static_assert(kTmaBoxCols * 2 == Tl::kRowBytes && kTmaBoxRows == Tl::kBlockM && kTmaBoxRows == Tl::kBlockN,
+                "a box is one panel of a tile, so the bytes expected per tile are its boxes' bytes");
   static_assert(kSmemBytes <= 227 * 1024, "shared memory per CTA");
 };
 

@@ -8,6 +8,8 @@
 
 #include <cstdint>
 
+#include "cuda/flash_fwd_sm90_tma_kernel.cuh"  // the box shape the kernel loads (kTmaBoxCols, kTmaBoxRows)
+
 #ifndef CP_ATTENTION_LANE_EMULATION
 #include <cudaTypedefs.h>
 #include <cuda_runtime.h>
@@ -16,9 +18,6 @@
 namespace cp_attention {
 namespace flash {
 
-// Boxes of the maps: 64 columns (128 bytes, the swizzle span) x 1 head x kTmaBoxRows rows x 1 batch.
-constexpr int kTmaBoxCols = 64;
-constexpr int kTmaBoxRows = 128;
 
 // The geometry of a BSHD tensor as a 4-D map, innermost first: dims (D, H, S, B), byte strides of H, S and
 // B. Filled only where TMA can address the tensor: a 16-bit dtype, a 16-byte aligned base, unit stride
@@ -81,9 +80,9 @@ inline bool encode_bshd_map(CUtensorMap* map, const at::Tensor& t) {
                                                                      : CU_TENSOR_MAP_DATA_TYPE_FLOAT16;
   const cuuint32_t box[4] = {kTmaBoxCols, 1, kTmaBoxRows, 1};
   const cuuint32_t elem_strides[4] = {1, 1, 1, 1};
-  const CUresult r = encode(map, dtype, 4, g.base, g.dims, g.strides, box, elem_strides, CU_TENSOR_MAP_INTERLEAVE_NONE,
-                            CU_TENSOR_MAP_SWIZZLE_128B, CU_TENSOR_MAP_L2_PROMOTION_L2_256B,
-                            CU_TENSOR_MAP_FLOAT_OOB_FILL_NONE);
+  const CUresult r = encode(map, dtype, 4, g.base, g.dims, g.strides, box, elem_strides,
+                            CU_TENSOR_MAP_INTERLEAVE_NONE, CU_TENSOR_MAP_SWIZZLE_128B,
+                            CU_TENSOR_MAP_L2_PROMOTION_L2_256B, CU_TENSOR_MAP_FLOAT_OOB_FILL_NONE);
   return r == CUDA_SUCCESS;
 }
 

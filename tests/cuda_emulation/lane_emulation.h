@@ -438,7 +438,8 @@ inline void mbar_arrive(uint32_t bar) { mbar_arrive_tx(bar, 0); }
 inline void mbar_arrive_expect_tx(uint32_t bar, uint32_t bytes) { mbar_arrive_tx(bar, bytes); }
 
 // Returns once the phase of parity `parity` has completed: the count of completed phases then has the
-// other parity. In late mode this thread first lands the copies still due on the barrier.
+// other parity. In late mode the waiting thread lands the copies due on the barrier, also those issued while
+// it waits.
 inline void mbar_wait(uint32_t bar, uint32_t parity) {
   MbarTable& t = tls_cta->mbars;
   std::unique_lock<std::mutex> lock(t.mu);
