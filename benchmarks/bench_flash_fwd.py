@@ -109,9 +109,11 @@ def shapes_for(quick: bool, device: torch.device) -> list[Shape]:
 
 
 # Timed variants of our backends that are not backends of their own: (backend, environment). On sm_90 the
-# CUDA op runs its warp-specialized TMA wgmma kernel; "cuda_sm90" times its cp.async wgmma kernel and
-# "cuda_mma" its mma.sync kernel beside it on the same inputs.
-VARIANTS = {"cuda_sm90": ("cuda", {"CP_ATTENTION_CUDA_FWD_KERNEL": "sm90"}),
+# CUDA op runs its warp-specialized TMA wgmma kernel, whose compute warpgroups take turns to issue;
+# "cuda_tma_free" times that kernel without the turns, "cuda_sm90" its cp.async wgmma kernel and "cuda_mma"
+# its mma.sync kernel beside it on the same inputs.
+VARIANTS = {"cuda_tma_free": ("cuda", {"CP_ATTENTION_CUDA_FWD_KERNEL": "sm90_tma_no_pingpong"}),
+            "cuda_sm90": ("cuda", {"CP_ATTENTION_CUDA_FWD_KERNEL": "sm90"}),
             "cuda_mma": ("cuda", {"CP_ATTENTION_CUDA_FWD_KERNEL": "mma"})}
 
 
@@ -302,6 +304,9 @@ def main() -> None:
     p.add_argument("--backends", default=None,
                    help="comma-separated cp_attention.flash_attn backends of ours to time (default: "
                         "every one of ours on the device)")
+    p.add_argument("--skip-backends", default=None,
+                   help="comma-separated backends or variants not to time (gpu_check.sh passes those whose "
+                        "kernels failed benchmarks/kernel_probe.py)")
     p.add_argument("--device", default=None, help="cpu or cuda (default: cpu)")
     p.add_argument("--dtypes", default=None,
                    help=f"comma-separated, from {', '.join(DTYPES)} (default float32,bfloat16 on CPUs, "
@@ -312,6 +317,10 @@ def main() -> None:
 
     device = torch.device(args.device or "cpu")
     backends = args.backends.split(",") if args.backends else default_backends(device)
+    skipped = set(args.skip_backends.split(",")) if args.skip_backends else set()
+    if skipped & set(backends):
+        print(f"bench_flash_fwd: not timing {sorted(skipped & set(backends))} (--skip-backends)")
+    backends = [b for b in backends if b not in skipped]
     if not backends:
         sys.exit(f"bench_flash_fwd: none of our backends runs on {device}")
     dtype_names = args.dtypes or ("bfloat16" if device.type == "cuda" else "float32,bfloat16")

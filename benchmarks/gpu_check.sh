@@ -1,21 +1,27 @@
 #!/usr/bin/env bash
 # The GPU check: on a machine with an NVIDIA GPU (torch with CUDA, triton, nvcc; no network needed) it
 #   1. builds the extension for this GPU's architecture,
-#   2. runs the GPU-marked tests (every op and backend against the float64 reference, bf16 included),
-#   3. benchmarks forward TFLOP/s of our kernels against torch SDPA (cuDNN, flash, efficient), the fused
+#   2. probes every forward kernel variant (the CUDA op's mma, sm90 and sm90_tma kernels, the Triton
+#      forward's pointer and TMA tiles and its autotuner) once, each in a process of its own under a time
+#      limit (benchmarks/kernel_probe.py): one that hangs, faults or computes wrong values fails the check,
+#      and the steps after it are pinned to a kernel that passed, except the test shards that force each
+#      kernel themselves (cuda_ops, triton), which still show the failure,
+#   3. runs the GPU-marked tests (every op and backend against the float64 reference, bf16 included),
+#   4. benchmarks forward TFLOP/s of our kernels against torch SDPA (cuDNN, flash, efficient), the fused
 #      ring step's cost, the merge kernels' GB/s against a plain torch merge and the device copy, and the
 #      Ulysses pack/unpack ops,
-#   4. prints a short summary table last and writes JSON (benchmarks/results/ unless --out-dir).
-# --dry-run does everything but the GPU parts on the CPU (quick benchmark modes, a test subset), so the
-# script itself stays tested where no GPU is at hand.
+#   5. prints a short summary table last and writes JSON (benchmarks/results/ unless --out-dir).
+# --dry-run does everything but the GPU parts on the CPU (the probe of the CPU op, quick benchmark modes, a
+# test subset), so the script itself stays tested where no GPU is at hand.
 #
 #   benchmarks/gpu_check.sh [--dry-run] [--out-dir DIR] [--python PY]
 #
-# Every step has a time limit (seconds; GPU_CHECK_BUILD_S, GPU_CHECK_TESTS_S, GPU_CHECK_BENCH_S) so one slow
-# or hung step still leaves the others' results; the tests stop with SIGINT, which pytest answers with its
-# summary and the JUnit file of what ran.
+# Every step has a time limit (seconds; GPU_CHECK_BUILD_S, GPU_CHECK_PROBE_S per probed variant,
+# GPU_CHECK_TESTS_S, GPU_CHECK_BENCH_S) so one slow or hung step still leaves the others' results; the tests
+# stop with SIGINT, which pytest answers with its summary and the JUnit file of what ran.
 set -uo pipefail
 BUILD_S="${GPU_CHECK_BUILD_S:-240}"
+PROBE_S="${GPU_CHECK_PROBE_S:-90}"
 TESTS_S="${GPU_CHECK_TESTS_S:-300}"
 BENCH_S="${GPU_CHECK_BENCH_S:-180}"
 
@@ -28,7 +34,7 @@ while [ $# -gt 0 ]; do
     --out-dir) OUT_DIR="$2"; shift ;;
     --out-dir=*) OUT_DIR="${1#*=}" ;;
     --python) PY="$2"; shift ;;
-    -h|--help) sed -n '2,12p' "$0"; exit 0 ;;
+    -h|--help) sed -n '2,17p' "$0"; exit 0 ;;
     *) echo "gpu_check.sh: unknown argument $1" >&2; exit 2 ;;
   esac
   shift
@@ -44,13 +50,15 @@ export PYTHONUNBUFFERED=1
 export PYTHONPATH="$ROOT${PYTHONPATH:+:$PYTHONPATH}"
 STATUS=0
 step() { echo; echo "=== $* ($(date -u +%H:%M:%S))" | tee -a "$LOG"; }
-run() {  # run CMD...: logs it, keeps going on failure, remembers that something failed
+run_to() {  # run_to FILE CMD...: logs CMD and its output, a copy of the output to FILE too; keeps going on
+  local copy="$1"; shift  # failure, remembering that something failed
   echo "+ $*" >>"$LOG"
-  "$@" 2>&1 | tee -a "$LOG"
+  "$@" 2>&1 | tee -a "$LOG" "$copy"
   local rc=${PIPESTATUS[0]}
   if [ "$rc" -ne 0 ]; then echo "FAILED (exit $rc): $*" | tee -a "$LOG"; STATUS=1; fi
   return "$rc"
 }
+run() { run_to /dev/null "$@"; }  # run CMD...: the same without the copy
 
 step "environment"
 run "$PY" - <<'EOF'
@@ -97,6 +105,39 @@ for dev in cpu $([ "$DRY" -eq 0 ] && echo cuda); do
   run "$PY" -X faulthandler "$ROOT/benchmarks/error_paths.py" "$dev"
 done
 
+step "kernel probe"
+# Each forward kernel variant once, in a process of its own with a time limit, before the tests and the
+# benchmarks meet it: one that hangs or faults (which poisons a process's whole CUDA context) costs one
+# probe, not a test shard's report or the benchmarks. For each failed default the probe names a choice that
+# passed (PIN lines); the later steps run with it, except the cuda_ops and triton shards, which force every
+# kernel themselves and so report the failure. SKIP_BENCH lines name benchmark variants that force a failed
+# kernel whatever the pins say.
+PIN_ENV=()
+SKIP_BENCH=()
+PROBE_OUT="$OUT_DIR/kernel_probe-$STAMP.out"
+if [ "$DRY" -eq 0 ]; then PROBE_DEV=cuda; else PROBE_DEV=cpu; fi
+run_to "$PROBE_OUT" timeout -k 10 "$((PROBE_S + 60))" "$PY" benchmarks/kernel_probe.py --device "$PROBE_DEV" \
+  --timeout "$PROBE_S" --out-dir "$OUT_DIR"
+while read -r tag what reason; do
+  case "$tag" in
+    PIN)
+      if [[ "$what" =~ ^CP_ATTENTION_[A-Z0-9_]+=[a-z0-9_]+$ ]]; then
+        PIN_ENV+=("$what")
+        echo "pinned $what $reason" | tee -a "$LOG"
+      else
+        echo "ignored a malformed probe line: $tag $what $reason" | tee -a "$LOG"
+      fi ;;
+    SKIP_BENCH)
+      SKIP_BENCH+=("$what")
+      echo "benchmarks skip $what $reason" | tee -a "$LOG" ;;
+  esac
+done < <(grep -E '^(PIN|SKIP_BENCH) ' "$PROBE_OUT" 2>/dev/null)
+rm -f "$PROBE_OUT"
+if [ "${#PIN_ENV[@]}" -gt 0 ]; then
+  echo "pins for the tests (except the cuda_ops and triton shards) and the benchmarks: ${PIN_ENV[*]}" \
+    | tee -a "$LOG"
+fi
+
 step "tests"
 # The GPU tests run as concurrent shards, one pytest process each with an equal share of the CPU threads:
 # compiling Triton variants and the float64 references are CPU-bound, so shards finish several times sooner
@@ -106,11 +147,13 @@ SHARD_NAMES=()
 SHARD_PIDS=()
 if [ "$DRY" -eq 0 ]; then N_SHARDS=9; else N_SHARDS=1; fi
 SHARD_THREADS=$(( ($(nproc) + N_SHARDS - 1) / N_SHARDS ))
-shard() {  # shard NAME PYTEST_ARGS...: starts one pytest process in the background
+shard() {  # shard NAME PYTEST_ARGS...: starts one pytest process in the background, with the probe's pins
   local name="$1"; shift
   local junit="$OUT_DIR/gpu_check-tests-$STAMP-$name.xml"
-  ( OMP_NUM_THREADS="$SHARD_THREADS" timeout -s INT -k 30 "$TESTS_S" "$PY" -m pytest -q -rfE \
-      -p no:cacheprovider --junitxml="$junit" "$@" >"$OUT_DIR/gpu_check-tests-$STAMP-$name.log" 2>&1 ) &
+  local pins=("${PIN_ENV[@]}")
+  case "$name" in cuda_ops|triton) pins=() ;; esac  # they force each kernel: the failure must show there
+  ( env "${pins[@]}" OMP_NUM_THREADS="$SHARD_THREADS" timeout -s INT -k 30 "$TESTS_S" "$PY" -m pytest -q \
+      -rfE -p no:cacheprovider --junitxml="$junit" "$@" >"$OUT_DIR/gpu_check-tests-$STAMP-$name.log" 2>&1 ) &
   SHARD_NAMES+=("$name")
   SHARD_PIDS+=("$!")
 }
@@ -162,7 +205,11 @@ else
   DEV=(--device cpu)
   QUICK=(--quick)
 fi
-run timeout -k 10 "$BENCH_S" "$PY" benchmarks/bench_flash_fwd.py "${DEV[@]}" "${QUICK[@]}" --out-dir "$OUT_DIR"
+for kv in "${PIN_ENV[@]}"; do export "$kv"; done
+SKIP=()
+if [ "${#SKIP_BENCH[@]}" -gt 0 ]; then SKIP=(--skip-backends "$(IFS=,; echo "${SKIP_BENCH[*]}")"); fi
+run timeout -k 10 "$BENCH_S" "$PY" benchmarks/bench_flash_fwd.py "${DEV[@]}" "${QUICK[@]}" "${SKIP[@]}" \
+  --out-dir "$OUT_DIR"
 run timeout -k 10 "$BENCH_S" "$PY" benchmarks/bench_merge.py "${DEV[@]}" "${QUICK[@]}" --out-dir "$OUT_DIR"
 run timeout -k 10 "$BENCH_S" "$PY" benchmarks/bench_a2a_pack.py "${DEV[@]}" "${QUICK[@]}" --dtypes bfloat16 --out-dir "$OUT_DIR"
 

@@ -1,5 +1,6 @@
-"""The last part of benchmarks/gpu_check.sh: reads the test report and the benchmark JSON files of one run,
-prints a short table of what was measured (and which targets were met), and writes it as one JSON file."""
+"""The last part of benchmarks/gpu_check.sh: reads the kernel probe's, the tests' and the benchmarks' results
+of one run, prints a short table of what was found and measured (and which targets were met), and writes it
+as one JSON file."""
 
 from __future__ import annotations
 
@@ -58,6 +59,32 @@ def shard_counts(specs: list[str]) -> dict:
     return {**total, "complete": complete, "shards": shards}
 
 
+PROBE_FAILED = ("FAIL", "FAULT", "CRASH", "HANG", "ERROR")  # kernel_probe.FAILED
+
+
+def probe_summary(probe: dict) -> dict:
+    """The kernel probe's verdicts per variant (benchmarks/kernel_probe.py), printed as a table, and what
+    the rest of the run was pinned to because of them."""
+    rows = [{k: r.get(k) for k in ("variant", "verdict", "cases", "out_err", "lse_err", "seconds", "note")}
+            for r in probe["rows"]]
+    print(f"kernel probe ({probe['_file']})")
+    print_table([{**r, "out_err": _err(r["out_err"]), "lse_err": _err(r["lse_err"])} for r in rows],
+                [("variant", "variant", ""), ("verdict", "verdict", ""), ("cases ok", "cases", ""),
+                 ("max out err", "out_err", ""), ("max lse err", "lse_err", ""), ("s", "seconds", ".1f"),
+                 ("note", "note", "")])
+    pins, skip, reasons = probe.get("pins", {}), probe.get("skip_bench", []), probe.get("reasons", {})
+    for key, value in pins.items():
+        print(f"  pinned {key}={value}: {reasons.get(key, '')} failed")
+    for name in skip:
+        print(f"  benchmarks skipped {name}: {reasons.get(name, '')} failed")
+    failed = [r["variant"] for r in rows if r["verdict"] in PROBE_FAILED]
+    return {"file": probe["_file"], "rows": rows, "pins": pins, "skip_bench": skip, "failed": failed}
+
+
+def _err(x) -> str:
+    return "-" if x is None else f"{x:.3g}"
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--out-dir", required=True)
@@ -69,6 +96,11 @@ def main() -> None:
     args = p.parse_args()
     out_dir = Path(args.out_dir)
 
+    probe = newest(out_dir, "kernel_probe", args.since)
+    probe_result = probe_summary(probe) if probe else None
+    if probe is None:
+        print("kernel probe: no result")
+    print()
     tests = shard_counts(args.junit)
     print("tests: " + ", ".join(f"{k} {tests[k]}" for k in ("passed", "failures", "errors", "skipped"))
           + ("" if tests["complete"] else " (INCOMPLETE: a shard hit its time limit or wrote no report)"))
@@ -79,7 +111,9 @@ def main() -> None:
     flash = newest(out_dir, "flash_fwd", args.since)
     merge = newest(out_dir, "merge", args.since)
     pack = newest(out_dir, "a2a_pack", args.since)
-    result = {"dry_run": args.dry_run, "tests": tests, "files": {}, "targets": {}}
+    result = {"dry_run": args.dry_run, "probe": probe_result, "tests": tests, "files": {}, "targets": {}}
+    if probe:
+        result["files"]["kernel_probe"] = probe["_file"]
 
     if flash:
         result["files"]["flash_fwd"] = flash["_file"]
@@ -128,9 +162,10 @@ def main() -> None:
     print("\ntargets" + (" (dry run: CPU figures, GPU targets do not apply)" if args.dry_run else ""))
     for name, met in result["targets"].items():
         print(f"  {'met    ' if met else 'NOT MET'}  {name}")
-    missing = [n for n, d in (("flash_fwd", flash), ("merge", merge), ("a2a_pack", pack)) if d is None]
+    missing = [n for n, d in (("kernel_probe", probe), ("flash_fwd", flash), ("merge", merge),
+                              ("a2a_pack", pack)) if d is None]
     if missing:
-        print(f"missing benchmark results: {missing}")
+        print(f"missing results: {missing}")
     device = flash["environment"]["device"] if flash else "cpu"
     result["environment"] = environment(device if not args.dry_run else "cpu")
     stamp = args.since
@@ -138,7 +173,10 @@ def main() -> None:
     (out_dir / name).write_text(json.dumps(result, indent=2, default=str) + "\n")
     print(f"wrote {out_dir / name}")
     bad_tests = not tests["complete"] or tests["failures"] or tests["errors"] or not tests["tests"]
-    sys.exit(1 if bad_tests or missing else 0)
+    if probe_result and probe_result["failed"]:
+        print(f"kernel probe FAILED: {', '.join(probe_result['failed'])}")
+    bad_probe = bool(probe_result and probe_result["failed"])
+    sys.exit(1 if bad_tests or bad_probe or missing else 0)
 
 
 if __name__ == "__main__":

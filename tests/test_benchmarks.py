@@ -4,9 +4,12 @@ benchmarks' own side-by-side ratios, never by tests."""
 
 from __future__ import annotations
 
+import json
 import os
+import re
 import subprocess
 import sys
+import time
 
 import pytest
 
@@ -34,20 +37,172 @@ def test_cp_benchmark_quick_mode_runs_under_torchrun():
         assert mode in proc.stdout, f"bench_cp.py --quick printed no {mode} row:\n{proc.stdout[-2000:]}"
 
 
+# What the Python of the dry run below adds to the kernel probe's report: lines a GPU run prints when a Triton
+# TMA tile faulted and the mma.sync kernel hung, so that the pins travel through the script on the CPU too.
+FAKE_PROBE_LINES = ("PIN CP_ATTENTION_TRITON_FWD_LOADS=pointer because triton_tma (FAULT) failed the probe\n"
+                    "SKIP_BENCH cuda_mma because cuda_mma (HANG) failed the probe\n")
+
+
 def test_gpu_check_dry_run(tmp_path):
-    # The GPU check's own plumbing (build info, test selection, every benchmark, the summary) on the CPU.
-    cmd = ["bash", os.path.join(ROOT, "benchmarks", "gpu_check.sh"), "--dry-run", "--python", sys.executable,
-           "--out-dir", str(tmp_path)]
+    # The GPU check's own plumbing (build info, the kernel probe and its pins, test selection, every
+    # benchmark, the summary) on the CPU. The Python it runs is a wrapper that records, per call, the pin
+    # it sees and its arguments, and appends FAKE_PROBE_LINES to the probe's output.
+    out_dir, calls = tmp_path / "out", tmp_path / "calls.txt"
+    wrapper = tmp_path / "python"
+    wrapper.write_text(
+        "#!/usr/bin/env bash\n"
+        f'echo "${{CP_ATTENTION_TRITON_FWD_LOADS-unset}} $*" >> "{calls}"\n'
+        f'"{sys.executable}" "$@"\n'
+        "rc=$?\n"
+        f'case "$*" in *kernel_probe.py*) printf "{FAKE_PROBE_LINES}" ;; esac\n'
+        'exit "$rc"\n')
+    wrapper.chmod(0o755)
+    cmd = ["bash", os.path.join(ROOT, "benchmarks", "gpu_check.sh"), "--dry-run", "--python", str(wrapper),
+           "--out-dir", str(out_dir)]
     proc = subprocess.run(cmd, capture_output=True, text=True, timeout=600, cwd=ROOT)
     assert proc.returncode == 0, (f"gpu_check.sh --dry-run failed:\n{proc.stdout[-4000:]}\n"
                                   f"{proc.stderr[-2000:]}")
     assert "gpu_check: PASS" in proc.stdout
-    assert list(tmp_path.glob("gpu_check-dry-run-*.json")), "no summary JSON written"
+    summaries = list(out_dir.glob("gpu_check-dry-run-*.json"))
+    assert summaries, "no summary JSON written"
+
+    # The probe ran (the CPU op; the GPU variants are n/a on the CPU) and the summary shows it.
+    probes = list(out_dir.glob("kernel_probe-*.json"))
+    assert len(probes) == 1, f"expected one kernel probe JSON, found {probes}"
+    verdicts = {r["variant"]: r["verdict"] for r in json.loads(probes[0].read_text())["rows"]}
+    assert verdicts.pop("cpu") == "PASS" and set(verdicts.values()) == {"n/a"}, verdicts
+    summary = json.loads(summaries[0].read_text())
+    assert summary["probe"]["file"] == probes[0].name and summary["probe"]["failed"] == []
+    assert "kernel probe (kernel_probe-" in proc.stdout and re.search(r"^cpu +PASS ", proc.stdout, re.M)
+
+    # Its pins reach the test shards and the benchmarks (not the probe itself), the skipped variant the
+    # forward benchmark's arguments, and the log says why.
+    assert ("pinned CP_ATTENTION_TRITON_FWD_LOADS=pointer because triton_tma (FAULT) failed the probe"
+            in proc.stdout)
+    seen = calls.read_text().splitlines()
+    probe_calls = [c for c in seen if "kernel_probe.py" in c]
+    shard_calls = [c for c in seen if "--junitxml" in c]
+    bench_calls = [c for c in seen if "bench_flash_fwd.py" in c]
+    assert probe_calls and all(c.startswith("unset ") for c in probe_calls), probe_calls
+    assert shard_calls and all(c.startswith("pointer ") for c in shard_calls), shard_calls
+    assert bench_calls and all(c.startswith("pointer ") and "--skip-backends cuda_mma" in c
+                               for c in bench_calls), bench_calls
+
+
+def _kernel_probe(monkeypatch):
+    monkeypatch.syspath_prepend(os.path.join(ROOT, "benchmarks"))
+    import kernel_probe
+    return kernel_probe
+
+
+def test_kernel_probe_verdicts(monkeypatch):
+    kp = _kernel_probe(monkeypatch)
+    fault = "RuntimeError: CUDA error: an illegal memory access was encountered"
+    assert kp.verdict_of(0, False, "") == "PASS"
+    assert kp.verdict_of(3, False, "n/a: the sm_90 kernels need an sm_90 device") == "n/a"
+    assert kp.verdict_of(1, False, "case x\n  WRONG: out err 0.5") == "FAIL"
+    assert kp.verdict_of(4, False, fault) == "FAULT"
+    assert kp.verdict_of(4, False, "RuntimeError: CUDA driver error: misaligned address") == "FAULT"
+    assert kp.verdict_of(4, False, "ValueError: D must be <= 256") == "ERROR"
+    assert kp.verdict_of(-11, False, "Fatal Python error: Segmentation fault") == "CRASH"
+    assert kp.verdict_of(-6, False, fault) == "CRASH"
+    assert kp.verdict_of(None, True, "case x") == "HANG"
+    assert kp.verdict_of(-9, True, "") == "HANG"  # killed at the time limit: that is the hang
+
+
+def test_kernel_probe_pins(monkeypatch):
+    kp = _kernel_probe(monkeypatch)
+    cuda_knob, triton_knob = "CP_ATTENTION_CUDA_FWD_KERNEL", "CP_ATTENTION_TRITON_FWD_LOADS"
+    passing = {name: "PASS" for name in kp.GPU_VARIANTS}
+    assert kp.decide(passing) == {"pins": {}, "skip_bench": [], "reasons": {}}
+    assert kp.decision_lines(kp.decide(passing)) == []
+
+    # sm_90: the TMA wgmma kernel (auto's pick) hangs only with its warpgroups' turn-taking: the same kernel
+    # without it is pinned.
+    d = kp.decide({**passing, "cuda_auto": "HANG", "cuda_sm90_tma": "HANG"})
+    assert d["pins"] == {cuda_knob: "sm90_tma_no_pingpong"} and d["skip_bench"] == []
+    # It hangs either way, the cp.async one passes; the benchmark's variant of the TMA kernel without
+    # turn-taking is left out.
+    tma_hangs = {"cuda_auto": "HANG", "cuda_sm90_tma": "HANG", "cuda_sm90_tma_no_pingpong": "HANG"}
+    d = kp.decide({**passing, **tma_hangs})
+    assert d["pins"] == {cuda_knob: "sm90"} and d["skip_bench"] == ["cuda_tma_free"]
+    assert kp.decision_lines(d) == [
+        f"PIN {cuda_knob}=sm90 because cuda_auto (HANG), cuda_sm90_tma (HANG), "
+        "cuda_sm90_tma_no_pingpong (HANG) failed the probe",
+        "SKIP_BENCH cuda_tma_free because cuda_sm90_tma_no_pingpong (HANG) failed the probe"]
+    # Both wgmma kernels fail: mma.sync; the benchmark's forced cuda_sm90 variant is skipped as well.
+    d = kp.decide({**passing, "cuda_auto": "FAULT", "cuda_sm90_tma": "FAULT",
+                   "cuda_sm90_tma_no_pingpong": "FAULT", "cuda_sm90": "FAIL"})
+    assert d["pins"] == {cuda_knob: "mma"} and d["skip_bench"] == ["cuda_tma_free", "cuda_sm90"]
+    # An A100: no sm_90 kernels (n/a), auto is mma.sync, which faults: nothing passes to pin.
+    d = kp.decide({**passing, "cuda_auto": "FAULT", "cuda_sm90_tma": "n/a",
+                   "cuda_sm90_tma_no_pingpong": "n/a", "cuda_sm90": "n/a", "cuda_mma": "FAULT",
+                   "triton_tma": "n/a"})
+    assert d["pins"] == {} and d["skip_bench"] == ["cuda", "cuda_mma"]
+    # A forced variant failing while the default passes pins nothing, but its benchmark is skipped.
+    d = kp.decide({**passing, "cuda_mma": "CRASH"})
+    assert d["pins"] == {} and d["skip_bench"] == ["cuda_mma"]
+    assert kp.decision_lines(d) == ["SKIP_BENCH cuda_mma because cuda_mma (CRASH) failed the probe"]
+
+    # Triton: a failed TMA tile, forced or tried by the autotuner, pins pointer loads where they pass.
+    for bad in ({"triton_tma": "FAULT"}, {"triton_auto": "HANG"},
+                {"triton_tma": "FAIL", "triton_auto": "ERROR"}):
+        d = kp.decide({**passing, **bad})
+        assert d["pins"] == {triton_knob: "pointer"} and d["skip_bench"] == [], bad
+    assert kp.decision_lines(kp.decide({**passing, "triton_tma": "FAULT"})) == [
+        f"PIN {triton_knob}=pointer because triton_tma (FAULT) failed the probe"]
+    # Pointer tiles failing too: no pin; the Triton benchmark goes only when the autotuned path failed.
+    d = kp.decide({**passing, "triton_auto": "HANG", "triton_pointer": "FAIL"})
+    assert d["pins"] == {} and d["skip_bench"] == ["triton"]
+    assert kp.decide({**passing, "triton_tma": "HANG", "triton_pointer": "FAIL"})["skip_bench"] == []
+    # n/a is no failure.
+    assert kp.decide({name: "n/a" for name in kp.GPU_VARIANTS})["pins"] == {}
+
+
+def test_kernel_probe_reports_where_a_child_ended(monkeypatch, tmp_path):
+    # The parent against a stand-in child that ends each way a kernel can: its verdict, its note, and a
+    # hang that also left a grandchild holding the output pipe is still cut off at the time limit.
+    kp = _kernel_probe(monkeypatch)
+    case = "bf16-D64-B1-H4-1000x777"
+    result = {"na": None, "cases": [{"case": case, "ok": False, "out_err": 0.5, "lse_err": 0.0,
+                                     "seconds": 0.1, "problems": ["out: too far"]}]}
+    child = tmp_path / "child.py"
+    child.write_text(
+        "import os, signal, subprocess, sys, time\n"
+        "name = sys.argv[sys.argv.index('--one') + 1]\n"
+        f"print('case {case}', flush=True)\n"
+        "if name == 'hang':\n"
+        "    subprocess.Popen(['sleep', '60'])\n"
+        "    time.sleep(60)\n"
+        "if name == 'crash':\n"
+        "    os.kill(os.getpid(), signal.SIGSEGV)\n"
+        "if name == 'fault':\n"
+        "    print('RuntimeError: CUDA error: an illegal memory access was encountered', flush=True)\n"
+        "    sys.exit(4)\n"
+        "if name == 'wrong':\n"
+        f"    print('RESULT ' + {json.dumps(json.dumps(result))})\n"
+        "    sys.exit(1)\n"
+        "if name == 'na':\n"
+        "    print('n/a: not on this GPU')\n"
+        "    sys.exit(3)\n")
+    monkeypatch.setattr(kp, "__file__", str(child))
+    t0 = time.monotonic()
+    rows = {name: kp.run_variant(name, "cpu", timeout=3.0, threads=1)
+            for name in ("hang", "crash", "fault", "wrong", "na")}
+    assert time.monotonic() - t0 < 40, "the hung child (or its grandchild) was not killed at its limit"
+    assert {n: r["verdict"] for n, r in rows.items()} == {
+        "hang": "HANG", "crash": "CRASH", "fault": "FAULT", "wrong": "FAIL", "na": "n/a"}
+    assert rows["hang"]["note"] == f"no end in case {case}"
+    assert rows["crash"]["note"] == f"signal 11 in case {case}"
+    assert rows["fault"]["note"].startswith(f"CUDA error in case {case}: RuntimeError: CUDA error")
+    assert rows["wrong"]["cases"] == "0/1" and rows["wrong"]["out_err"] == 0.5
+    assert rows["wrong"]["note"] == f"wrong in {case}"
+    assert rows["na"]["note"] == "not on this GPU"
 
 
 def test_flash_bench_variant_sets_and_restores_kernel_choice(monkeypatch):
-    # "cuda_mma" and "cuda_sm90" (and their fused steps) run the CUDA op with that kernel forced; other names
-    # run as they are, and the caller's setting survives either.
+    # "cuda_tma_free", "cuda_mma" and "cuda_sm90" (and their fused steps) run the CUDA op with that kernel
+    # forced; other names run as they are, and the caller's setting survives either.
     monkeypatch.syspath_prepend(os.path.join(ROOT, "benchmarks"))
     import bench_flash_fwd
 
@@ -58,7 +213,8 @@ def test_flash_bench_variant_sets_and_restores_kernel_choice(monkeypatch):
         else:
             monkeypatch.setenv(key, before)
         for name, kernel in (("cuda_mma", "mma"), ("cuda_mma_acc", "mma"), ("cuda_sm90", "sm90"),
-                             ("cuda_sm90_acc", "sm90")):
+                             ("cuda_sm90_acc", "sm90"), ("cuda_tma_free", "sm90_tma_no_pingpong"),
+                             ("cuda_tma_free_acc", "sm90_tma_no_pingpong")):
             with bench_flash_fwd._context(name)():
                 assert os.environ[key] == kernel
             assert os.environ.get(key) == before

@@ -73,8 +73,9 @@ def _emulated():
 
 
 def _fwd(q, k, v, scale=None, causal=False, kv_mask=None, kernel="mma", late_copies=False):
-    """kernel: "mma" (the mma.sync kernel), "sm90" (the wgmma one) or "sm90_tma" (the warp-specialized wgmma
-    one, which needs q, k and v that TMA can address); float32 runs the SIMT kernel either way.
+    """kernel: "mma" (the mma.sync kernel), "sm90" (the wgmma one), "sm90_tma" (the warp-specialized wgmma
+    one, which needs q, k and v that TMA can address) or "sm90_tma_no_pingpong" (the same without turns
+    between its compute warpgroups); float32 runs the SIMT kernel either way.
     late_copies: cp.async lands at the wait that retires it, TMA copies when their barrier is first waited
     on, instead of at once."""
     B, Sq, H, D = q.shape
@@ -135,7 +136,8 @@ CASES = [  # (B, Sq, Sk, H, Hkv, D, causal, masked, unaligned)
 ]
 # (kernel, dtype): the mma.sync kernel, the float32 SIMT one, the wgmma one in both 16-bit dtypes and the
 # warp-specialized (TMA) wgmma one.
-KERNEL_DTYPES = [("mma", F16), ("mma", F32), ("sm90", F16), ("sm90", BF16), ("sm90_tma", BF16)]
+KERNEL_DTYPES = [("mma", F16), ("mma", F32), ("sm90", F16), ("sm90", BF16), ("sm90_tma", BF16),
+                 ("sm90_tma_no_pingpong", F16)]
 
 
 @pytest.mark.parametrize("B,Sq,Sk,H,Hkv,D,causal,masked,unaligned", CASES,
@@ -145,7 +147,8 @@ KERNEL_DTYPES = [("mma", F16), ("mma", F32), ("sm90", F16), ("sm90", BF16), ("sm
 def test_causal_mask_gqa(kernel, dtype, B, Sq, Sk, H, Hkv, D, causal, masked, unaligned):
     q, k, v, gen = _qkv(B, Sq, Sk, H, Hkv, D, dtype, seed=Sq + Sk, unaligned=unaligned)
     kv_mask = make_kv_mask(B, Sk, gen) if masked else None
-    if kernel == "sm90_tma" and unaligned:  # rows off 16-byte alignment: no tensor map (the op falls back)
+    # Rows off 16-byte alignment have no tensor map (the op falls back to another kernel).
+    if kernel.startswith("sm90_tma") and unaligned:
         with pytest.raises(RuntimeError, match="TMA can address"):
             _fwd(q, k, v, causal=causal, kv_mask=kv_mask, kernel=kernel)
         return
@@ -153,7 +156,7 @@ def test_causal_mask_gqa(kernel, dtype, B, Sq, Sk, H, Hkv, D, causal, masked, un
     check_attention(out, lse, q, k, v, causal=causal, kv_mask=kv_mask)
 
 
-@pytest.mark.parametrize("kernel", ["sm90", "sm90_tma"])
+@pytest.mark.parametrize("kernel", ["sm90", "sm90_tma", "sm90_tma_no_pingpong"])
 @pytest.mark.parametrize("late_copies", [False, True], ids=["copies-early", "copies-late"])
 @pytest.mark.parametrize("causal", [False, True], ids=["full", "causal"])
 def test_sm90_many_key_blocks(causal, late_copies, kernel):
@@ -164,6 +167,30 @@ def test_sm90_many_key_blocks(causal, late_copies, kernel):
     q, k, v, _ = _qkv(1, 150, 530, 2, 1, 128, BF16, seed=17)
     out, lse = _fwd(q, k, v, causal=causal, kernel=kernel, late_copies=late_copies)
     check_attention(out, lse, q, k, v, causal=causal)
+
+
+@pytest.mark.parametrize("late_copies", [False, True], ids=["copies-early", "copies-late"])
+def test_sm90_tma_head_major_memory(late_copies):
+    # [B, H, S, D] memory seen as BSHD (the SDPA layout): the tensor maps put S inside H, and the boxes come
+    # from the other coordinates. q head-major, k in BSHD memory, v head-major; GQA, causal, a mask.
+    q, k, v, gen = _qkv(2, 150, 300, 4, 2, 64, BF16, seed=23)
+    q, v = (x.transpose(1, 2).contiguous().transpose(1, 2) for x in (q, v))
+    kv_mask = make_kv_mask(2, 300, gen)
+    out, lse = _fwd(q, k, v, causal=True, kv_mask=kv_mask, kernel="sm90_tma", late_copies=late_copies)
+    check_attention(out, lse, q, k, v, causal=True, kv_mask=kv_mask)
+
+
+@pytest.mark.parametrize("kernel", ["sm90_tma", "sm90_tma_no_pingpong"])
+def test_sm90_tma_turns(kernel):
+    # The TMA kernel's compute warpgroups take turns to issue (ping-pong): per CTA with n key blocks each
+    # issues n + 1 times, warpgroup 1 waits on barrier 3 before every issue (n + 1 uses), warpgroup 0 on
+    # barrier 2 before all but its first (n uses). Without turns neither barrier is used.
+    B, Sq, Sk, H = 1, 150, 530, 2
+    q, k, v, _ = _qkv(B, Sq, Sk, H, 1, 64, F16, seed=21)
+    check_attention(*_fwd(q, k, v, kernel=kernel, late_copies=True), q, k, v)
+    ctas, n = B * H * -(-Sq // 128), -(-Sk // 128)
+    want = {2: ctas * n, 3: ctas * (n + 1)} if kernel == "sm90_tma" else {}
+    assert _emulated().named_barrier_uses() == want
 
 
 @pytest.mark.parametrize("D", [32, 64, 128])

@@ -102,18 +102,20 @@ def test_fwd_scale_sign_and_zero(scale, dtype, fwd_kernel):
 def test_fwd_kernel_knob_errors(monkeypatch):
     q, k, v, _ = _qkv(1, 8, 8, 1, 1, 72, F16, seed=3)
     monkeypatch.setenv("CP_ATTENTION_CUDA_FWD_KERNEL", "fastest")
-    with pytest.raises(ValueError, match="CP_ATTENTION_CUDA_FWD_KERNEL must be auto, mma, sm90 or sm90_tma"):
+    allowed = "auto, mma, sm90, sm90_tma or sm90_tma_no_pingpong"
+    with pytest.raises(ValueError, match=f"CP_ATTENTION_CUDA_FWD_KERNEL must be {allowed}"):
         OPS.flash_attn_fwd(q, k, v, None, False, None)
     monkeypatch.setenv("CP_ATTENTION_CUDA_FWD_KERNEL", "sm90")  # D = 72 has no wgmma kernel on any device
     with pytest.raises(ValueError, match="D <= 64 or 96 < D <= 128"):
         OPS.flash_attn_fwd(q, k, v, None, False, None)
 
 
-@pytest.mark.parametrize("kernel", ["sm90", "sm90_tma"])
+@pytest.mark.parametrize("kernel", ["sm90", "sm90_tma", "sm90_tma_no_pingpong"])
 @pytest.mark.parametrize("D", [64, 128])
 def test_fwd_sm90_kernel_forced(D, kernel, monkeypatch):
     # On sm_90 each wgmma kernel must be built and run when demanded (so "auto" cannot have quietly fallen
-    # back to another); on other devices demanding it is an error naming the variable.
+    # back to another), the TMA one with and without its warpgroups' turn-taking; on other devices demanding
+    # it is an error naming the variable.
     q, k, v, gen = _qkv(2, 300, 600, 4, 2, D, BF16, seed=D)
     kv_mask = make_kv_mask(2, 600, gen, device=DEV)
     monkeypatch.setenv("CP_ATTENTION_CUDA_FWD_KERNEL", kernel)
@@ -121,12 +123,17 @@ def test_fwd_sm90_kernel_forced(D, kernel, monkeypatch):
         with pytest.raises(ValueError, match=f"CP_ATTENTION_CUDA_FWD_KERNEL={kernel} needs"):
             OPS.flash_attn_fwd(q, k, v, None, True, kv_mask)
         return
+    _check_causal_and_chunked(q, k, v, kv_mask, split=250)
+
+
+def _check_causal_and_chunked(q, k, v, kv_mask, split):
+    """The causal forward, then the fused ring step: keys [0, split) and [split, Sk) accumulated into a
+    NaN-poisoned float32 state equal attention over all of them."""
     out, lse = OPS.flash_attn_fwd(q, k, v, None, True, kv_mask)
     check_attention(out, lse, q, k, v, None, True, kv_mask)
-    # Accumulating chunk by chunk into a float32 state (the fused ring step) equals the whole.
     acc = torch.full(q.shape, float("nan"), dtype=torch.float32, device=DEV)
-    acc_lse = torch.full((2, 4, 300), float("-inf"), device=DEV)
-    for s, e in ((0, 250), (250, 600)):
+    acc_lse = torch.full((q.shape[0], q.shape[2], q.shape[1]), float("-inf"), device=DEV)
+    for s, e in ((0, split), (split, k.shape[1])):
         OPS.flash_attn_fwd_acc_(q, k[:, s:e], v[:, s:e], acc, acc_lse, None, False, kv_mask[:, s:e])
     check_attention(acc.to(q.dtype), acc_lse, q, k, v, None, False, kv_mask)
 
@@ -141,6 +148,19 @@ def test_fwd_sm90_tma_refuses_what_tma_cannot_address(monkeypatch):
         OPS.flash_attn_fwd(q, k, v, None, False, None)
     monkeypatch.setenv("CP_ATTENTION_CUDA_FWD_KERNEL", "auto")
     check_attention(*OPS.flash_attn_fwd(q, k, v, None, False, None), q, k, v)
+
+
+@pytest.mark.skipif(not IS_SM90, reason="the TMA kernel runs on sm_90 devices")
+@pytest.mark.parametrize("kv_layout", ["bhsd", "bshd"])
+@pytest.mark.parametrize("D", [64, 128])
+def test_fwd_sm90_tma_takes_head_major_memory(D, kv_layout, monkeypatch):
+    # [B, H, S, D] memory seen as BSHD (the SDPA layout) gets tensor maps with S inside H: q always, k and v
+    # too or in BSHD memory; GQA, a mask, causal, and the fused step into a float32 state.
+    q, _, _, gen = _qkv(2, 300, 600, 4, 2, D, BF16, seed=D + 5, layout="bhsd")
+    _, k, v, _ = _qkv(2, 300, 600, 4, 2, D, BF16, seed=D + 6, layout=kv_layout)
+    kv_mask = make_kv_mask(2, 600, gen, device=DEV)
+    monkeypatch.setenv("CP_ATTENTION_CUDA_FWD_KERNEL", "sm90_tma")
+    _check_causal_and_chunked(q, k, v, kv_mask, split=350)
 
 
 def test_fwd_long_sequence_many_blocks(fwd_kernel):

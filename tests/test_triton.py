@@ -343,6 +343,87 @@ def test_tma_refuses_what_it_cannot_address(dev):
 
 
 # ---------------------------------------------------------------------------------------------------------
+# CP_ATTENTION_TRITON_FWD_LOADS: the load path of calls that leave it open (tma=None, as the ops do), read
+# per call. A launch spy records which path each launch took.
+LOADS_KNOB = "CP_ATTENTION_TRITON_FWD_LOADS"
+
+
+class _LaunchSpy:
+    """Stands in for the kernel object: records the TMA flag of every launch, then launches the kernel."""
+
+    def __init__(self, kernel):
+        self.kernel, self.tma = kernel, []
+
+    def __getitem__(self, grid):
+        launch = self.kernel[grid]
+
+        def call(*args, **kwargs):
+            self.tma.append(kwargs["TMA"])
+            return launch(*args, **kwargs)
+        return call
+
+
+@pytest.fixture
+def launch_spy(monkeypatch):
+    from cp_attention.triton_kernels import flash_fwd
+    spy = _LaunchSpy(flash_fwd._flash_fwd_kernel)
+    monkeypatch.setattr(flash_fwd, "_flash_fwd_kernel", spy)
+    return spy
+
+
+LOADS_CASES = [(None, False), ("", False), ("auto", False), ("pointer", False), ("tma", True)]
+
+
+@pytest.mark.parametrize("loads,tma", LOADS_CASES, ids=["unset", "empty", "auto", "pointer", "tma"])
+@pytest.mark.parametrize("dev", DEVICES)
+def test_fwd_loads_knob(dev, loads, tma, monkeypatch, launch_spy, poisoned_empty):
+    # Small problems run untuned, on pointer tiles, unless the variable asks for TMA; both ops follow it.
+    if tma:
+        _tma_dev(dev)
+    if loads is None:
+        monkeypatch.delenv(LOADS_KNOB, raising=False)
+    else:
+        monkeypatch.setenv(LOADS_KNOB, loads)
+    q, k, v, gen = _inputs(2, 37, 53, 4, 2, 64, F16, dev, seed=41)
+    kv_mask = make_kv_mask(2, 53, gen, dev)
+    out, lse = OPS.triton_flash_attn_fwd(q, k, v, None, True, kv_mask)
+    check_attention(out, lse, q, k, v, causal=True, kv_mask=kv_mask)
+    acc, acc_lse = _poisoned_state(q, F32)
+    OPS.triton_flash_attn_fwd_acc_(q, k, v, acc, acc_lse, None, True, kv_mask)
+    check_attention(acc.to(F16), acc_lse, q, k, v, causal=True, kv_mask=kv_mask)
+    assert launch_spy.tma == [tma, tma], f"{LOADS_KNOB}={loads!r} launched TMA={launch_spy.tma}"
+
+
+@pytest.mark.parametrize("dev", DEVICES)
+def test_fwd_loads_knob_yields_to_explicit_tma(dev, monkeypatch, launch_spy):
+    # A caller's own tma=True or False wins, and the variable is not even read then.
+    kernels = _tma_dev(dev)
+    q, k, v, _ = _inputs(1, 20, 33, 2, 1, 64, F16, dev, seed=42)
+    monkeypatch.setenv(LOADS_KNOB, "tma")
+    kernels.flash_fwd(q, k, v, None, False, None, tma=False)
+    monkeypatch.setenv(LOADS_KNOB, "pointer")
+    out, lse = kernels.flash_fwd(q, k, v, None, False, None, tma=True)
+    check_attention(out, lse, q, k, v)
+    monkeypatch.setenv(LOADS_KNOB, "fastest")
+    kernels.flash_fwd(q, k, v, None, False, None, tma=False)
+    assert launch_spy.tma == [False, True, False]
+
+
+@pytest.mark.parametrize("dev", DEVICES)
+def test_fwd_loads_knob_errors(dev, monkeypatch):
+    # Unknown values raise, naming the variable and its values; "tma" demands TMA as tma=True does, so
+    # inputs it cannot address (float32) raise instead of quietly taking pointer tiles.
+    q, k, v, _ = _inputs(1, 5, 7, 2, 2, 16, F16, dev, seed=43)
+    for bad in ("TMA", "pointers", "1"):
+        monkeypatch.setenv(LOADS_KNOB, bad)
+        with pytest.raises(ValueError, match=f"{LOADS_KNOB} must be auto, pointer or tma, got '{bad}'"):
+            OPS.triton_flash_attn_fwd(q, k, v, None, False, None)
+    monkeypatch.setenv(LOADS_KNOB, "tma")
+    with pytest.raises(ValueError, match="TMA variant needs"):
+        OPS.triton_flash_attn_fwd(q.float(), k.float(), v.float(), None, False, None)
+
+
+# ---------------------------------------------------------------------------------------------------------
 # Wiring and torch.compile.
 def test_available_backends():
     cpu = cp_attention.available_backends("cpu")

@@ -17,6 +17,9 @@ have TMA): through pointer loads with masks (any GPU, the interpreter, any strid
 descriptors (sm_90+, and the interpreter on request), where the copy engine moves whole tiles into shared
 memory and fills what lies past Sq, Sk or D with zeros, which frees the registers and instructions of the
 address and mask arithmetic. The descriptors need 16-byte aligned bases and strides (_tma_descriptors).
+The environment variable CP_ATTENTION_TRITON_FWD_LOADS, read per call where the caller leaves the choice open
+(flash_fwd's tma=None, as the ops do), overrides it: "pointer" keeps every launch on pointer tiles, "tma"
+forces the TMA tiles (an error where they cannot run, as with tma=True), "auto" or unset chooses as above.
 
 With ACCUMULATE the epilogue merges the block's result (o_b, lse_b) into the running (out, lse) it reads
 from the destination: m = max(lse_a, lse_b), lse = m + log(exp(lse_a - m) + exp(lse_b - m)),
@@ -29,6 +32,7 @@ from __future__ import annotations
 
 import functools
 import math
+import os
 
 import torch
 import triton
@@ -41,6 +45,18 @@ from . import interpret_requested
 INTERPRETED = interpret_requested()
 
 LOG2E = 1.4426950408889634
+
+LOADS_ENV = "CP_ATTENTION_TRITON_FWD_LOADS"
+_LOADS = {"auto": None, "pointer": False, "tma": True}
+
+
+def loads_from_env() -> bool | None:
+    """The tma argument CP_ATTENTION_TRITON_FWD_LOADS stands for: None for "auto" (or unset or empty), False
+    for "pointer", True for "tma". Any other value raises ValueError naming the variable."""
+    value = os.environ.get(LOADS_ENV, "")
+    if value not in _LOADS and value != "":
+        raise ValueError(f"cp_attention: {LOADS_ENV} must be auto, pointer or tma, got {value!r}")
+    return _LOADS.get(value)
 
 
 @triton.jit
@@ -360,7 +376,10 @@ def flash_fwd(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float | 
     tma: None lets the autotuner choose between TMA and pointer loads on GPUs that have TMA (Hopper and
     newer) where the tensors allow it, and uses pointers elsewhere; True runs the TMA variant with the first
     TMA candidate, untuned (on the interpreter too; ValueError where the tensors or the GPU do not allow
-    it); False always uses pointers."""
+    it); False always uses pointers. With tma=None, CP_ATTENTION_TRITON_FWD_LOADS (loads_from_env) may
+    stand in for True or False; an explicit True or False ignores it."""
+    if tma is None:
+        tma = loads_from_env()
     B, Sq, H, D = q.shape
     Sk, Hkv = k.shape[1], k.shape[2]
     accumulate = out is not None

@@ -6,13 +6,14 @@
 //
 // float16 / bfloat16 run on tensor cores: on sm_90 devices (when the build holds sm_90a code) at D <= 64
 // and 96 < D <= 128 (compiled for 64 and 128) through a wgmma kernel, the warp-specialized one that loads by
-// TMA (flash_fwd_sm90_tma_kernel.cuh) where q, k and v have tensor maps (flash_fwd_tma.h: aligned BSHD
-// layouts), else the one that loads by cp.async (flash_fwd_sm90_kernel.cuh); elsewhere through the mma.sync
+// TMA (flash_fwd_sm90_tma_kernel.cuh) where q, k and v have tensor maps (flash_fwd_tma.h: aligned
+// layouts of BSHD or BHSD memory), else the one that loads by cp.async (flash_fwd_sm90_kernel.cuh); elsewhere through the mma.sync
 // kernel with the head dim compiled for 32, 64, 96, 128 and 256 (other D are zero-padded up to the next of
 // these inside the kernels); float32 runs on a SIMT kernel. The environment variable
 // CP_ATTENTION_CUDA_FWD_KERNEL, read per call, overrides the choice: "mma" forces the mma.sync kernel,
-// "sm90" the cp.async wgmma one, "sm90_tma" the TMA one (an error where it cannot run), "auto" or unset
-// chooses as above.
+// "sm90" the cp.async wgmma one, "sm90_tma" the TMA one (an error where it cannot run), "sm90_tma_no_pingpong"
+// the TMA one with its compute warpgroups issuing without turns (to measure what the turns buy), "auto" or
+// unset chooses as above.
 #include <ATen/MemoryOverlap.h>
 #include <ATen/core/Tensor.h>
 #include <ATen/cuda/CUDAContext.h>
@@ -59,33 +60,35 @@ void dispatch_head_dim(const char* op, const FwdParams& p, cudaStream_t stream) 
 }
 
 // Which 16-bit kernel runs this call (see the top of this file).
-enum class FwdKernel { kMma, kSm90, kSm90Tma };
+enum class FwdKernel { kMma, kSm90, kSm90Tma, kSm90TmaNoPingPong };
 
 FwdKernel choose_kernel(const char* op, const FwdParams& p, const at::Tensor& q, const at::Tensor& k,
                         const at::Tensor& v, flash::Sm90TmaMaps& maps) {
   const char* knob = std::getenv("CP_ATTENTION_CUDA_FWD_KERNEL");
   auto is = [&](const char* name) { return knob != nullptr && std::strcmp(knob, name) == 0; };
-  TORCH_CHECK_VALUE(knob == nullptr || *knob == 0 || is("auto") || is("mma") || is("sm90") || is("sm90_tma"), op,
-                    ": CP_ATTENTION_CUDA_FWD_KERNEL must be auto, mma, sm90 or sm90_tma, got '", knob, "'");
+  const bool no_pingpong = is("sm90_tma_no_pingpong");
+  TORCH_CHECK_VALUE(knob == nullptr || *knob == 0 || is("auto") || is("mma") || is("sm90") || is("sm90_tma") ||
+                        no_pingpong,
+                    op, ": CP_ATTENTION_CUDA_FWD_KERNEL must be auto, mma, sm90, sm90_tma or sm90_tma_no_pingpong, ",
+                    "got '", knob, "'");
   if (is("mma")) return FwdKernel::kMma;
   const bool built = std::strstr(CP_ATTENTION_CUDA_ARCHS, "9.0a") != nullptr;
   const bool head_dim = flash::sm90_head_dim(p.D) != 0;
   const bool device = at::cuda::getCurrentDeviceProperties()->major == 9;
   const bool sm90 = built && head_dim && device;
-  if (is("sm90") || is("sm90_tma")) {
+  if (is("sm90") || is("sm90_tma") || no_pingpong) {
     TORCH_CHECK_VALUE(sm90, op, ": CP_ATTENTION_CUDA_FWD_KERNEL=", knob,
                       " needs a build with sm_90a code (this one: '", CP_ATTENTION_CUDA_ARCHS,
                       "'), an sm_90 device and D <= 64 or 96 < D <= 128 (got D=", p.D, ")");
   }
   if (is("sm90")) return FwdKernel::kSm90;
   // Tensor maps are encoded only where the TMA kernel may run; Sk == 0 (no key to load) keeps the other.
-  const bool tma = sm90 && p.Sk > 0 && flash::encode_bshd_map(&maps.q, q) && flash::encode_bshd_map(&maps.k, k) &&
-                   flash::encode_bshd_map(&maps.v, v);
-  if (is("sm90_tma")) {
-    TORCH_CHECK_VALUE(tma, op, ": CP_ATTENTION_CUDA_FWD_KERNEL=sm90_tma needs q, k and v that TMA can address: ",
-                      "16-byte aligned, D a multiple of 8, strides in [B, S, H, D] order that are multiples of 16 ",
-                      "bytes and do not overlap, and Sk > 0");
-    return FwdKernel::kSm90Tma;
+  const bool tma = sm90 && p.Sk > 0 && flash::encode_sm90_maps(maps, q, k, v);
+  if (is("sm90_tma") || no_pingpong) {
+    TORCH_CHECK_VALUE(tma, op, ": CP_ATTENTION_CUDA_FWD_KERNEL=", knob, " needs q, k and v that TMA can address: ",
+                      "16-byte aligned, D a multiple of 8, strides that are multiples of 16 bytes, B outermost, ",
+                      "no overlap, and Sk > 0");
+    return no_pingpong ? FwdKernel::kSm90TmaNoPingPong : FwdKernel::kSm90Tma;
   }
   return tma ? FwdKernel::kSm90Tma : sm90 ? FwdKernel::kSm90 : FwdKernel::kMma;
 }
@@ -94,11 +97,16 @@ template <typename T>
 void dispatch_16bit(const char* op, const FwdParams& p, const at::Tensor& q, const at::Tensor& k,
                     const at::Tensor& v, cudaStream_t stream) {
   flash::Sm90TmaMaps maps;
-  switch (choose_kernel(op, p, q, k, v, maps)) {
+  const FwdKernel kernel = choose_kernel(op, p, q, k, v, maps);
+  switch (kernel) {
     case FwdKernel::kSm90Tma:
-      if (flash::sm90_head_dim(p.D) == 64) flash::launch_fwd_sm90_tma<T, 64>(op, p, maps, stream);
-      else flash::launch_fwd_sm90_tma<T, 128>(op, p, maps, stream);
+    case FwdKernel::kSm90TmaNoPingPong: {
+      FwdParams pt = p;
+      pt.pingpong = kernel == FwdKernel::kSm90Tma;
+      if (flash::sm90_head_dim(p.D) == 64) flash::launch_fwd_sm90_tma<T, 64>(op, pt, maps, stream);
+      else flash::launch_fwd_sm90_tma<T, 128>(op, pt, maps, stream);
       return;
+    }
     case FwdKernel::kSm90:
       if (flash::sm90_head_dim(p.D) == 64) flash::launch_fwd_sm90<T, 64>(op, p, stream);
       else flash::launch_fwd_sm90<T, 128>(op, p, stream);

@@ -63,6 +63,7 @@ struct FwdParams {
   bool out_f32;              // out is float32 (else q's dtype)
   bool out_vec;              // out rows allow 16-byte access (o_sd == 1, aligned, D a whole number of them)
   bool q_vec, k_vec, v_vec;  // rows 16-byte aligned and D % 8 == 0: cp.async in 16-byte chunks
+  bool pingpong;             // the TMA kernel's compute warpgroups take turns issuing (Sm90Turns)
 };
 
 // ---------------------------------------------------------------------------------------------------------

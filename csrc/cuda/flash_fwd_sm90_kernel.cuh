@@ -81,6 +81,17 @@ __device__ __forceinline__ void cta_sync() {
   asm volatile("bar.sync 1, %0;\n" ::"n"(kThreads) : "memory");
 }
 
+// Named barrier kId of kThreads threads: bar.sync waits for all of them, bar.arrive counts this thread in
+// and goes on (the producer/consumer pattern of the TMA kernel's turn-taking, Sm90Turns).
+template <int kId, int kThreads>
+__device__ __forceinline__ void named_bar_sync() {
+  asm volatile("bar.sync %0, %1;\n" ::"n"(kId), "n"(kThreads) : "memory");
+}
+template <int kId, int kThreads>
+__device__ __forceinline__ void named_bar_arrive() {
+  asm volatile("bar.arrive %0, %1;\n" ::"n"(kId), "n"(kThreads) : "memory");
+}
+
 // Orders this thread's generic-proxy writes to shared memory (cp.async, st.shared) before later reads of
 // the same memory by the async proxy (wgmma).
 __device__ __forceinline__ void fence_proxy_async() { asm volatile("fence.proxy.async.shared::cta;\n" ::: "memory"); }
@@ -221,20 +232,29 @@ __device__ __forceinline__ void sm90_softmax(float (&s)[kNTiles][4], float (&row
   softmax_scores<kNTiles>(s, row_m, row_l, p.scale_log2, alpha);
 }
 
+// Issuing without turns (the cp.async kernel, whose warpgroups meet at a CTA barrier every block anyway).
+struct NoTurns {
+  __device__ __forceinline__ void take() {}
+  __device__ __forceinline__ void pass() {}
+};
+
 // One key block after the first, for one warpgroup: S_n = Q K_n^T (K at k_base) and O += P_{n-1} V_{n-1}
 // (V at v_prev_base) issued together, the softmax of S_n (key block n0) while the second runs, then the
-// correction of O and P_n packed for the next block. done_reading() runs once both products have completed
-// (every read of K_n and V_{n-1} is over), before O is touched.
-template <typename T, int kD, typename DoneReading>
+// correction of O and P_n packed for the next block. The issue happens on this warpgroup's turn
+// (turns.take() before, turns.pass() after: Sm90Turns or NoTurns). done_reading() runs once both products
+// have completed (every read of K_n and V_{n-1} is over), before O is touched.
+template <typename T, int kD, typename Turns, typename DoneReading>
 __device__ __forceinline__ void sm90_block_step(float (&s)[Sm90Tiles<kD>::kNTiles][4], float (&o)[kD / 8][4],
                                                 uint32_t (&pa)[Sm90Tiles<kD>::kBlockN / 16][4],
                                                 float (&row_m)[2], float (&row_l)[2], const FwdParams& p,
                                                 bool masked, int64_t row, int n0, int tq, uint32_t mbits,
                                                 uint32_t q_base, uint32_t k_base, uint32_t v_prev_base,
-                                                DoneReading done_reading) {
+                                                Turns& turns, DoneReading done_reading) {
+  turns.take();
   wgmma_fence();
   sm90_issue_qk<T, kD>(s, q_base, k_base);
   sm90_issue_pv<T, kD>(o, pa, v_prev_base);
+  turns.pass();
   wgmma_wait<1>();  // S_n is done; P_{n-1} V_{n-1} may still run
   fence_regs(s);
   float alpha[2];
@@ -350,8 +370,9 @@ __global__ void __launch_bounds__(Sm90Tiles<kD>::kThreads, 1) flash_fwd_sm90_ker
     }
     const int n0 = it * kBlockN;
     const uint32_t mbits = kv_mask_bits<kNTiles>(p, mrow, n0, tq);
+    NoTurns turns;
     sm90_block_step<T, kD>(s, o, pa, row_m, row_l, p, masked(n0), row0, n0, tq, mbits, q_base, k_stage(st),
-                           v_stage((it - 1) % Tl::kStages), [] {});  // the next barrier frees the stage
+                           v_stage((it - 1) % Tl::kStages), turns, [] {});  // the next barrier frees the stage
   }
 
   if (n_blocks > 0) {

@@ -9,9 +9,8 @@
 // the two warpgroups of the cp.async kernel do (sm90_issue_qk, sm90_issue_pv, sm90_softmax): S_n and
 // P_{n-1} V_{n-1} issued together, the softmax of S_n while the second runs.
 //
-// Synchronization is by mbarriers in shared memory, not by CTA-wide barriers, so the two compute
-// warpgroups run independently of each other (one's softmax can overlap the other's products) and the
-// producer runs up to three blocks ahead:
+// Data is handed over by mbarriers in shared memory, not by CTA-wide barriers, so no compute warpgroup
+// waits for the other to be done with a block, and the producer runs up to three blocks ahead:
 //   q_full        the Q tile has landed (transaction bytes counted by the copy engine)
 //   k_full[st]    K of the block in stage st has landed; v_full[st] likewise for V, so S = QK^T can start
 //                 before V is in
@@ -22,6 +21,12 @@
 // empty[st] has completed.
 //
 // The producer warpgroup gives registers back (setmaxnreg) to the compute warpgroups, which need about 200.
+//
+// Left alone, the two compute warpgroups drift into step (they wait on the same barriers), so both run their
+// softmax, on the multi-function units, at the same time while the tensor cores idle, and then both want
+// the tensor cores. With p.pingpong (the default; sm90_tma_no_pingpong turns it off) they take turns to
+// issue their products instead (Sm90Turns): one warpgroup's S_n and P_{n-1} V_{n-1} are issued, and run,
+// while the other does its softmax.
 #pragma once
 
 #include <cuda.h>
@@ -32,14 +37,18 @@ namespace cp_attention {
 namespace flash {
 
 // The tensor maps of one launch (flash_fwd_tma.h): q [B, Sq, H, D], k and v [B, Sk, Hkv, D] as 4-D maps
-// with D innermost, boxes of 64 columns x 1 head x 128 rows x 1 batch, 128-byte swizzle. A kernel parameter
-// (__grid_constant__), which the TMA instructions address directly; CUtensorMap brings its 128-byte alignment.
+// with D innermost and B outermost, H inside S (BSHD memory) or, where the tensor's bit is set in s_inner, S
+// inside H (BHSD memory); boxes of 64 columns x 128 rows of one head and batch, 128-byte swizzle. A kernel
+// parameter (__grid_constant__), which the TMA instructions address directly; CUtensorMap brings its
+// 128-byte alignment.
 struct Sm90TmaMaps {
+  static constexpr uint32_t kQ = 1, kK = 2, kV = 4;
   CUtensorMap q, k, v;
+  uint32_t s_inner;
 };
 
-// The boxes the tensor maps describe (flash_fwd_tma.h): 64 columns (one 128-byte swizzled panel row) x 1
-// head x kTmaBoxRows rows x 1 batch; one box fills one panel of a Q tile or of a K/V stage.
+// The boxes the tensor maps describe (flash_fwd_tma.h): 64 columns (one 128-byte swizzled panel row) x
+// kTmaBoxRows rows of one head and batch; one box fills one panel of a Q tile or of a K/V stage.
 constexpr int kTmaBoxCols = 64;
 constexpr int kTmaBoxRows = 128;
 
@@ -113,6 +122,32 @@ __device__ __forceinline__ void setmaxnreg_dec() {
 #endif  // sm_90a device code
 #endif  // CP_ATTENTION_LANE_EMULATION
 
+#if defined(CP_ATTENTION_SM90_DEVICE) || defined(CP_ATTENTION_LANE_EMULATION)
+// Turn-taking of the two compute warpgroups around the issue of their products (when `on`). Each issues
+// n_blocks + 1 times (S_0; S_n with P_{n-1} V_{n-1}; the last P V) and alternates with the other: compute
+// warpgroup cw waits on named barrier 2 + cw (bar.sync) for the other's arrival (bar.arrive) after its
+// previous issue, 256 threads in all. Warpgroup 0 takes its first turn unasked and warpgroup 1 does not
+// pass its last, so every use of either barrier gets its 256 threads and none is pending at exit. Ids 0
+// (__syncthreads) and 1 (cta_sync) are taken.
+struct Sm90Turns {
+  static constexpr int kThreads = 256;
+  int cw;    // this compute warpgroup, 0 or 1
+  int last;  // the index of the last issue, n_blocks
+  bool on;
+  int issue = 0;
+  __device__ __forceinline__ void take() {
+    if (!on) return;
+    if (cw == 0 && issue > 0) named_bar_sync<2, kThreads>();
+    if (cw == 1) named_bar_sync<3, kThreads>();
+  }
+  __device__ __forceinline__ void pass() {
+    if (on && cw == 0) named_bar_arrive<3, kThreads>();
+    if (on && cw == 1 && issue < last) named_bar_arrive<2, kThreads>();
+    ++issue;
+  }
+};
+#endif
+
 template <typename T, int kD>
 __global__ void __launch_bounds__(Sm90TmaTiles<kD>::kThreads, 1)
     flash_fwd_sm90_tma_kernel(const FwdParams p, const __grid_constant__ Sm90TmaMaps maps) {
@@ -161,21 +196,25 @@ __global__ void __launch_bounds__(Sm90TmaTiles<kD>::kThreads, 1)
     setmaxnreg_dec<Tt::kProducerRegs>();
     if (tid == 0 && n_blocks > 0) {
       const int hk = h / p.group;
-      mbar_arrive_expect_tx(q_full, Tt::kQBytes);
+      // The boxes of a tile: rows [row, row + 128) of one head, its 64-column panels one after another.
+      auto load_tile = [&](uint32_t dst, uint32_t panel_bytes, const CUtensorMap* map, uint32_t which,
+                           uint32_t bar, int head, int row) {
+        const bool s_inner = (maps.s_inner & which) != 0;
 #pragma unroll
-      for (int pn = 0; pn < kPanels; ++pn)
-        tma_load_4d(sQ_u + pn * Tl::kQPanelBytes, &maps.q, q_full, 64 * pn, h, m0, b);
+        for (int pn = 0; pn < kPanels; ++pn) {
+          if (s_inner) tma_load_4d(dst + pn * panel_bytes, map, bar, 64 * pn, row, head, b);
+          else tma_load_4d(dst + pn * panel_bytes, map, bar, 64 * pn, head, row, b);
+        }
+      };
+      mbar_arrive_expect_tx(q_full, Tt::kQBytes);
+      load_tile(sQ_u, Tl::kQPanelBytes, &maps.q, Sm90TmaMaps::kQ, q_full, h, m0);
       for (int n = 0; n < n_blocks; ++n) {
         const int st = n % kStages;
         if (n >= kStages) mbar_wait(empty(st), ((n / kStages) - 1) & 1);
         mbar_arrive_expect_tx(k_full(st), Tt::kKVBytes);
-#pragma unroll
-        for (int pn = 0; pn < kPanels; ++pn)
-          tma_load_4d(k_stage(st) + pn * Tl::kKVPanelBytes, &maps.k, k_full(st), 64 * pn, hk, n * kBlockN, b);
+        load_tile(k_stage(st), Tl::kKVPanelBytes, &maps.k, Sm90TmaMaps::kK, k_full(st), hk, n * kBlockN);
         mbar_arrive_expect_tx(v_full(st), Tt::kKVBytes);
-#pragma unroll
-        for (int pn = 0; pn < kPanels; ++pn)
-          tma_load_4d(v_stage(st) + pn * Tl::kKVPanelBytes, &maps.v, v_full(st), 64 * pn, hk, n * kBlockN, b);
+        load_tile(v_stage(st), Tl::kKVPanelBytes, &maps.v, Sm90TmaMaps::kV, v_full(st), hk, n * kBlockN);
       }
     }
     // The epilogue's two barriers; every copy has been consumed once the compute warpgroups reach them.
@@ -194,13 +233,16 @@ __global__ void __launch_bounds__(Sm90TmaTiles<kD>::kThreads, 1)
     auto masked = [&](int n0) { return mrow != nullptr || n0 + kBlockN - 1 > block_lim; };
     float s[kNTiles][4];
     uint32_t pa[kBlockN / 16][4];
+    Sm90Turns turns{cw, n_blocks, p.pingpong};
 
     if (n_blocks > 0) {
       const uint32_t mbits = kv_mask_bits<kNTiles>(p, mrow, 0, tq);
       mbar_wait(q_full, 0);
       mbar_wait(k_full(0), 0);
+      turns.take();
       wgmma_fence();
       sm90_issue_qk<T, kD>(s, q_base, k_stage(0));
+      turns.pass();
       wgmma_wait<0>();
       fence_regs(s);
       float alpha[2];
@@ -216,15 +258,17 @@ __global__ void __launch_bounds__(Sm90TmaTiles<kD>::kThreads, 1)
       // Once both products have completed, this warp's reads of block it - 1 (its K by S_{it-1}, its V by
       // the product just issued) are over: the stage may be refilled as far as this warp is concerned.
       sm90_block_step<T, kD>(s, o, pa, row_m, row_l, p, masked(n0), row0, n0, tq, mbits, q_base, k_stage(st),
-                             v_stage(prev), [&] {
+                             v_stage(prev), turns, [&] {
                                if (lane == 0) mbar_arrive(empty(prev));
                              });
     }
     if (n_blocks > 0) {
       const int last = (n_blocks - 1) % kStages;
       mbar_wait(v_full(last), ((n_blocks - 1) / kStages) & 1);
+      turns.take();
       wgmma_fence();
       sm90_issue_pv<T, kD>(o, pa, v_stage(last));
+      turns.pass();
       wgmma_wait<0>();
       fence_regs(o);
     }

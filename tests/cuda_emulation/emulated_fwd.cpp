@@ -6,6 +6,7 @@
 #include <torch/extension.h>
 
 #include <atomic>
+#include <map>
 #include <mutex>
 #include <optional>
 #include <string>
@@ -27,18 +28,19 @@ namespace flash {
 // The kernel's `extern __shared__` buffer; CTAs run one at a time, so one buffer serves them all.
 alignas(1024) unsigned char smem_raw[256 * 1024];
 
-// The emulation's stand-in for the driver's encoder (flash_fwd_tma.h): the same geometry checks, the map in
-// the form lane_emulation.h's TMA reads.
-bool encode_bshd_map(CUtensorMap* map, const at::Tensor& t) {
+// The emulation's stand-in for the driver's encoder (flash_fwd_tma.h): the same geometry checks and box,
+// the map in the form lane_emulation.h's TMA reads.
+bool encode_bshd_map(CUtensorMap* map, bool& s_inner, const at::Tensor& t) {
   BshdGeometry g{};
   if (!bshd_geometry(t, g)) return false;
-  lane_emulation::EmulatedTensorMap m{static_cast<const unsigned char*>(g.base), {}, {}, kTmaBoxCols,
-                                      kTmaBoxRows};
+  lane_emulation::EmulatedTensorMap m{static_cast<const unsigned char*>(g.base), {}, {}, {}};
   static_assert(sizeof(m) <= sizeof(CUtensorMap), "the emulated map fits the opaque one");
   std::memcpy(m.dims, g.dims, sizeof(m.dims));
   std::memcpy(m.strides, g.strides, sizeof(m.strides));
+  bshd_box(g, m.box);
   std::memset(map, 0, sizeof(CUtensorMap));
   std::memcpy(map, &m, sizeof(m));
+  s_inner = g.s_inner;
   return true;
 }
 }  // namespace flash
@@ -53,6 +55,8 @@ namespace emu = cp_attention::lane_emulation;
 // shared memory poisoned with 0xff bytes (NaN halves and floats), so reads of unwritten shared memory show.
 // late_copies: cp.async lands at its wait instead of at once (lane_emulation.h).
 inline thread_local bool late_copies_for_launch = false;
+// Completed uses of each named barrier id (bar.sync / bar.arrive with an id) over the CTAs of the last call.
+std::map<int, uint64_t> named_barrier_uses;
 
 template <typename Kernel>
 void run_grid(Kernel kernel, const FwdParams& p, int grid, int threads, size_t smem_bytes) {
@@ -84,6 +88,12 @@ void run_grid(Kernel kernel, const FwdParams& p, int grid, int threads, size_t s
       });
     }
     for (auto& th : pool) th.join();
+    for (const auto& [id, bar] : cta.named.bars) {
+      named_barrier_uses[id] += bar.completed;
+      // A use left incomplete at exit: arrivals nobody waited for, which a later use would have miscounted.
+      if (bar.arrived != 0 && error.empty())
+        error = "named barrier " + std::to_string(id) + " left with " + std::to_string(bar.arrived) + " arrivals";
+    }
     TORCH_CHECK(error.empty(), "emulated kernel failed in CTA ", block, ": ", error);
     TORCH_CHECK(!stalled, "emulated kernel stalled in CTA ", block, ": ", emu::Stalled().what());
   }
@@ -148,23 +158,25 @@ void flash_fwd(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, co
   at::Tensor q_used;
   const FwdParams p = cp_attention::flash::make_fwd_params(op, d, q, k, v, out, lse, scale, causal, kv_mask,
                                                            accumulate, q_used);
-  TORCH_CHECK(kernel == "mma" || kernel == "sm90" || kernel == "sm90_tma",
-              "kernel must be 'mma', 'sm90' or 'sm90_tma', got '", kernel, "'");
+  const bool tma = kernel == "sm90_tma" || kernel == "sm90_tma_no_pingpong";
+  TORCH_CHECK(kernel == "mma" || kernel == "sm90" || tma,
+              "kernel must be 'mma', 'sm90', 'sm90_tma' or 'sm90_tma_no_pingpong', got '", kernel, "'");
   const bool sm90 = kernel != "mma";
   cp_attention::flash::Sm90TmaMaps maps;
   const cp_attention::flash::Sm90TmaMaps* use_maps = nullptr;
-  if (kernel == "sm90_tma") {
+  FwdParams pk = p;
+  pk.pingpong = kernel == "sm90_tma";  // as the CUDA op sets it for its TMA kernel
+  if (tma) {
     namespace fl = cp_attention::flash;
-    TORCH_CHECK(fl::encode_bshd_map(&maps.q, q_used) && fl::encode_bshd_map(&maps.k, k) &&
-                    fl::encode_bshd_map(&maps.v, v),
-                "the sm90_tma kernel needs q, k and v that TMA can address");
+    TORCH_CHECK(fl::encode_sm90_maps(maps, q_used, k, v), "the sm90_tma kernel needs q, k and v that TMA can address");
     use_maps = &maps;
   }
   late_copies_for_launch = late_copies;
-  if (q.scalar_type() == at::kHalf) sm90 ? dispatch_sm90<__half>(p, use_maps) : dispatch<__half>(p);
+  named_barrier_uses.clear();
+  if (q.scalar_type() == at::kHalf) sm90 ? dispatch_sm90<__half>(pk, use_maps) : dispatch<__half>(pk);
   else if (q.scalar_type() == at::kBFloat16)
-    sm90 ? dispatch_sm90<__nv_bfloat16>(p, use_maps) : dispatch<__nv_bfloat16>(p);
-  else run_f32(p);  // float32: the SIMT kernel, as the CUDA op dispatches
+    sm90 ? dispatch_sm90<__nv_bfloat16>(pk, use_maps) : dispatch<__nv_bfloat16>(pk);
+  else run_f32(pk);  // float32: the SIMT kernel, as the CUDA op dispatches
 }
 
 }  // namespace
@@ -172,6 +184,9 @@ void flash_fwd(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, co
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("flash_fwd", &flash_fwd,
         "the CUDA flash forward (kernel 'mma': the mma.sync one, 'sm90': the wgmma one, 'sm90_tma': the "
-        "warp-specialized wgmma one; float32 always takes the SIMT kernel), emulated on CPU tensors; "
+        "warp-specialized wgmma one, 'sm90_tma_no_pingpong': that one without turns between its compute "
+        "warpgroups; float32 always takes the SIMT kernel), emulated on CPU tensors; "
         "late_copies: cp.async and TMA copies land at their wait instead of at once");
+  m.def("named_barrier_uses", [] { return named_barrier_uses; },
+        "completed uses of each named barrier id (bar.sync / bar.arrive) over the CTAs of the last flash_fwd");
 }

@@ -22,6 +22,7 @@
 // encoder is in emulated_fwd.cpp), writes its box 128-byte swizzled with zeros outside the tensor, and
 // lands either at once or only when a thread waits on its barrier (the launch picks, as for cp.async).
 // wgmma.wait_group is warp-synchronous, so the whole warp's products are complete once any lane is past it.
+// Named barriers (bar.sync / bar.arrive with an id and a count) count threads per id as the ISA does.
 //
 // Included by the kernel header in place of its PTX wrappers when CP_ATTENTION_LANE_EMULATION is defined,
 // and by the emulation's own sources before any kernel header (cuda_utils.cuh needs the built-ins below).
@@ -128,6 +129,42 @@ struct MbarTable {
   bool broken = false;
 };
 
+// The named barriers of a CTA (bar.sync / bar.arrive with an id and a thread count): per id, the threads
+// counted in so far and the completed uses. Every use of an id must name the same count, as on the GPU.
+struct NamedBarriers {
+  struct Bar {
+    int threads = 0, arrived = 0;
+    uint64_t completed = 0;
+  };
+  std::mutex mu;
+  std::condition_variable cv;
+  std::map<int, Bar> bars;
+  bool broken = false;
+
+  // Counts this thread in at barrier id of `threads` threads; wait: then also waits for that use to complete.
+  void arrive(int id, int threads, bool wait) {
+    std::unique_lock<std::mutex> lock(mu);
+    if (broken) throw Stalled();
+    Bar& b = bars[id];
+    if (b.threads == 0) b.threads = threads;
+    if (b.threads != threads) throw std::runtime_error("a named barrier was used with two thread counts");
+    const uint64_t use = b.completed;
+    if (++b.arrived == threads) {
+      b.arrived = 0;
+      ++b.completed;
+      ++g_progress;
+      cv.notify_all();
+      return;
+    }
+    if (!wait) return;
+    if (!wait_with_progress(cv, lock, [&] { return b.completed != use || broken; })) broken = true;
+    if (broken) {
+      cv.notify_all();
+      throw Stalled();
+    }
+  }
+};
+
 // One CTA being emulated: its threads' barrier, its warps, its shared memory and its mbarriers.
 struct Cta {
   explicit Cta(int threads, unsigned char* smem_base, bool late_copies_)
@@ -137,6 +174,7 @@ struct Cta {
   unsigned char* smem;
   bool late_copies;  // cp.async and TMA copies land at their wait (else at once)
   MbarTable mbars;
+  NamedBarriers named;
 };
 
 inline thread_local Cta* tls_cta = nullptr;
@@ -458,40 +496,49 @@ inline void mbar_wait(uint32_t bar, uint32_t parity) {
   }
 }
 
-// The tensor map as this emulation encodes it (into the opaque CUtensorMap): a BSHD tensor's base, its
-// dims (D, H, S, B) and the byte strides of H, S and B; boxes of box_cols x 1 x box_rows x 1, 16-bit.
+// The tensor map as this emulation encodes it (into the opaque CUtensorMap): a 16-bit tensor's base, its
+// dims innermost first, the byte strides of dims 1-3, and the box (dims 1-3 of it: the box's rows).
 struct EmulatedTensorMap {
   const unsigned char* base;
   uint64_t dims[4];
   uint64_t strides[3];
-  uint32_t box_cols, box_rows;
+  uint32_t box[4];
 };
 
-// One box at (c0, c1, c2, c3) into shared memory at dst, 128-byte swizzled (row r of the box at r * 128
-// bytes, its 16-byte chunk j at chunk j ^ (r % 8)), elements outside the tensor zero; its bytes complete on
-// bar, at once or (late mode) when a thread first waits on bar.
+// One box at coordinates (c0 innermost .. c3) into shared memory at dst, as the copy engine lays it out:
+// dense in the map's dimension order, each 128-byte row of 64 elements (box[0] == 64) 128-byte swizzled
+// (its 16-byte chunk j at chunk j ^ (r % 8), r the row within the box), elements outside the tensor zero;
+// its bytes complete on bar, at once or (late mode) when a thread first waits on bar.
 inline void tma_load_4d(uint32_t dst, const void* map, uint32_t bar, int c0, int c1, int c2, int c3) {
   EmulatedTensorMap mp;
   std::memcpy(&mp, map, sizeof(mp));
-  if (mp.box_cols * 2 != 128 || dst % 1024 != 0)
+  if (mp.box[0] * 2 != 128 || dst % 1024 != 0)
     throw std::runtime_error("emulated TMA: 128-byte rows into 1024-byte aligned shared memory only");
   unsigned char* smem = tls_cta->smem;
   MbarTable* table = &tls_cta->mbars;
   auto land = [mp, dst, smem, table, bar, c0, c1, c2, c3] {
-    for (uint32_t r = 0; r < mp.box_rows; ++r) {
-      for (uint32_t j = 0; j < 8; ++j) {
-        for (uint32_t e = 0; e < 8; ++e) {
-          const int64_t col = c0 + 8 * j + e, row = c2 + static_cast<int64_t>(r);
-          uint16_t v = 0;
-          if (col >= 0 && col < static_cast<int64_t>(mp.dims[0]) && c1 >= 0 && c1 < static_cast<int64_t>(mp.dims[1]) &&
-              row >= 0 && row < static_cast<int64_t>(mp.dims[2]) && c3 >= 0 && c3 < static_cast<int64_t>(mp.dims[3]))
-            std::memcpy(&v, mp.base + col * 2 + c1 * mp.strides[0] + row * mp.strides[1] + c3 * mp.strides[2], 2);
-          std::memcpy(smem + dst + r * 128 + ((j ^ (r % 8)) * 16) + e * 2, &v, 2);
+    auto inside = [&](int dim, int64_t x) { return x >= 0 && x < static_cast<int64_t>(mp.dims[dim]); };
+    uint32_t r = 0;  // the row within the box
+    for (uint32_t i3 = 0; i3 < mp.box[3]; ++i3) {
+      for (uint32_t i2 = 0; i2 < mp.box[2]; ++i2) {
+        for (uint32_t i1 = 0; i1 < mp.box[1]; ++i1, ++r) {
+          const int64_t x1 = c1 + static_cast<int64_t>(i1), x2 = c2 + static_cast<int64_t>(i2),
+                        x3 = c3 + static_cast<int64_t>(i3);
+          const bool row_in = inside(1, x1) && inside(2, x2) && inside(3, x3);
+          for (uint32_t j = 0; j < 8; ++j) {
+            for (uint32_t e = 0; e < 8; ++e) {
+              const int64_t x0 = c0 + 8 * j + e;
+              uint16_t v = 0;
+              if (row_in && inside(0, x0))
+                std::memcpy(&v, mp.base + x0 * 2 + x1 * mp.strides[0] + x2 * mp.strides[1] + x3 * mp.strides[2], 2);
+              std::memcpy(smem + dst + r * 128 + ((j ^ (r % 8)) * 16) + e * 2, &v, 2);
+            }
+          }
         }
       }
     }
     Mbarrier& m = mbar_at(*table, bar);
-    m.tx -= static_cast<int64_t>(mp.box_rows) * 128;
+    m.tx -= static_cast<int64_t>(r) * 128;
     mbar_maybe_complete(*table, m);
   };
   std::lock_guard<std::mutex> lock(table->mu);
@@ -511,6 +558,16 @@ inline void tma_load_4d(uint32_t dst, const CUtensorMap* map, uint32_t bar, int 
 template <int kThreads>
 inline void cta_sync() {
   tls_cta->bar.arrive_and_wait();
+}
+
+// bar.sync kId, kThreads / bar.arrive kId, kThreads.
+template <int kId, int kThreads>
+inline void named_bar_sync() {
+  tls_cta->named.arrive(kId, kThreads, true);
+}
+template <int kId, int kThreads>
+inline void named_bar_arrive() {
+  tls_cta->named.arrive(kId, kThreads, false);
 }
 
 template <int N>
