@@ -12,6 +12,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _harness import environment, print_table  # noqa: E402
+from kernel_probe import FAILED as PROBE_FAILED  # noqa: E402
 
 
 def newest(out_dir: Path, prefix: str, since: str) -> dict | None:
@@ -57,9 +58,6 @@ def shard_counts(specs: list[str]) -> dict:
             total[k] += counts.get(k, 0)
         shards[name] = counts
     return {**total, "complete": complete, "shards": shards}
-
-
-PROBE_FAILED = ("FAIL", "FAULT", "CRASH", "HANG", "ERROR")  # kernel_probe.FAILED
 
 
 def probe_summary(probe: dict) -> dict:

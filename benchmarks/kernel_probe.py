@@ -229,43 +229,24 @@ def _poison_allocator(torch, shapes_dtypes) -> None:
     del blocks
 
 
-def _max_err(got, ref, valid) -> float:
-    """max |got - ref| over the valid entries; NaN counts as infinitely wrong."""
-    import torch
-    diff = (got.detach().cpu().double() - ref).abs()
-    diff = torch.where(torch.isnan(diff), math.inf, diff)
-    diff = torch.where(valid, diff, 0.0)
-    return float(diff.max()) if diff.numel() else 0.0
-
-
 def _compare(out, lse, q, k, v, causal, kv_mask) -> tuple[list[str], float, float]:
-    """Problems (empty: right) and the max errors of out and lse, by the rules of tests/reference.py."""
+    """Problems (empty: right) by the tests' own check (tests/reference.py: the contract for empty rows, no
+    NaN, the tolerance rule), and the max errors of out and lse against the float64 reference."""
     import torch
-    from reference import assert_close_to_ref, attention_ref, same_dtype_math_path
+    from reference import _max_abs_err, attention_ref, check_attention
 
+    problems = []
+    try:
+        check_attention(out, lse, q, k, v, None, causal, kv_mask)
+    except AssertionError as exc:
+        problems.append(str(exc))
     B, Sq, H, D = q.shape
     ref_out, ref_lse = attention_ref(q, k, v, None, causal, kv_mask)
-    base_out, base_lse = same_dtype_math_path(q, k, v, None, causal, kv_mask)
-    empty = torch.isneginf(ref_lse)
-    empty_bshd = empty.transpose(1, 2)[..., None].expand(B, Sq, H, D)
-    out_c, lse_c = out.detach().cpu(), lse.detach().cpu()
-    problems = []
-    if tuple(out_c.shape) != (B, Sq, H, D) or tuple(lse_c.shape) != (B, H, Sq):
-        return [f"shapes out {list(out_c.shape)}, lse {list(lse_c.shape)}"], math.inf, math.inf
-    for name, t in (("out", out_c), ("lse", lse_c)):
-        if torch.isnan(t).any():
-            problems.append(f"{name} has {int(torch.isnan(t).sum())} NaN")
-    if not (out_c[empty_bshd] == 0).all():
-        problems.append("rows that see no key must give out 0")
-    if not torch.isneginf(lse_c[empty]).all():
-        problems.append("rows that see no key must give lse -inf")
-    for name, got, ref, base, valid in (("out", out_c, ref_out, base_out, ~empty_bshd),
-                                        ("lse", lse_c, ref_lse, base_lse, ~empty)):
-        try:
-            assert_close_to_ref(name, got, ref, base, q.dtype, valid)
-        except AssertionError as exc:
-            problems.append(str(exc))
-    return problems, _max_err(out_c, ref_out, ~empty_bshd), _max_err(lse_c, ref_lse, ~empty)
+    if tuple(out.shape) != (B, Sq, H, D) or tuple(lse.shape) != (B, H, Sq):
+        return problems, math.inf, math.inf
+    sees_keys = ~torch.isneginf(ref_lse)
+    sees_keys_bshd = sees_keys.transpose(1, 2)[..., None].expand(B, Sq, H, D)
+    return problems, _max_abs_err(out, ref_out, sees_keys_bshd)[0], _max_abs_err(lse, ref_lse, sees_keys)[0]
 
 
 def _run_case(case: Case, variant: Variant, device: str) -> dict:
