@@ -13,6 +13,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _harness import environment, print_table  # noqa: E402
 from kernel_probe import FAILED as PROBE_FAILED  # noqa: E402
+from kernel_probe import _fmt_err  # noqa: E402
 
 
 def newest(out_dir: Path, prefix: str, since: str) -> dict | None:
@@ -66,7 +67,7 @@ def probe_summary(probe: dict) -> dict:
     rows = [{k: r.get(k) for k in ("variant", "verdict", "cases", "out_err", "lse_err", "seconds", "note")}
             for r in probe["rows"]]
     print(f"kernel probe ({probe['_file']})")
-    print_table([{**r, "out_err": _err(r["out_err"]), "lse_err": _err(r["lse_err"])} for r in rows],
+    print_table([{**r, "out_err": _fmt_err(r["out_err"]), "lse_err": _fmt_err(r["lse_err"])} for r in rows],
                 [("variant", "variant", ""), ("verdict", "verdict", ""), ("cases ok", "cases", ""),
                  ("max out err", "out_err", ""), ("max lse err", "lse_err", ""), ("s", "seconds", ".1f"),
                  ("note", "note", "")])
@@ -77,10 +78,6 @@ def probe_summary(probe: dict) -> dict:
         print(f"  benchmarks skipped {name}: {reasons.get(name, '')} failed")
     failed = [r["variant"] for r in rows if r["verdict"] in PROBE_FAILED]
     return {"file": probe["_file"], "rows": rows, "pins": pins, "skip_bench": skip, "failed": failed}
-
-
-def _err(x) -> str:
-    return "-" if x is None else f"{x:.3g}"
 
 
 def main() -> None:

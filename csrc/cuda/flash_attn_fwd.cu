@@ -6,14 +6,14 @@
 //
 // float16 / bfloat16 run on tensor cores: on sm_90 devices (when the build holds sm_90a code) at D <= 64
 // and 96 < D <= 128 (compiled for 64 and 128) through a wgmma kernel, the warp-specialized one that loads by
-// TMA (flash_fwd_sm90_tma_kernel.cuh) where q, k and v have tensor maps (flash_fwd_tma.h: aligned
-// layouts of BSHD or BHSD memory), else the one that loads by cp.async (flash_fwd_sm90_kernel.cuh); elsewhere through the mma.sync
-// kernel with the head dim compiled for 32, 64, 96, 128 and 256 (other D are zero-padded up to the next of
-// these inside the kernels); float32 runs on a SIMT kernel. The environment variable
-// CP_ATTENTION_CUDA_FWD_KERNEL, read per call, overrides the choice: "mma" forces the mma.sync kernel,
-// "sm90" the cp.async wgmma one, "sm90_tma" the TMA one (an error where it cannot run), "sm90_tma_no_pingpong"
-// the TMA one with its compute warpgroups issuing without turns (to measure what the turns buy), "auto" or
-// unset chooses as above.
+// TMA (flash_fwd_sm90_tma_kernel.cuh) where q, k and v have tensor maps (flash_fwd_tma.h: aligned layouts
+// of BSHD or BHSD memory), else the one that loads by cp.async (flash_fwd_sm90_kernel.cuh); elsewhere
+// through the mma.sync kernel with the head dim compiled for 32, 64, 96, 128 and 256 (other D are
+// zero-padded up to the next of these inside the kernels); float32 runs on a SIMT kernel. The environment
+// variable CP_ATTENTION_CUDA_FWD_KERNEL, read per call, overrides the choice: "mma" forces the mma.sync
+// kernel, "sm90" the cp.async wgmma one, "sm90_tma" the TMA one (an error where it cannot run),
+// "sm90_tma_no_pingpong" the TMA one with its compute warpgroups issuing without turns (to measure what the
+// turns buy), "auto" or unset chooses as above.
 #include <ATen/MemoryOverlap.h>
 #include <ATen/core/Tensor.h>
 #include <ATen/cuda/CUDAContext.h>
@@ -67,8 +67,8 @@ FwdKernel choose_kernel(const char* op, const FwdParams& p, const at::Tensor& q,
   const char* knob = std::getenv("CP_ATTENTION_CUDA_FWD_KERNEL");
   auto is = [&](const char* name) { return knob != nullptr && std::strcmp(knob, name) == 0; };
   const bool no_pingpong = is("sm90_tma_no_pingpong");
-  TORCH_CHECK_VALUE(knob == nullptr || *knob == 0 || is("auto") || is("mma") || is("sm90") || is("sm90_tma") ||
-                        no_pingpong,
+  const bool tma_forced = is("sm90_tma") || no_pingpong;
+  TORCH_CHECK_VALUE(knob == nullptr || *knob == 0 || is("auto") || is("mma") || is("sm90") || tma_forced,
                     op, ": CP_ATTENTION_CUDA_FWD_KERNEL must be auto, mma, sm90, sm90_tma or sm90_tma_no_pingpong, ",
                     "got '", knob, "'");
   if (is("mma")) return FwdKernel::kMma;
@@ -76,7 +76,7 @@ FwdKernel choose_kernel(const char* op, const FwdParams& p, const at::Tensor& q,
   const bool head_dim = flash::sm90_head_dim(p.D) != 0;
   const bool device = at::cuda::getCurrentDeviceProperties()->major == 9;
   const bool sm90 = built && head_dim && device;
-  if (is("sm90") || is("sm90_tma") || no_pingpong) {
+  if (is("sm90") || tma_forced) {
     TORCH_CHECK_VALUE(sm90, op, ": CP_ATTENTION_CUDA_FWD_KERNEL=", knob,
                       " needs a build with sm_90a code (this one: '", CP_ATTENTION_CUDA_ARCHS,
                       "'), an sm_90 device and D <= 64 or 96 < D <= 128 (got D=", p.D, ")");
@@ -84,7 +84,7 @@ FwdKernel choose_kernel(const char* op, const FwdParams& p, const at::Tensor& q,
   if (is("sm90")) return FwdKernel::kSm90;
   // Tensor maps are encoded only where the TMA kernel may run; Sk == 0 (no key to load) keeps the other.
   const bool tma = sm90 && p.Sk > 0 && flash::encode_sm90_maps(maps, q, k, v);
-  if (is("sm90_tma") || no_pingpong) {
+  if (tma_forced) {
     TORCH_CHECK_VALUE(tma, op, ": CP_ATTENTION_CUDA_FWD_KERNEL=", knob, " needs q, k and v that TMA can address: ",
                       "16-byte aligned, D a multiple of 8, strides that are multiples of 16 bytes, B outermost, ",
                       "no overlap, and Sk > 0");

@@ -197,7 +197,7 @@ __global__ void __launch_bounds__(Sm90TmaTiles<kD>::kThreads, 1)
     if (tid == 0 && n_blocks > 0) {
       const int hk = h / p.group;
       // The boxes of a tile: rows [row, row + 128) of one head, its 64-column panels one after another.
-      auto load_tile = [&](uint32_t dst, uint32_t panel_bytes, const CUtensorMap* map, uint32_t which,
+      auto load_boxes = [&](uint32_t dst, uint32_t panel_bytes, const CUtensorMap* map, uint32_t which,
                            uint32_t bar, int head, int row) {
         const bool s_inner = (maps.s_inner & which) != 0;
 #pragma unroll
@@ -207,14 +207,14 @@ __global__ void __launch_bounds__(Sm90TmaTiles<kD>::kThreads, 1)
         }
       };
       mbar_arrive_expect_tx(q_full, Tt::kQBytes);
-      load_tile(sQ_u, Tl::kQPanelBytes, &maps.q, Sm90TmaMaps::kQ, q_full, h, m0);
+      load_boxes(sQ_u, Tl::kQPanelBytes, &maps.q, Sm90TmaMaps::kQ, q_full, h, m0);
       for (int n = 0; n < n_blocks; ++n) {
         const int st = n % kStages;
         if (n >= kStages) mbar_wait(empty(st), ((n / kStages) - 1) & 1);
         mbar_arrive_expect_tx(k_full(st), Tt::kKVBytes);
-        load_tile(k_stage(st), Tl::kKVPanelBytes, &maps.k, Sm90TmaMaps::kK, k_full(st), hk, n * kBlockN);
+        load_boxes(k_stage(st), Tl::kKVPanelBytes, &maps.k, Sm90TmaMaps::kK, k_full(st), hk, n * kBlockN);
         mbar_arrive_expect_tx(v_full(st), Tt::kKVBytes);
-        load_tile(v_stage(st), Tl::kKVPanelBytes, &maps.v, Sm90TmaMaps::kV, v_full(st), hk, n * kBlockN);
+        load_boxes(v_stage(st), Tl::kKVPanelBytes, &maps.v, Sm90TmaMaps::kV, v_full(st), hk, n * kBlockN);
       }
     }
     // The epilogue's two barriers; every copy has been consumed once the compute warpgroups reach them.

@@ -18,7 +18,6 @@
 namespace cp_attention {
 namespace flash {
 
-
 // The geometry of a BSHD tensor as a 4-D map, innermost first: D, then H and S in the order of their
 // strides, then B. BSHD memory gives (D, H, S, B); BHSD memory seen as BSHD (x.transpose(1, 2) of a
 // contiguous [B, H, S, D] tensor, what the SDPA layout hands over) gives (D, S, H, B), s_inner. Filled only
