@@ -14,6 +14,7 @@ import math
 import os
 import platform
 import re
+import signal
 import statistics
 import subprocess
 import time
@@ -325,6 +326,40 @@ def warn_if_busy() -> float | None:
         print(f"warning: other processes keep {busy:.1f} of {os.cpu_count()} CPUs busy; "
               "timings may be inflated")
     return busy
+
+
+# ------------------------------------------------------------------------------------- time limits
+# The exit status of a benchmark cut short by SIGTERM: the one `timeout` reports for a command it stopped.
+TIME_UP_EXIT = 124
+
+
+class TimeUp(BaseException):
+    """SIGTERM arrived while measure_rows was measuring. A BaseException, like KeyboardInterrupt, so that the
+    `except Exception` of a benchmark recording one failed call does not swallow it."""
+
+
+def _raise_time_up(signum, frame):
+    raise TimeUp
+
+
+def measure_rows(name: str, produce: Callable[[list], object]) -> tuple[list, bool]:
+    """Runs produce(rows), which appends each result row as soon as it is measured, under inference mode.
+    SIGTERM (what `timeout` sends when a step of gpu_check.sh reaches its limit) stops it between Python
+    bytecodes instead of ending the process, so a benchmark cut short still prints and writes the rows it
+    has. Returns (rows, cut short); a caller that was cut short marks its JSON partial and exits with
+    TIME_UP_EXIT. The usual handler is back once this returns: a second SIGTERM ends the process."""
+    rows: list = []
+    previous = signal.signal(signal.SIGTERM, _raise_time_up)
+    try:
+        with torch.inference_mode():
+            produce(rows)
+    except TimeUp:
+        print(f"{name}: stopped by SIGTERM (its time limit) with {len(rows)} rows measured; reporting those",
+              flush=True)
+        return rows, True
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+    return rows, False
 
 
 # ------------------------------------------------------------------------------------------ output

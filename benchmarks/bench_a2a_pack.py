@@ -16,10 +16,12 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _harness import (  # noqa: E402
     DTYPES,
+    TIME_UP_EXIT,
     apply_common,
     gbps,
     geomean,
     make_parser,
+    measure_rows,
     parse_dtypes,
     print_table,
     time_interleaved,
@@ -135,11 +137,12 @@ def main() -> None:
     timing = timing_from_args(args, warmup=2, budget_s=(0.05, 0.5), min_iters=(3, 10))
     print(f"bench_a2a_pack: Ulysses pack/unpack ops vs permute+contiguous on {device}, "
           f"{torch.get_num_threads()} threads")
-    rows = []
-    with torch.inference_mode():
+    def produce(rows: list[dict]) -> None:
         for dtype in dtypes:
             for shape in shapes_for(args.quick, device):
                 rows += bench_shape(shape, dtype, device, timing)
+
+    rows, cut_short = measure_rows("bench_a2a_pack", produce)
     print()
     print_table(rows, [("dtype", "dtype", ""), ("shape", "shape", ""), ("P", "P", "d"), ("op", "op", ""),
                        ("MB", "MB", ".1f"), ("ours GB/s", "ours_gbps", ".1f"),
@@ -150,8 +153,10 @@ def main() -> None:
     print("speedup over the torch route (geomean): "
           + ", ".join(f"{k} {v:.2f}x" for k, v in summary.items()))
     if not args.no_json:
-        extra = {"args": vars(args), "timing": timing, "summary": summary}
+        extra = {"args": vars(args), "timing": timing, "summary": summary, "partial": cut_short}
         write_json("a2a_pack", rows, extra, device=device, out_dir=args.out_dir, tmp=args.quick)
+    if cut_short:
+        sys.exit(TIME_UP_EXIT)
 
 
 if __name__ == "__main__":

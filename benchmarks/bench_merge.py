@@ -20,9 +20,11 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _harness import (  # noqa: E402
     DTYPES,
+    TIME_UP_EXIT,
     apply_common,
     gbps,
     make_parser,
+    measure_rows,
     parse_dtypes,
     print_table,
     time_interleaved,
@@ -126,8 +128,7 @@ def main() -> None:
     timing = timing_from_args(args, warmup=3, budget_s=(0.05, 0.5), min_iters=(3, 10))
     backends = list(our_backends(device))
     print(f"bench_merge: merge ops {backends} vs plain torch on {device}, {torch.get_num_threads()} threads")
-    rows = []
-    with torch.inference_mode():
+    def produce(rows: list[dict]) -> None:
         for dtype in dtypes:
             for shape in shapes_for(args.quick, device):
                 row = bench_shape(shape, dtype, device, timing)
@@ -136,6 +137,8 @@ def main() -> None:
                     f"{b} {row[f'{b}_gbps']:.1f} / in place {row[f'{b}_inplace_gbps']:.1f} GB/s "
                     f"({row[f'{b}_inplace_pct_copy']:.0f}% of copy)" for b in backends)
                     + f"; torch {row['torch_gbps']:.1f}, copy {row['copy_gbps']:.1f} GB/s", flush=True)
+
+    rows, cut_short = measure_rows("bench_merge", produce)
     columns = [("dtype", "dtype", ""), ("shape", "shape", ""), ("MB", "MB", ".1f")]
     for b in backends:
         columns += [(f"{b} GB/s", f"{b}_gbps", ".1f"), (f"{b} in-place GB/s", f"{b}_inplace_gbps", ".1f"),
@@ -145,8 +148,10 @@ def main() -> None:
     print()
     print_table(rows, columns)
     if not args.no_json:
-        write_json("merge", rows, {"args": vars(args), "timing": timing, "backends": backends}, device=device,
-                   out_dir=args.out_dir, tmp=args.quick)
+        write_json("merge", rows, {"args": vars(args), "timing": timing, "backends": backends,
+                                   "partial": cut_short}, device=device, out_dir=args.out_dir, tmp=args.quick)
+    if cut_short:
+        sys.exit(TIME_UP_EXIT)
 
 
 if __name__ == "__main__":

@@ -17,13 +17,22 @@
 #   benchmarks/gpu_check.sh [--dry-run] [--out-dir DIR] [--python PY]
 #
 # Every step has a time limit (seconds; GPU_CHECK_BUILD_S, GPU_CHECK_PROBE_S per probed variant,
-# GPU_CHECK_TESTS_S, GPU_CHECK_BENCH_S) so one slow or hung step still leaves the others' results; the tests
-# stop with SIGINT, which pytest answers with its summary and the JUnit file of what ran.
+# GPU_CHECK_TESTS_S, GPU_CHECK_BENCH_S per benchmark script) so one slow or hung step still leaves the others'
+# results; the tests stop with SIGINT, which pytest answers with its summary and the JUnit file of what ran,
+# and a benchmark stopped by SIGTERM writes the rows it measured, marked partial. The whole check has a
+# budget too, GPU_CHECK_TOTAL_S (default 480 on a GPU, the 8 minutes it is meant to take; none for --dry-run
+# unless given; 0 = none): each step's limit is cut to what is left of it once the steps after it have
+# kept their share (GPU_CHECK_BENCH_KEEP_S, default 150, for the benchmarks; 20 s for the summary), and a
+# step left with under 10 s is skipped, which fails the check. So a slow build or test run still leaves
+# the benchmarks and the summary their time.
 set -uo pipefail
 BUILD_S="${GPU_CHECK_BUILD_S:-240}"
 PROBE_S="${GPU_CHECK_PROBE_S:-90}"
 TESTS_S="${GPU_CHECK_TESTS_S:-300}"
 BENCH_S="${GPU_CHECK_BENCH_S:-180}"
+BENCH_KEEP_S="${GPU_CHECK_BENCH_KEEP_S:-150}"
+SUMMARY_KEEP_S=20
+MIN_STEP_S=10
 
 DRY=0
 OUT_DIR=""
@@ -34,11 +43,19 @@ while [ $# -gt 0 ]; do
     --out-dir) OUT_DIR="$2"; shift ;;
     --out-dir=*) OUT_DIR="${1#*=}" ;;
     --python) PY="$2"; shift ;;
-    -h|--help) sed -n '2,17p' "$0"; exit 0 ;;
+    -h|--help) sed -n '2,27p' "$0"; exit 0 ;;
     *) echo "gpu_check.sh: unknown argument $1" >&2; exit 2 ;;
   esac
   shift
 done
+
+if [ "$DRY" -eq 0 ]; then TOTAL_S="${GPU_CHECK_TOTAL_S:-480}"; else TOTAL_S="${GPU_CHECK_TOTAL_S:-0}"; fi
+for knob in BUILD_S PROBE_S TESTS_S BENCH_S BENCH_KEEP_S TOTAL_S; do
+  if ! [[ "${!knob}" =~ ^[0-9]+$ ]]; then
+    echo "gpu_check.sh: GPU_CHECK_$knob must be a whole number of seconds, got '${!knob}'" >&2; exit 2
+  fi
+done
+T0="$(date +%s)"
 
 ROOT="$(cd "$(dirname "$0")/.." && pwd)"
 cd "$ROOT"
@@ -59,6 +76,20 @@ run_to() {  # run_to FILE CMD...: logs CMD and its output, a copy of the output 
   return "$rc"
 }
 run() { run_to /dev/null "$@"; }  # run CMD...: the same without the copy
+# within LIMIT KEEP: the time limit of a step whose own limit is LIMIT seconds, cut to what is left of
+# GPU_CHECK_TOTAL_S once KEEP seconds are kept for the steps after it; 0 when under MIN_STEP_S would be left.
+within() {
+  local limit="$1"
+  if [ "$TOTAL_S" -gt 0 ]; then
+    local left=$(( T0 + TOTAL_S - $(date +%s) - $2 ))
+    [ "$left" -lt "$limit" ] && limit="$left"
+  fi
+  if [ "$limit" -lt "$MIN_STEP_S" ]; then echo 0; else echo "$limit"; fi
+}
+out_of_time() {  # out_of_time WHAT: a step skipped for want of time, which fails the check
+  echo "skipped $1: under ${MIN_STEP_S}s left of GPU_CHECK_TOTAL_S=${TOTAL_S}s" | tee -a "$LOG"
+  STATUS=1
+}
 
 step "environment"
 run "$PY" - <<'EOF'
@@ -88,7 +119,10 @@ step "build"
 if [ "$DRY" -eq 0 ]; then
   ARCH="$("$PY" -c "import torch; M, m = torch.cuda.get_device_capability(); print(f'{M}.{m}' + ('a' if M >= 9 else ''))")"
   echo "building for compute capability $ARCH" | tee -a "$LOG"
-  CP_ATTENTION_CUDA_ARCHS="$ARCH" MAX_JOBS="$(nproc)" run timeout "$BUILD_S" "$PY" setup.py build_ext --inplace -q \
+  # Nothing runs without the extension: the build may use all but the benchmarks' and the summary's share.
+  LIMIT="$(within "$BUILD_S" $((BENCH_KEEP_S + SUMMARY_KEEP_S)))"
+  [ "$LIMIT" -gt 0 ] || { out_of_time build; exit 1; }
+  CP_ATTENTION_CUDA_ARCHS="$ARCH" MAX_JOBS="$(nproc)" run timeout "$LIMIT" "$PY" setup.py build_ext --inplace -q \
     || { echo "build failed: see $LOG"; exit 1; }
 else
   # The CPU parts of the build that CI already checks; reuse an existing build when there is one.
@@ -102,7 +136,12 @@ run "$PY" -c "import cp_attention, json; print(json.dumps(cp_attention.build_inf
 step "error paths"
 # A rejected argument must raise, on every device, in a process of its own so that a crash shows as one.
 for dev in cpu $([ "$DRY" -eq 0 ] && echo cuda); do
-  run "$PY" -X faulthandler "$ROOT/benchmarks/error_paths.py" "$dev"
+  LIMIT="$(within 60 $((BENCH_KEEP_S + SUMMARY_KEEP_S)))"
+  if [ "$LIMIT" -gt 0 ]; then
+    run timeout -k 10 "$LIMIT" "$PY" -X faulthandler "$ROOT/benchmarks/error_paths.py" "$dev"
+  else
+    out_of_time "error paths on $dev"
+  fi
 done
 
 step "kernel probe"
@@ -116,8 +155,16 @@ PIN_ENV=()
 SKIP_BENCH=()
 PROBE_OUT="$OUT_DIR/kernel_probe-$STAMP.out"
 if [ "$DRY" -eq 0 ]; then PROBE_DEV=cuda; else PROBE_DEV=cpu; fi
-run_to "$PROBE_OUT" timeout -k 10 "$((PROBE_S + 60))" "$PY" benchmarks/kernel_probe.py --device "$PROBE_DEV" \
-  --timeout "$PROBE_S" --out-dir "$OUT_DIR"
+# Each variant gets PROBE_S; the probe as a whole 60 s more (starting processes, reporting).
+LIMIT="$(within $((PROBE_S + 60)) $((BENCH_KEEP_S + SUMMARY_KEEP_S)))"
+if [ "$LIMIT" -gt 0 ]; then
+  VARIANT_S=$(( LIMIT - 60 < PROBE_S ? LIMIT - 60 : PROBE_S ))
+  [ "$VARIANT_S" -lt "$MIN_STEP_S" ] && VARIANT_S="$MIN_STEP_S"
+  run_to "$PROBE_OUT" timeout -k 10 "$LIMIT" "$PY" benchmarks/kernel_probe.py --device "$PROBE_DEV" \
+    --timeout "$VARIANT_S" --out-dir "$OUT_DIR"
+else
+  out_of_time "kernel probe"
+fi
 while read -r tag what reason; do
   case "$tag" in
     PIN)
@@ -147,17 +194,21 @@ SHARD_NAMES=()
 SHARD_PIDS=()
 if [ "$DRY" -eq 0 ]; then N_SHARDS=9; else N_SHARDS=1; fi
 SHARD_THREADS=$(( ($(nproc) + N_SHARDS - 1) / N_SHARDS ))
+# The shards stop at SIGINT, and are killed 30 s later if they have not ended: that margin is kept too.
+TESTS_LIMIT="$(within "$TESTS_S" $((BENCH_KEEP_S + SUMMARY_KEEP_S + 30)))"
 shard() {  # shard NAME PYTEST_ARGS...: starts one pytest process in the background, with the probe's pins
   local name="$1"; shift
   local junit="$OUT_DIR/gpu_check-tests-$STAMP-$name.xml"
   local pins=("${PIN_ENV[@]}")
   case "$name" in cuda_ops|triton) pins=() ;; esac  # they force each kernel: the failure must show there
-  ( env "${pins[@]}" OMP_NUM_THREADS="$SHARD_THREADS" timeout -s INT -k 30 "$TESTS_S" "$PY" -m pytest -q \
+  ( env "${pins[@]}" OMP_NUM_THREADS="$SHARD_THREADS" timeout -s INT -k 30 "$TESTS_LIMIT" "$PY" -m pytest -q \
       -rfE -p no:cacheprovider --junitxml="$junit" "$@" >"$OUT_DIR/gpu_check-tests-$STAMP-$name.log" 2>&1 ) &
   SHARD_NAMES+=("$name")
   SHARD_PIDS+=("$!")
 }
-if [ "$DRY" -eq 0 ]; then
+if [ "$TESTS_LIMIT" -eq 0 ]; then
+  out_of_time tests
+elif [ "$DRY" -eq 0 ]; then
   OURS="cuda-cuda or cuda-triton"
   # This shard once died of a SIGSEGV and took its report with it. Under pytest-xdist (one worker) a crash
   # fails only the test that crashed: the controller writes the report and starts a new worker.
@@ -208,10 +259,21 @@ fi
 for kv in "${PIN_ENV[@]}"; do export "$kv"; done
 SKIP=()
 if [ "${#SKIP_BENCH[@]}" -gt 0 ]; then SKIP=(--skip-backends "$(IFS=,; echo "${SKIP_BENCH[*]}")"); fi
-run timeout -k 10 "$BENCH_S" "$PY" benchmarks/bench_flash_fwd.py "${DEV[@]}" "${QUICK[@]}" "${SKIP[@]}" \
-  --out-dir "$OUT_DIR"
-run timeout -k 10 "$BENCH_S" "$PY" benchmarks/bench_merge.py "${DEV[@]}" "${QUICK[@]}" --out-dir "$OUT_DIR"
-run timeout -k 10 "$BENCH_S" "$PY" benchmarks/bench_a2a_pack.py "${DEV[@]}" "${QUICK[@]}" --dtypes bfloat16 --out-dir "$OUT_DIR"
+# bench NAME KEEP ARGS...: one benchmark script, stopped by SIGTERM at its limit (it then writes what it
+# measured); of the benchmarks' share, the forward keeps a third for the two after it, the merge a sixth.
+bench() {
+  local name="$1" keep="$2"; shift 2
+  local limit
+  limit="$(within "$BENCH_S" $((keep + SUMMARY_KEEP_S)))"
+  if [ "$limit" -gt 0 ]; then
+    run timeout -k 10 "$limit" "$PY" "benchmarks/$name.py" "${DEV[@]}" "${QUICK[@]}" "$@" --out-dir "$OUT_DIR"
+  else
+    out_of_time "$name"
+  fi
+}
+bench bench_flash_fwd $((BENCH_KEEP_S / 3)) "${SKIP[@]}"
+bench bench_merge $((BENCH_KEEP_S / 6))
+bench bench_a2a_pack 0 --dtypes bfloat16
 
 step "summary"
 run "$PY" benchmarks/gpu_check_summary.py --out-dir "$OUT_DIR" --since "$STAMP" "${JUNIT_ARGS[@]}" \

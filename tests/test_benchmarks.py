@@ -7,6 +7,7 @@ from __future__ import annotations
 import json
 import os
 import re
+import signal
 import subprocess
 import sys
 import time
@@ -220,3 +221,77 @@ def test_flash_bench_variant_sets_and_restores_kernel_choice(monkeypatch):
             assert os.environ.get(key) == before
         with bench_flash_fwd._context("cuda")():
             assert os.environ.get(key) == before
+
+
+def test_measure_rows_stops_at_sigterm(monkeypatch):
+    # SIGTERM (a step's time limit in gpu_check.sh) ends the measuring, not the process: the rows measured
+    # before it are kept, none after, and the usual handler is back afterwards.
+    monkeypatch.syspath_prepend(os.path.join(ROOT, "benchmarks"))
+    import _harness
+
+    before = signal.getsignal(signal.SIGTERM)
+
+    def produce(rows):
+        rows.append({"shape": 1})
+        os.kill(os.getpid(), signal.SIGTERM)
+        time.sleep(5)  # the handler runs at the next bytecode, so this sleep is cut short
+        rows.append({"shape": 2})
+
+    t0 = time.monotonic()
+    rows, cut_short = _harness.measure_rows("test", produce)
+    assert (rows, cut_short) == ([{"shape": 1}], True) and time.monotonic() - t0 < 4
+    assert signal.getsignal(signal.SIGTERM) is before
+    assert _harness.measure_rows("test", lambda rows: rows.append(3)) == ([3], False)
+
+
+def test_benchmark_cut_short_reports_what_it_measured(tmp_path):
+    # A forward benchmark stopped by SIGTERM after its first shape prints and writes that row, marked
+    # partial, and exits as `timeout` reports a stopped command; the GPU check's summary then names the
+    # result partial and fails.
+    out_dir = tmp_path / "out"
+    stamp = time.strftime("%Y%m%dT%H%M%SZ", time.gmtime(time.time() - 1))
+    script = os.path.join(ROOT, "benchmarks", "bench_flash_fwd.py")
+    proc = subprocess.Popen([sys.executable, script, "--quick", "--out-dir", str(out_dir)],
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, cwd=ROOT)
+    seen = []
+    try:
+        for line in proc.stdout:
+            seen.append(line)
+            if re.match(r"  \S+ B=\d+ H=\d+ D=\d+ S=\d+: ", line):
+                proc.send_signal(signal.SIGTERM)
+                break
+        rest, _ = proc.communicate(timeout=120)
+    finally:
+        proc.kill()
+    text = "".join(seen) + rest
+    assert proc.returncode == 124, text[-3000:]
+    assert "bench_flash_fwd: stopped by SIGTERM (its time limit) with 1 rows measured" in text, text[-3000:]
+    (result,) = out_dir.glob("flash_fwd-*.json")
+    payload = json.loads(result.read_text())
+    assert payload["partial"] is True and len(payload["rows"]) == 1, payload["rows"]
+
+    summary = subprocess.run([sys.executable, os.path.join(ROOT, "benchmarks", "gpu_check_summary.py"),
+                              "--out-dir", str(out_dir), "--since", stamp, "--dry-run"],
+                             capture_output=True, text=True, timeout=120, cwd=ROOT)
+    assert summary.returncode == 1
+    assert "partial results (a benchmark stopped at its time limit" in summary.stdout, summary.stdout
+    assert "'flash_fwd'" in summary.stdout.split("partial results")[1]
+
+
+def test_gpu_check_keeps_to_its_total_budget(tmp_path):
+    # With the whole budget spent at the start, every step after the build is skipped and says so, the
+    # summary still runs, and the check fails.
+    env = {**os.environ, "GPU_CHECK_TOTAL_S": "1"}
+    cmd = ["bash", os.path.join(ROOT, "benchmarks", "gpu_check.sh"), "--dry-run", "--python", sys.executable,
+           "--out-dir", str(tmp_path)]
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=300, cwd=ROOT, env=env)
+    assert proc.returncode == 1, proc.stdout[-3000:]
+    for step in ("error paths on cpu", "kernel probe", "tests", "bench_flash_fwd", "bench_merge",
+                 "bench_a2a_pack"):
+        assert f"skipped {step}: under 10s left of GPU_CHECK_TOTAL_S=1s" in proc.stdout, (step, proc.stdout)
+    assert "=== summary" in proc.stdout and "missing results" in proc.stdout
+    assert "gpu_check: FAIL" in proc.stdout
+
+    bad = subprocess.run(cmd, capture_output=True, text=True, timeout=60, cwd=ROOT,
+                         env={**env, "GPU_CHECK_TOTAL_S": "8m"})
+    assert bad.returncode == 2 and "GPU_CHECK_TOTAL_S must be a whole number of seconds" in bad.stderr
