@@ -22,9 +22,10 @@
 # and a benchmark stopped by SIGTERM writes the rows it measured, marked partial. The whole check has a
 # budget too, GPU_CHECK_TOTAL_S (default 480 on a GPU, the 8 minutes it is meant to take; none for --dry-run
 # unless given; 0 = none): each step's limit is cut to what is left of it once the steps after it have
-# kept their share (GPU_CHECK_BENCH_KEEP_S, default 150, for the benchmarks; 20 s for the summary), and a
-# step left with under 10 s is skipped, which fails the check. So a slow build or test run still leaves
-# the benchmarks and the summary their time.
+# kept their share (60 s for the kernel probe, GPU_CHECK_BENCH_KEEP_S, default 150, for the benchmarks, 20 s
+# for the summary), and a step left with under 10 s is skipped, which fails the check. So a slow build or
+# test run still leaves the probe (which guards the benchmarks against a kernel that hangs), the
+# benchmarks and the summary their time.
 set -uo pipefail
 BUILD_S="${GPU_CHECK_BUILD_S:-240}"
 PROBE_S="${GPU_CHECK_PROBE_S:-90}"
@@ -32,6 +33,7 @@ TESTS_S="${GPU_CHECK_TESTS_S:-300}"
 BENCH_S="${GPU_CHECK_BENCH_S:-180}"
 BENCH_KEEP_S="${GPU_CHECK_BENCH_KEEP_S:-150}"
 SUMMARY_KEEP_S=20
+PROBE_KEEP_S=60
 MIN_STEP_S=10
 
 DRY=0
@@ -43,7 +45,7 @@ while [ $# -gt 0 ]; do
     --out-dir) OUT_DIR="$2"; shift ;;
     --out-dir=*) OUT_DIR="${1#*=}" ;;
     --python) PY="$2"; shift ;;
-    -h|--help) sed -n '2,27p' "$0"; exit 0 ;;
+    -h|--help) sed -n '2,/^set /{/^#/p}' "$0"; exit 0 ;;  # the comment block above
     *) echo "gpu_check.sh: unknown argument $1" >&2; exit 2 ;;
   esac
   shift
@@ -119,8 +121,9 @@ step "build"
 if [ "$DRY" -eq 0 ]; then
   ARCH="$("$PY" -c "import torch; M, m = torch.cuda.get_device_capability(); print(f'{M}.{m}' + ('a' if M >= 9 else ''))")"
   echo "building for compute capability $ARCH" | tee -a "$LOG"
-  # Nothing runs without the extension: the build may use all but the benchmarks' and the summary's share.
-  LIMIT="$(within "$BUILD_S" $((BENCH_KEEP_S + SUMMARY_KEEP_S)))"
+  # Nothing runs without the extension: the build may use all but the shares of the probe, the benchmarks
+  # and the summary.
+  LIMIT="$(within "$BUILD_S" $((PROBE_KEEP_S + BENCH_KEEP_S + SUMMARY_KEEP_S)))"
   [ "$LIMIT" -gt 0 ] || { out_of_time build; exit 1; }
   CP_ATTENTION_CUDA_ARCHS="$ARCH" MAX_JOBS="$(nproc)" run timeout "$LIMIT" "$PY" setup.py build_ext --inplace -q \
     || { echo "build failed: see $LOG"; exit 1; }
@@ -136,7 +139,7 @@ run "$PY" -c "import cp_attention, json; print(json.dumps(cp_attention.build_inf
 step "error paths"
 # A rejected argument must raise, on every device, in a process of its own so that a crash shows as one.
 for dev in cpu $([ "$DRY" -eq 0 ] && echo cuda); do
-  LIMIT="$(within 60 $((BENCH_KEEP_S + SUMMARY_KEEP_S)))"
+  LIMIT="$(within 60 $((PROBE_KEEP_S + BENCH_KEEP_S + SUMMARY_KEEP_S)))"
   if [ "$LIMIT" -gt 0 ]; then
     run timeout -k 10 "$LIMIT" "$PY" -X faulthandler "$ROOT/benchmarks/error_paths.py" "$dev"
   else
