@@ -137,6 +137,7 @@ def main() -> None:
     timing = timing_from_args(args, warmup=2, budget_s=(0.05, 0.5), min_iters=(3, 10))
     print(f"bench_a2a_pack: Ulysses pack/unpack ops vs permute+contiguous on {device}, "
           f"{torch.get_num_threads()} threads")
+
     def produce(rows: list[dict]) -> None:
         for dtype in dtypes:
             for shape in shapes_for(args.quick, device):

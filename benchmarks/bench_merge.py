@@ -128,6 +128,7 @@ def main() -> None:
     timing = timing_from_args(args, warmup=3, budget_s=(0.05, 0.5), min_iters=(3, 10))
     backends = list(our_backends(device))
     print(f"bench_merge: merge ops {backends} vs plain torch on {device}, {torch.get_num_threads()} threads")
+
     def produce(rows: list[dict]) -> None:
         for dtype in dtypes:
             for shape in shapes_for(args.quick, device):
