@@ -194,6 +194,26 @@ def _check_stated_mismatch(rank: int, world: int, mode: str):
     _check_shard(out, lse, q, k, v, slice(sum(lens[:rank]), sum(lens[:rank + 1])), False, None)
 
 
+def _check_cpu_tensors_on_nccl(rank: int, world: int, mode: str):
+    """CPU tensors on an NCCL group (the group's backend faked as NCCL on one rank, then on all) raise
+    ValueError on every rank before any transfer, instead of failing on one rank inside NCCL."""
+    from cp_attention.distributed import _agreement
+
+    call = _caller(mode, rank, world)
+    q, k, v, _, lens = _problem(45, world, f"{mode}-nccl")
+    args = [_shard(t, lens, rank) for t in (q, k, v)]
+    original = _agreement.group_backend
+    for faked in ([1], list(range(world))):
+        _agreement.group_backend = (lambda group: "nccl") if rank in faked else original
+        try:
+            pattern = "NCCL, which moves CUDA tensors" if rank in faked else "rejected their (own )?inputs"
+            with pytest.raises(ValueError, match=pattern):
+                call(*args, seq_lens=45)
+        finally:
+            _agreement.group_backend = original
+    assert call(*args, seq_lens=45).shape == args[0].shape
+
+
 FAILURES = ([("ring", 3, who, step, check) for who in ("one", "all") for step in RING_FAIL_STEPS
              for check in ("once", "always")]
             + [("ulysses", 2, "one", 0, check) for check in ("once", "always")]
@@ -212,7 +232,8 @@ def _rank_main(rank: int, world_size: int) -> dict[str, str | None]:
             continue
         items += [(f"counts-{mode}", functools.partial(_check_counts, rank, world, mode)),
                   (f"agreed-{mode}", functools.partial(_check_results_after_agreement, rank, world, mode)),
-                  (f"mismatch-{mode}", functools.partial(_check_stated_mismatch, rank, world, mode))]
+                  (f"mismatch-{mode}", functools.partial(_check_stated_mismatch, rank, world, mode)),
+                  (f"nccl-cpu-{mode}", functools.partial(_check_cpu_tensors_on_nccl, rank, world, mode))]
     items += [(_failure_key(f), functools.partial(_check_failure, rank, *f[1:2], f[0], *f[2:]))
               for f in FAILURES if f[1] == world_size]
     return run_items(items)
@@ -236,6 +257,24 @@ def test_calls_without_exchange_stay_exact(runs, mode, world):
 @pytest.mark.parametrize("mode,world", MODES, ids=[m for m, _ in MODES])
 def test_stated_lengths_are_checked(runs, mode, world):
     runs.assert_ok(world, f"mismatch-{mode}")
+
+
+@pytest.mark.parametrize("mode,world", MODES, ids=[m for m, _ in MODES])
+def test_cpu_tensors_on_an_nccl_group_raise_on_every_rank(runs, mode, world):
+    runs.assert_ok(world, f"nccl-cpu-{mode}")
+
+
+def test_exchange_device_follows_the_group_backend(monkeypatch):
+    """The one helper that places the metadata exchanges: the current CUDA device for NCCL, else the CPU."""
+    import torch.distributed as dist
+
+    from cp_attention.distributed import _agreement
+
+    monkeypatch.setattr(dist, "get_backend", lambda group=None: "gloo")
+    assert _agreement.exchange_device(None) == torch.device("cpu")
+    monkeypatch.setattr(dist, "get_backend", lambda group=None: "nccl")
+    monkeypatch.setattr(torch.cuda, "current_device", lambda: 3)
+    assert _agreement.exchange_device(None) == torch.device("cuda", 3)
 
 
 @pytest.mark.parametrize("failure", FAILURES, ids=[_failure_key(f) for f in FAILURES])

@@ -109,10 +109,15 @@ def exchange_device(group) -> torch.device:
     return torch.device("cpu")
 
 
-def check_group_device(op: str, backend: str, t: torch.Tensor) -> None:
+def group_backend(group) -> str:
+    # Read outside traced code only: a compiled call has passed its device checks while tracing.
+    return "" if torch.compiler.is_compiling() else str(dist.get_backend(group))
+
+
+def check_group_device(op: str, group, t: torch.Tensor) -> None:
     """NCCL moves only CUDA tensors: a CPU tensor on an NCCL group would fail inside the first transfer on
     this rank alone and leave the others waiting, so it is refused up front (and the refusal exchanged)."""
-    if backend == "nccl" and t.device.type != "cuda":
+    if group_backend(group) == "nccl" and t.device.type != "cuda":
         raise ValueError(f"{op}: the process group uses NCCL, which moves CUDA tensors only; got q on "
                          f"{t.device}")
 

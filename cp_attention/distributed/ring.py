@@ -68,11 +68,6 @@ def require_process_group(op: str, group):
     return group
 
 
-def group_backend(group) -> str:
-    # Read outside traced code only: a compiled call has passed its device checks while tracing.
-    return "" if torch.compiler.is_compiling() else str(dist.get_backend(group))
-
-
 def ring_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *,
                    group: dist.ProcessGroup | None = None, scale: float | None = None, causal: bool = False,
                    kv_mask: torch.Tensor | None = None, return_lse: bool = False, backend: str = "auto",
@@ -128,7 +123,7 @@ def ring_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *,
         kv_mask = normalize_kv_mask(_OP, kv_mask)
         B, Sq, Sk, H, Hkv, D = check_attn_inputs(_OP, q, k, v, kv_mask)
         scale = check_scale(_OP, scale, D)
-        check_group_device(_OP, group_backend(group), q)
+        check_group_device(_OP, group, q)
         _check_own_lengths(q_stated, k_stated, r, Sq, Sk, kv_seq_lens is None)
         row = [0, B, Sq, Sk, H, Hkv, D, DTYPE_CODES[q.dtype], DEVICE_CODES.get(q.device.type, 99),
                int(bool(causal)), int(kv_mask is not None), scale_bits(scale)]

@@ -39,7 +39,7 @@ from ._agreement import (
     scale_bits,
     settle,
 )
-from .ring import group_backend, require_process_group
+from .ring import require_process_group
 
 _OP = "cp_attention.distributed.ulysses_attention"
 
@@ -55,7 +55,7 @@ def check_local(op: str, group, q, k, v, kv_mask, scale, causal, stated, r: int)
         raise ValueError(f"{op}: q and k/v must be chunks of one sequence (self-attention), got q "
                          f"{list(q.shape)}, k {list(k.shape)}")
     scale = check_scale(op, scale, D)
-    check_group_device(op, group_backend(group), q)
+    check_group_device(op, group, q)
     if stated is not None and Sq != stated[r]:
         raise ValueError(f"{op}: seq_lens gives this rank {stated[r]} positions (rank {r} of the Ulysses "
                          f"group), but q has {Sq}")
