@@ -47,7 +47,8 @@ def _check_compiled(rank: int, world: int, mode: str, stated: bool):
         call = functools.partial(fn, group=dist.group.WORLD)
 
     def fn(q, k, v, mask, S):
-        out, lse = call(q, k, v, causal=True, kv_mask=mask, return_lse=True, seq_lens=S if stated else None)
+        kw = {"seq_lens": S} if stated else {}  # unstated: the default call
+        out, lse = call(q, k, v, causal=True, kv_mask=mask, return_lse=True, **kw)
         return out * 2.0, lse
 
     compiled = torch.compile(fn, backend="aot_eager", fullgraph=stated)
