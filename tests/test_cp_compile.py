@@ -43,8 +43,8 @@ def _check_compiled(rank: int, world: int, mode: str, stated: bool):
         ring_group, ulysses_group = _groups(2, 2)
         call = functools.partial(unified_attention, ring_group=ring_group, ulysses_group=ulysses_group)
     else:
-        fn = ring_attention if mode == "ring" else ulysses_attention
-        call = functools.partial(fn, group=dist.group.WORLD)
+        attend = ring_attention if mode == "ring" else ulysses_attention
+        call = functools.partial(attend, group=dist.group.WORLD)
 
     def fn(q, k, v, mask, S):
         kw = {"seq_lens": S} if stated else {}  # unstated: the default call
