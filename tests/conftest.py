@@ -25,6 +25,7 @@ import torch
 sys.path.insert(0, os.path.dirname(__file__))  # so test files can `import reference`
 
 import cp_attention  # noqa: E402
+from cp_attention.aten_backend import ATEN_KERNELS  # noqa: E402
 
 HAS_CUDA = torch.cuda.is_available()
 NO_CUDA = "no CUDA device on this machine"
@@ -54,6 +55,17 @@ def _target_params():
         skip = [pytest.mark.gpu, pytest.mark.skip(reason=NO_CUDA)]
         params.append(pytest.param(None, id="cuda", marks=skip))
     return params
+
+
+def kernel_kind(target: Target) -> str:
+    """Whose kernel computes the target's results, as tests/reference.py's checks take it (reference.KERNELS):
+    "torch" for torch's own kernels ("aten" and the aten_* kernels), "interpreted" for our Triton kernels
+    on CPU tensors (Triton's interpreter), "ours" for the rest. Merge targets ("auto", "triton") too."""
+    if target.backend == "aten" or target.backend in ATEN_KERNELS:
+        return "torch"
+    if target.backend == "triton" and target.device == "cpu":
+        return "interpreted"
+    return "ours"
 
 
 def merge_backends(device: str) -> list[str]:

@@ -1,12 +1,12 @@
-"""The ring invariant (DESIGN section 1): attend to K/V chunks one at a time, merge the partial states in any
-order, and get attention over the whole K/V."""
+"""The ring invariant (docs/design.md, "Merging partial results"): attend to K/V chunks one at a time, merge
+the partial states in any order, and get attention over the whole K/V."""
 
 from __future__ import annotations
 
 import pytest
 import torch
-from conftest import make_kv_mask, randn, skip_unsupported
-from reference import check_attention
+from conftest import kernel_kind, make_kv_mask, randn, skip_unsupported
+from reference import check_attention, merge_math_path, same_dtype_math_path
 
 import cp_attention
 
@@ -25,8 +25,21 @@ def _boundaries(Sk: int, n: int, gen: torch.Generator) -> list[int]:
     return [0, *cuts, Sk]
 
 
-def _attend_chunk(q, k, v, kv_mask, s, e, causal, backend):
-    """(out, lse) of all queries over keys [s, e) under the causal rule of the whole K/V.
+def _flash_attn_on(backend):
+    """attend(q, k, v, causal, kv_mask) -> (out, lse) with cp_attention.flash_attn on `backend`."""
+    def attend(q, k, v, causal, kv_mask):
+        return cp_attention.flash_attn(q, k, v, causal=causal, kv_mask=kv_mask, return_lse=True,
+                                       backend=backend)
+    return attend
+
+
+def _math_path(q, k, v, causal, kv_mask):
+    return same_dtype_math_path(q, k, v, causal=causal, kv_mask=kv_mask)
+
+
+def _attend_chunk(attend, q, k, v, kv_mask, s, e, causal):
+    """(out, lse) of all queries over keys [s, e) under the causal rule of the whole K/V, by `attend` (the
+    kernel, or PyTorch's math path for the baseline).
 
     Query i sees global key j iff j <= i + Sk - Sq. Over chunk [s, e) that is the chunk's own bottom-right
     causal rule for the first Sq - (Sk - e) queries (shift their count so the diagonals line up), while every
@@ -35,11 +48,10 @@ def _attend_chunk(q, k, v, kv_mask, s, e, causal, backend):
     kc, vc = k[:, s:e], v[:, s:e]
     mc = None if kv_mask is None else kv_mask[:, s:e]
     if not causal:
-        return cp_attention.flash_attn(q, kc, vc, kv_mask=mc, return_lse=True, backend=backend)
+        return attend(q, kc, vc, False, mc)
     split = min(max(Sq - (Sk - e), 0), Sq)
-    o1, l1 = cp_attention.flash_attn(q[:, :split], kc, vc, causal=True, kv_mask=mc, return_lse=True,
-                                     backend=backend)
-    o2, l2 = cp_attention.flash_attn(q[:, split:], kc, vc, kv_mask=mc, return_lse=True, backend=backend)
+    o1, l1 = attend(q[:, :split], kc, vc, True, mc)
+    o2, l2 = attend(q[:, split:], kc, vc, False, mc)
     return torch.cat([o1, o2], dim=1), torch.cat([l1, l2], dim=2)
 
 
@@ -66,28 +78,38 @@ def test_chunks_merge_to_whole(target, shape, n_chunks, causal, masked, dtype):
     gen, q, k, v, kv_mask = _problem(target, shape, causal, masked, dtype, seed)
 
     bounds = _boundaries(Sk, n_chunks, gen)
-    parts = [_attend_chunk(q, k, v, kv_mask, s, e, causal, target.backend)
-             for s, e in zip(bounds, bounds[1:])]
+    chunks = list(zip(bounds, bounds[1:]))
+    parts = [_attend_chunk(_flash_attn_on(target.backend), q, k, v, kv_mask, s, e, causal) for s, e in chunks]
     order = torch.randperm(n_chunks, generator=gen).tolist()
+    # The yardstick does the same: PyTorch's math path chunk by chunk (each part rounded to q's dtype, as the
+    # kernel's are), merged in the same order by the float32 merge formula.
+    base_parts = [_attend_chunk(_math_path, q, k, v, kv_mask, s, e, causal) for s, e in chunks]
+    kernel = kernel_kind(target)
 
     # Functional merges, in a random order: the result stays in the chunks' dtype.
     out, lse = parts[order[0]]
+    base = base_parts[order[0]]
     for i in order[1:]:
         out, lse = cp_attention.merge_attn_states(out, lse, *parts[i])
-    check_attention(out, lse, q, k, v, causal=causal, kv_mask=kv_mask)
+        base = merge_math_path(*base, *base_parts[i])
+    check_attention(out, lse, q, k, v, causal=causal, kv_mask=kv_mask, kernel=kernel, base=base)
 
     # In place, into a float32 accumulator initialised from the first chunk (what a ring step does).
     acc, acc_lse = parts[order[0]][0].float().clone(), parts[order[0]][1].clone()
+    base = base_parts[order[0]][0].float(), base_parts[order[0]][1]
     for i in order[1:]:
         cp_attention.merge_attn_states_(acc, acc_lse, *parts[i])
-    _check_accumulator(acc, acc_lse, q, k, v, causal, kv_mask)
+        base = merge_math_path(*base, *base_parts[i])
+    _check_accumulator(acc, acc_lse, q, k, v, causal, kv_mask, kernel, base)
 
     # In place from the empty state (out NaN, never to be read; lse -inf), merging every chunk.
     acc = torch.full((B, Sq, H, D), float("nan"), device=target.device)
     acc_lse = torch.full((B, H, Sq), float("-inf"), device=target.device)
+    base = acc.clone(), acc_lse.clone()
     for i in order:
         cp_attention.merge_attn_states_(acc, acc_lse, *parts[i])
-    _check_accumulator(acc, acc_lse, q, k, v, causal, kv_mask)
+        base = merge_math_path(*base, *base_parts[i])
+    _check_accumulator(acc, acc_lse, q, k, v, causal, kv_mask, kernel, base)
 
 
 @pytest.mark.parametrize("acc_dtype", ["float32", "q"])
@@ -106,6 +128,11 @@ def test_fused_accumulation_equals_whole(target, shape, n_chunks, causal, masked
     state_dtype = torch.float32 if acc_dtype == "float32" else dtype
     acc = torch.full((B, Sq, H, D), float("nan"), dtype=state_dtype, device=target.device)
     acc_lse = torch.full((B, H, Sq), float("-inf"), device=target.device)
+    # The yardstick runs the same steps with PyTorch's math path: each chunk's partial result merged by the
+    # float32 merge formula into a state kept in state_dtype. Our kernels merge the partial result in their
+    # epilogue, unrounded; torch's kernels return it in q's dtype first (see cp_attention.flash_attn_acc_).
+    part_dtype = dtype if kernel_kind(target) == "torch" else torch.float32
+    base = acc.clone(), acc_lse.clone()
     bounds = _boundaries(Sk, n_chunks, gen)
     for s, e in zip(bounds, bounds[1:]):
         kc, vc = k[:, s:e], v[:, s:e]
@@ -116,12 +143,18 @@ def test_fused_accumulation_equals_whole(target, shape, n_chunks, causal, masked
                                          causal=True, kv_mask=mc, backend=target.backend)
         cp_attention.flash_attn_acc_(q[:, split:], kc, vc, acc[:, split:], acc_lse[:, :, split:], kv_mask=mc,
                                      backend=target.backend)
+        part_out, part_lse = _attend_chunk(_math_path, q.float(), k.float(), v.float(), kv_mask, s, e, causal)
+        base_out, base_lse = merge_math_path(*base, part_out.to(part_dtype), part_lse)
+        base = base_out.to(state_dtype), base_lse
     assert acc.dtype == state_dtype
-    check_attention(acc.to(q.dtype), acc_lse, q, k, v, causal=causal, kv_mask=kv_mask)
+    check_attention(acc.to(q.dtype), acc_lse, q, k, v, causal=causal, kv_mask=kv_mask,
+                    kernel=kernel_kind(target), base=(base[0].to(q.dtype), base[1]))
 
 
-def _check_accumulator(acc, acc_lse, q, k, v, causal, kv_mask):
+def _check_accumulator(acc, acc_lse, q, k, v, causal, kv_mask, kernel, base):
     # The chunks were computed in q's dtype, so the float32 accumulator is held to the tolerance of q's
-    # dtype: it is rounded to that dtype (which keeps any NaN) and checked like a direct result.
+    # dtype: it is rounded to that dtype (which keeps any NaN) and checked like a direct result, against the
+    # math path's float32 accumulator rounded the same way.
     assert acc.dtype == torch.float32, f"the accumulator changed dtype to {acc.dtype}"
-    check_attention(acc.to(q.dtype), acc_lse, q, k, v, causal=causal, kv_mask=kv_mask)
+    check_attention(acc.to(q.dtype), acc_lse, q, k, v, causal=causal, kv_mask=kv_mask,
+                    kernel=kernel, base=(base[0].to(q.dtype), base[1]))

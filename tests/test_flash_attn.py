@@ -6,10 +6,19 @@ import math
 
 import pytest
 import torch
-from conftest import make_kv_mask, randn, skip_unsupported, unsupported_reason
+import torch.nn.functional as F
+from conftest import kernel_kind, make_kv_mask, randn, skip_unsupported, unsupported_reason
 from hypothesis import assume, given, settings
 from hypothesis import strategies as st
-from reference import assert_lse_float32_grade, attention_ref, check_attention
+from reference import (
+    assert_lse_float32_grade,
+    attention_ref,
+    check_attention,
+    lse_allowance,
+    same_dtype_math_path,
+    visible_keys,
+)
+from torch.nn.attention import SDPBackend, sdpa_kernel
 
 import cp_attention
 from cp_attention import triton_kernels
@@ -38,7 +47,7 @@ def _run_and_check(target, q, k, v, scale=None, causal=False, kv_mask=None):
     skip_unsupported(target, q, k.shape[1], causal, kv_mask is not None)
     out, lse = cp_attention.flash_attn(q, k, v, scale=scale, causal=causal, kv_mask=kv_mask,
                                        return_lse=True, backend=target.backend)
-    check_attention(out, lse, q, k, v, scale, causal, kv_mask)
+    check_attention(out, lse, q, k, v, scale, causal, kv_mask, kernel=kernel_kind(target))
     return out, lse
 
 
@@ -111,14 +120,20 @@ def test_large_magnitude_inputs(target, D, causal, dtype):
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=str)
 def test_half_inputs_give_float32_lse(target, dtype, q_scale):
     # The LSE is a float32 output even for half inputs: an LSE rounded to (or accumulated in) the input
-    # dtype would pass the dtype-level rule above but skews every merge weight exp(lse_a - lse).
+    # dtype would pass a rule at the input dtype's grade but skews every merge weight exp(lse_a - lse).
+    # Its check, the float32-grade rule, against a hand-rounded LSE first: the check itself must bite.
     torch.manual_seed(11)
     q, k, v, gen = _inputs(2, 57, 66, 4, 2, 72, dtype, target.device, seed=11, q_scale=q_scale)
     kv_mask = make_kv_mask(2, 66, gen, target.device)
     skip_unsupported(target, q, 66, True, True)
     _, lse = cp_attention.flash_attn(q, k, v, causal=True, kv_mask=kv_mask, return_lse=True,
                                      backend=target.backend)
-    assert_lse_float32_grade(lse, attention_ref(q, k, v, causal=True, kv_mask=kv_mask)[1])
+    ref_lse = attention_ref(q, k, v, causal=True, kv_mask=kv_mask)[1]
+    base_lse = same_dtype_math_path(q, k, v, causal=True, kv_mask=kv_mask)[1]
+    allowance = lse_allowance(kernel_kind(target), dtype)
+    with pytest.raises(AssertionError, match="lse"):
+        assert_lse_float32_grade(ref_lse.to(dtype).float(), ref_lse, base_lse, allowance)
+    assert_lse_float32_grade(lse, ref_lse, base_lse, allowance)
 
 
 @pytest.mark.parametrize("scale", [None, 0.05, 1.0, 2.5])
@@ -228,6 +243,27 @@ def test_reference_matches_torch_sdpa():
     torch.testing.assert_close(attention_ref(q, k, v, kv_mask=kv_mask)[0], want)
 
 
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=str)
+def test_math_path_is_torchs(dtype):
+    # The yardstick of the tolerance rule is PyTorch's math path: for half-precision inputs
+    # same_dtype_math_path must give what torch's SDPA math backend gives, to within one rounding step of
+    # the dtype (both compute in float32 and round once; float32 sums that differ in their last bits may
+    # flip a rounding, and near 0 those bits are all there is: atol). A math path that rounded its
+    # intermediates to the dtype misses this on about a fifth of the elements.
+    gen = torch.Generator().manual_seed(12)
+    q = randn(2, 29, 6, 40, dtype=dtype, gen=gen)
+    k = randn(2, 37, 2, 40, dtype=dtype, gen=gen)
+    v = randn(2, 37, 2, 40, dtype=dtype, gen=gen)
+    kv_mask = make_kv_mask(2, 37, gen, empty_batch=False)
+    mine = same_dtype_math_path(q, k, v, causal=True, kv_mask=kv_mask)[0]
+    assert mine.dtype == dtype
+    visible = visible_keys(2, 29, 37, True, kv_mask)[:, None]  # [B, 1, Sq, Sk]
+    qt, kt, vt = (t.transpose(1, 2) for t in (q, k, v))
+    with sdpa_kernel(SDPBackend.MATH):
+        theirs = F.scaled_dot_product_attention(qt, kt, vt, attn_mask=visible, enable_gqa=True)
+    torch.testing.assert_close(mine, theirs.transpose(1, 2), rtol=torch.finfo(dtype).eps, atol=1e-6)
+
+
 # ---------------------------------------------------------------------------------------------------------
 # Random shapes: whatever the fixed grids above miss.
 @settings(max_examples=25, deadline=None, derandomize=True)
@@ -253,4 +289,4 @@ def test_random_shapes(target, B, Sq, Sk, Hkv, group, D, causal, mask, dtype, se
         kv_mask = make_kv_mask(B, Sk, gen, target.device, empty_batch=mask == "empty_batch")
     out, lse = cp_attention.flash_attn(q, k, v, causal=causal, kv_mask=kv_mask, return_lse=True,
                                        backend=target.backend)
-    check_attention(out, lse, q, k, v, None, causal, kv_mask)
+    check_attention(out, lse, q, k, v, None, causal, kv_mask, kernel=kernel_kind(target))

@@ -1,12 +1,13 @@
-"""merge_attn_states and merge_attn_states_ against the float64 merge of DESIGN section 1, on every merge
-backend of every device (conftest's `merge_target`: the compiled kernel, and Triton where it runs)."""
+"""merge_attn_states and merge_attn_states_ against the float64 merge of docs/design.md, "Merging partial
+results", on every merge backend of every device (conftest's `merge_target`: the compiled kernel, and Triton
+where it runs)."""
 
 from __future__ import annotations
 
 import pytest
 import torch
-from conftest import randn
-from reference import assert_close_to_ref, merge_math_path, merge_ref
+from conftest import kernel_kind, randn
+from reference import assert_close_to_ref, merge_math_path, merge_ref, out_allowance
 
 import cp_attention
 
@@ -44,9 +45,9 @@ def _bshd(rows: torch.Tensor, shape) -> torch.Tensor:
     return rows.transpose(1, 2)[..., None].expand(shape)
 
 
-def check_merge(out, lse, out_a, lse_a, out_b, lse_b, dtype):
+def check_merge(out, lse, out_a, lse_a, out_b, lse_b, dtype, kernel="ours"):
     """The result of merging (out_a, lse_a) with (out_b, lse_b): layout, exact handling of -inf sides, no NaN,
-    and the tolerance rule elsewhere."""
+    and the tolerance rule elsewhere. kernel: whose merge (reference.KERNELS; conftest.kernel_kind)."""
     B, S, H, D = out_a.shape
     assert out.shape == out_a.shape and out.dtype == dtype, f"out {list(out.shape)} {out.dtype}, want {dtype}"
     assert lse.shape == (B, H, S) and lse.dtype == F32, f"lse {list(lse.shape)} {lse.dtype}"
@@ -73,7 +74,7 @@ def check_merge(out, lse, out_a, lse_a, out_b, lse_b, dtype):
     # rounding alone moves out by about |out| * |lse| * 2^-24.
     lse_mag = float(ref_lse[live].abs().max()) if live.any() else 0.0
     out_mag = float(ref_out[_bshd(live, ref_out.shape)].abs().max()) if live.any() else 0.0
-    extra = 2.0**-22 * lse_mag * (1.0 + out_mag)
+    extra = 2.0**-22 * lse_mag * (1.0 + out_mag) + out_allowance(kernel, dtype, out.device.type, out_mag)
     assert_close_to_ref("out", out, ref_out, base_out, dtype, _bshd(live, ref_out.shape), extra)
     assert_close_to_ref("lse", lse, ref_lse, base_lse, F32, live)
 
@@ -91,7 +92,7 @@ def test_merge_matches_reference(merge_target, shape, dtypes):
     assert out.is_contiguous(), f"out must be contiguous, got strides {out.stride()}"
     for t, b in zip((out_a, lse_a, out_b, lse_b), before):
         assert torch.equal(t.nan_to_num(), b.nan_to_num()), "merge_attn_states must not modify its inputs"
-    check_merge(out, lse, out_a, lse_a, out_b, lse_b, torch.promote_types(*dtypes))
+    check_merge(out, lse, out_a, lse_a, out_b, lse_b, torch.promote_types(*dtypes), kernel_kind(merge_target))
 
 
 # lse pairs far from 0 or far apart, where exp without max subtraction overflows and a careless
@@ -116,7 +117,7 @@ def test_merge_huge_lse(merge_target, case, dtype):
     out_b, y = _state(shape, dtype, device, gen, dead=0.0)
     lse_a, lse_b = HUGE_CASES[case](x, y)
     out, lse = cp_attention.merge_attn_states(out_a, lse_a, out_b, lse_b, backend=backend)
-    check_merge(out, lse, out_a, lse_a, out_b, lse_b, dtype)
+    check_merge(out, lse, out_a, lse_a, out_b, lse_b, dtype, kernel_kind(merge_target))
 
 
 def test_merge_strided_inputs(merge_target):
@@ -138,7 +139,7 @@ def test_merge_strided_inputs(merge_target):
     lse_b = step[..., ::2]
     assert not any(t.is_contiguous() for t in (out_a, lse_a, out_b, lse_b))
     out, lse = cp_attention.merge_attn_states(out_a, lse_a, out_b, lse_b, backend=backend)
-    check_merge(out, lse, out_a, lse_a, out_b, lse_b, F32)
+    check_merge(out, lse, out_a, lse_a, out_b, lse_b, F32, kernel_kind(merge_target))
 
 
 def test_merge_with_empty_side_is_identity(merge_target):
@@ -170,7 +171,7 @@ def test_merge_inplace(merge_target, shape, dtypes):
     ptrs = (out.data_ptr(), lse.data_ptr())
     assert cp_attention.merge_attn_states_(out, lse, out_b, lse_b, backend=backend) is None
     assert (out.data_ptr(), lse.data_ptr()) == ptrs and out.dtype == dtypes[0]
-    check_merge(out, lse, out_a, lse_a, out_b, lse_b, dtypes[0])
+    check_merge(out, lse, out_a, lse_a, out_b, lse_b, dtypes[0], kernel_kind(merge_target))
     # The raw op is the same operation.
     out2, lse2 = out_a.clone(), lse_a.clone()
     ops = torch.ops.cp_attention
@@ -197,6 +198,6 @@ def test_merge_inplace_strided_destination(merge_target):
     lse = big_lse[:, :, :H].transpose(1, 2)
     lse.copy_(lse_a)
     cp_attention.merge_attn_states_(out, lse, out_b, lse_b, backend=backend)
-    check_merge(out, lse, out_a, lse_a, out_b, lse_b, F32)
+    check_merge(out, lse, out_a, lse_a, out_b, lse_b, F32, kernel_kind(merge_target))
     assert (big_out[:, 0] == sentinel).all() and (big_out[:, H + 1] == sentinel).all(), "wrote outside out"
     assert (big_lse[:, :, H] == sentinel).all(), "wrote outside lse"

@@ -22,7 +22,7 @@ import sys
 import pytest
 import torch
 from conftest import HAS_CUDA, NO_CUDA, make_kv_mask, randn
-from reference import assert_lse_float32_grade, attention_ref, check_attention
+from reference import assert_lse_float32_grade, attention_ref, check_attention, same_dtype_math_path
 from test_flash_attn import _views
 
 import cp_attention
@@ -58,10 +58,15 @@ def _inputs(B, Sq, Sk, H, Hkv, D, dtype, dev, seed, q_scale=1.0):
     return q, k, v, gen
 
 
+def _kernel(dev) -> str:
+    """Whose kernel, as reference.check_attention takes it: on the CPU, Triton's interpreter runs ours."""
+    return "interpreted" if torch.device(dev).type == "cpu" else "ours"
+
+
 def _attend(q, k, v, scale=None, causal=False, kv_mask=None):
     out, lse = cp_attention.flash_attn(q, k, v, scale=scale, causal=causal, kv_mask=kv_mask, return_lse=True,
                                        backend="triton")
-    check_attention(out, lse, q, k, v, scale, causal, kv_mask)
+    check_attention(out, lse, q, k, v, scale, causal, kv_mask, kernel=_kernel(q.device))
     return out, lse
 
 
@@ -130,7 +135,7 @@ def test_large_magnitude_half_inputs(dev):
     _, lse = _attend(q, k, v, causal=True, kv_mask=kv_mask)
     ref_lse = attention_ref(q, k, v, causal=True, kv_mask=kv_mask)[1]
     assert ref_lse[torch.isfinite(ref_lse)].abs().max() > 20
-    assert_lse_float32_grade(lse, ref_lse)
+    assert_lse_float32_grade(lse, ref_lse, same_dtype_math_path(q, k, v, causal=True, kv_mask=kv_mask)[1])
 
 
 @pytest.mark.parametrize("dev", DEVICES)
@@ -176,7 +181,7 @@ def test_acc_chunks_equal_whole(dev, dtype, causal, masked):
         s, e = chunks[i]
         attend_chunk(q, k[:, s:e], v[:, s:e], acc, acc_lse, causal_offset=(Sk - Sq - s) if causal else None,
                      kv_mask_chunk=None if kv_mask is None else kv_mask[:, s:e], backend="triton")
-    check_attention(acc.to(dtype), acc_lse, q, k, v, causal=causal, kv_mask=kv_mask)
+    check_attention(acc.to(dtype), acc_lse, q, k, v, causal=causal, kv_mask=kv_mask, kernel=_kernel(dev))
 
 
 @pytest.mark.parametrize("dev", DEVICES)
@@ -189,7 +194,7 @@ def test_acc_into_q_dtype_state(dev):
     bounds = _bounds(50, gen)
     for s, e in zip(bounds, bounds[1:]):
         OPS.triton_flash_attn_fwd_acc_(q, k[:, s:e], v[:, s:e], out, lse, None, False, kv_mask[:, s:e])
-    check_attention(out, lse, q, k, v, kv_mask=kv_mask)
+    check_attention(out, lse, q, k, v, kv_mask=kv_mask, kernel=_kernel(dev))
 
 
 @pytest.mark.parametrize("dev", DEVICES)
@@ -235,7 +240,7 @@ def test_acc_writes_only_its_view(dev):
     out.zero_()
     lse.fill_(NEG_INF)
     OPS.triton_flash_attn_fwd_acc_(q, k, v, out, lse, None, True, None)
-    check_attention(out.contiguous(), lse, q, k, v, causal=True)
+    check_attention(out.contiguous(), lse, q, k, v, causal=True, kernel=_kernel(dev))
     assert (big_out[:, :, :3] == sentinel).all() and (big_out[:, :, 3 + Sq:] == sentinel).all()
     assert (big_lse[:, :3] == sentinel).all() and (big_lse[:, 3 + Sq:] == sentinel).all()
 
@@ -292,7 +297,7 @@ def test_tma_variant(dev, dtype, B, Sq, Sk, H, Hkv, D, causal, masked, poisoned_
     q, k, v, gen = _inputs(B, Sq, Sk, H, Hkv, D, dtype, dev, seed=D + Sq)
     kv_mask = make_kv_mask(B, Sk, gen, dev) if masked else None
     out, lse = kernels.flash_fwd(q, k, v, None, causal, kv_mask, tma=True)
-    check_attention(out, lse, q, k, v, causal=causal, kv_mask=kv_mask)
+    check_attention(out, lse, q, k, v, causal=causal, kv_mask=kv_mask, kernel=_kernel(dev))
 
 
 @pytest.mark.parametrize("masked", [False, True], ids=["nomask", "mask"])
@@ -310,7 +315,7 @@ def test_tma_acc_chunks_equal_whole(dev, masked):
         chunk_mask = None if kv_mask is None else kv_mask[:, s:e]
         kernels.flash_fwd(q, k[:, s:e], v[:, s:e], None, False, chunk_mask, out=out, lse=lse,
                           tma=e > s or None)
-    check_attention(out.to(F16), lse, q, k, v, kv_mask=kv_mask)
+    check_attention(out.to(F16), lse, q, k, v, kv_mask=kv_mask, kernel=_kernel(dev))
 
 
 @pytest.mark.parametrize("kind", ["head_slice", "seq_step"])
@@ -321,7 +326,7 @@ def test_tma_strided_views(dev, kind, poisoned_empty):
     gen = torch.Generator().manual_seed(33)
     q, k, v = _views(kind, 2, 21, 34, 6, 2, 48, F16, dev, gen)
     out, lse = kernels.flash_fwd(q, k, v, None, True, None, tma=True)
-    check_attention(out, lse, q, k, v, causal=True)
+    check_attention(out, lse, q, k, v, causal=True, kernel=_kernel(dev))
 
 
 @pytest.mark.parametrize("dev", DEVICES)
@@ -339,7 +344,7 @@ def test_tma_refuses_what_it_cannot_address(dev):
         with pytest.raises(ValueError, match="TMA variant needs"):
             kernels.flash_fwd(q, k, v, None, False, None, tma=True)
         out, lse = kernels.flash_fwd(q, k, v, None, False, None)
-        check_attention(out, lse, q, k, v)
+        check_attention(out, lse, q, k, v, kernel=_kernel(dev))
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -387,10 +392,10 @@ def test_fwd_loads_knob(dev, loads, tma, monkeypatch, launch_spy, poisoned_empty
     q, k, v, gen = _inputs(2, 37, 53, 4, 2, 64, F16, dev, seed=41)
     kv_mask = make_kv_mask(2, 53, gen, dev)
     out, lse = OPS.triton_flash_attn_fwd(q, k, v, None, True, kv_mask)
-    check_attention(out, lse, q, k, v, causal=True, kv_mask=kv_mask)
+    check_attention(out, lse, q, k, v, causal=True, kv_mask=kv_mask, kernel=_kernel(dev))
     acc, acc_lse = _poisoned_state(q, F32)
     OPS.triton_flash_attn_fwd_acc_(q, k, v, acc, acc_lse, None, True, kv_mask)
-    check_attention(acc.to(F16), acc_lse, q, k, v, causal=True, kv_mask=kv_mask)
+    check_attention(acc.to(F16), acc_lse, q, k, v, causal=True, kv_mask=kv_mask, kernel=_kernel(dev))
     assert launch_spy.tma == [tma, tma], f"{LOADS_KNOB}={loads!r} launched TMA={launch_spy.tma}"
 
 
@@ -403,7 +408,7 @@ def test_fwd_loads_knob_yields_to_explicit_tma(dev, monkeypatch, launch_spy):
     kernels.flash_fwd(q, k, v, None, False, None, tma=False)
     monkeypatch.setenv(LOADS_KNOB, "pointer")
     out, lse = kernels.flash_fwd(q, k, v, None, False, None, tma=True)
-    check_attention(out, lse, q, k, v)
+    check_attention(out, lse, q, k, v, kernel=_kernel(dev))
     monkeypatch.setenv(LOADS_KNOB, "fastest")
     kernels.flash_fwd(q, k, v, None, False, None, tma=False)
     assert launch_spy.tma == [False, True, False]
