@@ -1,8 +1,9 @@
 // The Python module behind cp_attention._C. Ops register through TORCH_LIBRARY in ops.cpp and the kernel
-// files; pybind11 serves only non-op helpers such as the build facts below.
+// files; pybind11 serves only non-op helpers: the build facts, and a switch for the tests of the CPU check.
 #include <torch/extension.h>
 
 #include "cp_attention_build_config.h"
+#include "cpu/cpu_isa.h"
 
 namespace {
 
@@ -26,4 +27,6 @@ pybind11::dict build_info() {
 PYBIND11_MODULE(_C, m) {
   m.doc() = "cp_attention compiled kernels (ops live under torch.ops.cp_attention)";
   m.def("build_info", &build_info, "What this build contains: CUDA on/off, CUDA archs, CPU vector ISA.");
+  m.def("_pretend_cpu_lacks_isa", &cp_attention::cpu::pretend_cpu_lacks_isa, pybind11::arg("on"),
+        "Tests only: the CPU ops raise as on a CPU without the build's vector ISA while this is on.");
 }
