@@ -152,6 +152,28 @@ def test_kernel_probe_skips(monkeypatch):
     assert kp.decide({name: "n/a" for name in kp.GPU_VARIANTS}, names)["skip_bench"] == []
 
 
+def test_summary_names_unproven_variants_that_passed(monkeypatch, capsys):
+    # The GPU check's summary of a probe: its table with the record's column, what the benchmarks left
+    # out, and the variants that passed but are not proven yet (what docs/gpu_check.md says to record).
+    monkeypatch.syspath_prepend(os.path.join(ROOT, "benchmarks"))
+    import gpu_check_summary
+
+    def row(variant, proven, verdict):
+        return {"variant": variant, "proven": proven, "verdict": verdict, "cases": "15/15", "out_err": 0.01,
+                "lse_err": 0.001, "seconds": 3.0, "note": ""}
+
+    probe = {"_file": "kernel_probe-cuda-x.json", "skip_bench": ["triton_tma"],
+             "reasons": {"triton_tma": "triton_tma (HANG)"},
+             "rows": [row("cuda_mma", "yes", "PASS"), row("cuda_sm90_tma", "no", "PASS"),
+                      row("cuda_auto", "no", "PASS"), row("triton_tma", "no", "HANG")]}
+    result = gpu_check_summary.probe_summary(probe)
+    out = capsys.readouterr().out
+    assert result["passed_unproven"] == ["cuda_sm90_tma", "cuda_auto"] and result["failed"] == ["triton_tma"]
+    assert re.search(r"^cuda_sm90_tma +no +PASS ", out, re.M)
+    assert "benchmarks skipped triton_tma: triton_tma (HANG) failed" in out
+    assert "passed, not yet in the record: cuda_sm90_tma, cuda_auto" in out
+
+
 def test_kernel_probe_reports_where_a_child_ended(monkeypatch, tmp_path):
     # The parent against a stand-in child that ends each way a kernel can: its verdict, its note, and a
     # hang that also left a grandchild holding the output pipe is still cut off at the time limit.
