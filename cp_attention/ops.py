@@ -363,6 +363,30 @@ def _(out, lse, seq_lens, group_name):
 a2a_head_to_seq.register_autograd(_no_backward("a2a_head_to_seq"), setup_context=_setup_none)
 
 
+@torch.library.custom_op("cp_attention::ring_attn_fwd", mutates_args=())
+def ring_attn_fwd(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, kv_mask: torch.Tensor | None,
+                  q_lens: list[int], k_lens: list[int], group_name: str, scale: float, causal: bool,
+                  backend: str, check_always: bool) -> tuple[torch.Tensor, torch.Tensor]:
+    """The ring loop of ring attention: this rank's queries q [B, q_lens[r], H, D] attend to every rank's
+    k, v [B, k_lens[s], Hkv, D] (and kv_mask bool [B, k_lens[s]] or None), which travel peer to peer around
+    the group (by name); returns (out [B, q_lens[r], H, D] q.dtype contiguous, lse [B, H, q_lens[r]]
+    float32) over the global keys. Causal is bottom-right over the global sequences. The inputs are checked
+    and agreed across ranks by cp_attention.ring_attention, which is the public entry point."""
+    from .distributed.ring import run_ring
+
+    return run_ring(q, k, v, kv_mask, list(q_lens), list(k_lens), group_name, scale, causal, backend,
+                    check_always)
+
+
+@ring_attn_fwd.register_fake
+def _(q, k, v, kv_mask, q_lens, k_lens, group_name, scale, causal, backend, check_always):
+    B, Sq, H, _ = q.shape
+    return q.new_empty(q.shape), q.new_empty((B, H, Sq), dtype=torch.float32)
+
+
+ring_attn_fwd.register_autograd(_no_backward("ring_attn_fwd"), setup_context=_setup_none)
+
+
 # ========================================================================================================
 # Triton kernels (cp_attention/triton_kernels/). Same contracts as flash_attn_fwd, flash_attn_fwd_acc_,
 # merge_attn_states and merge_attn_states_ above. Registered from Python with custom_op, so the ops (schemas,
@@ -517,5 +541,6 @@ ALL_OPS = (
     _lib.a2a_unpack_head_to_seq.default,
     _lib.a2a_seq_to_head.default,
     _lib.a2a_head_to_seq.default,
+    _lib.ring_attn_fwd.default,
     *TRITON_OPS,
 )

@@ -12,6 +12,7 @@ name keeps it from shadowing the function `cp_attention.sdpa`.)
 from __future__ import annotations
 
 import contextlib
+import functools
 import math
 import threading
 import warnings
@@ -136,7 +137,7 @@ def _to_bshd(t: torch.Tensor) -> torch.Tensor:
 
 def sdpa(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, attn_mask: torch.Tensor | None = None,
          dropout_p: float = 0.0, is_causal: bool = False, *, scale: float | None = None,
-         enable_gqa: bool = False) -> torch.Tensor:
+         enable_gqa: bool = False, backend: str = "auto") -> torch.Tensor:
     """torch.nn.functional.scaled_dot_product_attention, computed by cp_attention's kernels.
 
     Args:
@@ -150,6 +151,7 @@ def sdpa(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, attn_mask:
             equals our bottom-right rule.
         scale: multiplies q.k; defaults to 1 / sqrt(D).
         enable_gqa: as in torch.
+        backend: the flash_attn backend ("auto": the fastest measured one for the device).
 
     Returns:
         out [B, H, Sq, D] in query's dtype: a transposed view of a contiguous [B, Sq, H, D] buffer (the
@@ -173,7 +175,8 @@ def sdpa(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, attn_mask:
         _warn_fallback(str(why))
         return TORCH_SDPA(query, key, value, attn_mask=attn_mask, dropout_p=dropout_p, is_causal=is_causal,
                           scale=scale, enable_gqa=enable_gqa)
-    return flash_attn(q, k, v, scale=scale, causal=is_causal, kv_mask=kv_mask).transpose(1, 2)
+    out = flash_attn(q, k, v, scale=scale, causal=is_causal, kv_mask=kv_mask, backend=backend)
+    return out.transpose(1, 2)
 
 
 def _context_parallel_sdpa(cp):
@@ -199,12 +202,14 @@ def _context_parallel_sdpa(cp):
 
 
 @contextlib.contextmanager
-def use_as_sdpa(cp=None):
+def use_as_sdpa(cp=None, *, backend: str = "auto"):
     """Within the scope, torch.nn.functional.scaled_dot_product_attention is cp_attention's: `sdpa` when
     `cp` is None, else context-parallel attention with `cp` (a ContextParallel), where every SDPA call in
     scope receives this rank's sequence shards [B, H, S_local, D] (chunk order of cp.shard) and returns the
     local rows of attention over the global sequence; then unsupported arguments raise ValueError instead
     of falling back (torch's function would see only the local shard).
+
+    backend: the flash_attn backend of the local path (with `cp`, the ContextParallel's own backend).
 
     The previous function is restored on exit, exceptions included; scopes nest (the innermost wins). The
     replacement is process-wide (module attribute): other threads see it too, and code that bound torch's
@@ -214,7 +219,8 @@ def use_as_sdpa(cp=None):
         raise ValueError(f"cp_attention.use_as_sdpa: cp must be a cp_attention.ContextParallel or None, "
                          f"got {type(cp).__name__}")
     previous = F.scaled_dot_product_attention
-    F.scaled_dot_product_attention = sdpa if cp is None else _context_parallel_sdpa(cp)
+    local = sdpa if backend == "auto" else functools.partial(sdpa, backend=backend)
+    F.scaled_dot_product_attention = local if cp is None else _context_parallel_sdpa(cp)
     try:
         yield
     finally:

@@ -132,8 +132,11 @@ def _check_uneven_anything(mode, P):
 
 def _check_dispatch_lse(R, U):
     """dispatch_attention_fn -> cp_attention backend with return_lse under diffusers' ParallelConfig: out and
-    lse ([B, S_local, H], diffusers' layout) of uneven shards with a [B, 1, 1, S_local] key mask; then causal
-    GQA (global causal order: the shards must sit in diffusers' flattened-mesh order)."""
+    lse ([B, S_local, H], diffusers' layout) with a [B, 1, 1, S_local] key mask; then causal GQA (global
+    causal order: the shards must sit in diffusers' flattened-mesh order). Uneven shards under a ring or
+    Ulysses mesh, with diffusers' "anything" flag that allows them (the lengths are then exchanged); even
+    shards on a 2D mesh, where diffusers has no such mode. Uneven shards without the flag raise ValueError
+    on every rank, naming the flag, when the backend checks every call (register(check="always"))."""
     from diffusers.models._modeling_parallel import ContextParallelConfig, ParallelConfig
     from diffusers.models.attention_dispatch import dispatch_attention_fn
     from torch.distributed.device_mesh import init_device_mesh
@@ -143,12 +146,20 @@ def _check_dispatch_lse(R, U):
 
     member = cpd.register()
     rank, world = torch.distributed.get_rank(), torch.distributed.get_world_size()
-    config = ParallelConfig(context_parallel_config=ContextParallelConfig(ring_degree=R, ulysses_degree=U))
+    anything = {"ring_anything": True} if U == 1 else {"ulysses_anything": True} if R == 1 else {}
     mesh = init_device_mesh("cpu", (R, U), mesh_dim_names=("ring", "ulysses"))
-    config.setup(rank, world, torch.device("cpu"), mesh=mesh)
+
+    def parallel_config(**flags):
+        config = ParallelConfig(context_parallel_config=ContextParallelConfig(ring_degree=R, ulysses_degree=U,
+                                                                              **flags))
+        config.setup(rank, world, torch.device("cpu"), mesh=mesh)
+        return config
+
+    config = parallel_config(**anything)
     cp = cp_attention.ContextParallel(mesh=mesh)  # diffusers' mesh, for shard/gather
 
-    B, S, H, D = 2, 29, 4, 16  # S = 29 splits unevenly; B, S, H differ so a wrong lse layout shows
+    # S = 29 splits unevenly (28: evenly); B, S, H differ so a wrong lse layout shows.
+    B, S, H, D = 2, 29 if anything else 28, 4, 16
     g = torch.Generator().manual_seed(11)
     q, k, v = (torch.randn(B, S, H, D, generator=g) for _ in range(3))
     mask = torch.rand(B, S, generator=g) < 0.7
@@ -167,6 +178,16 @@ def _check_dispatch_lse(R, U):
                                      attention_kwargs={"return_lse": True}, backend=member,
                                      parallel_config=config)
     check_attention(cp.gather(out), cp.gather(lse).transpose(1, 2), q, k2, v2, causal=True)
+    if anything:
+        # Outside diffusers' contract, so checked on every call: with the default check a rank whose
+        # signature was agreed before (from another model's calls) would not exchange, and could wait.
+        cpd.register(check="always")
+        try:
+            with pytest.raises(ValueError, match=f"{next(iter(anything))}=True"):
+                dispatch_attention_fn(cp.shard(q), cp.shard(k), cp.shard(v), backend=member,
+                                      parallel_config=parallel_config())
+        finally:
+            cpd.register()
 
 
 def _check_cpu_enable_parallelism():

@@ -149,6 +149,21 @@ def _a2a_head_to_seq_no_lse(device, gen):
     return (out, None, [5], _single_rank_group_name()), {}
 
 
+def _ring_single_rank_causal_mask(device, gen):
+    if device != "cpu":
+        pytest.skip("the one-rank test group is gloo (CPU)")
+    q, k, v = _qkv(2, 6, 9, 4, 2, 8, torch.float16, device, gen)
+    mask = torch.rand(2, 9, generator=gen) < 0.6
+    return (q, k, v, mask, [6], [9], _single_rank_group_name(), 0.35, True, "auto", False), {}
+
+
+def _ring_single_rank_fp32(device, gen):
+    if device != "cpu":
+        pytest.skip("the one-rank test group is gloo (CPU)")
+    q, k, v = _qkv(1, 5, 5, 2, 2, 16, torch.float32, device, gen)
+    return (q, k, v, None, [5], [5], _single_rank_group_name(), 0.25, False, "cpu", False), {}
+
+
 def _on_triton(build):
     """The sample builder `build` for a Triton op: skipped where Triton does not run on the device (on the
     CPU it runs only under TRITON_INTERPRET=1; tests/test_triton.py runs these cases that way)."""
@@ -204,6 +219,7 @@ SAMPLES = {
     OPS.a2a_unpack_head_to_seq.default: [_a2a_unpack_head_fp32],
     OPS.a2a_seq_to_head.default: [_a2a_seq_to_head_mask],
     OPS.a2a_head_to_seq.default: [_a2a_head_to_seq_lse, _a2a_head_to_seq_no_lse],
+    OPS.ring_attn_fwd.default: [_ring_single_rank_causal_mask, _ring_single_rank_fp32],
     OPS.triton_flash_attn_fwd.default: [
         _on_triton(b) for b in (_fwd_plain, _fwd_gqa_causal_fp16, _fwd_mask_bf16, _fwd_empty_keys)],
     OPS.triton_flash_attn_fwd_acc_.default: [

@@ -1,5 +1,5 @@
-"""Context-parallel attention over sequence-sharded tensors (DESIGN section 1, "Sequence sharding across
-ranks"). Process groups are passed explicitly; importing this module changes no global state."""
+"""Context-parallel attention over sequence-sharded tensors (docs/design.md, "Sequence sharding"). Process
+groups are passed explicitly; importing this module changes no global state."""
 
 from ._step import attend_chunk, new_accumulator, plan_chunk
 from .context_parallel import ContextParallel

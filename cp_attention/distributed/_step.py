@@ -2,10 +2,10 @@
 result into a running float32 accumulator. Ring, Ulysses and Unified attention all go through here, so
 causal handling across chunks and the merge order live in one place.
 
-Causal across chunks. Queries and keys carry global positions; with bottom-right alignment (DESIGN section
-1) global query gi sees global key gj iff gj <= gi + Sk_global - Sq_global (for self-attention Sq_global ==
-Sk_global and this is gj <= gi). For a query chunk starting at global position qs and a key chunk starting
-at ks, local query i sees local key j iff j <= i + d with
+Causal across chunks. Queries and keys carry global positions; with bottom-right alignment
+(docs/design.md, "Causal alignment") global query gi sees global key gj iff gj <= gi + Sk_global -
+Sq_global (for self-attention Sq_global == Sk_global and this is gj <= gi). For a query chunk starting
+at global position qs and a key chunk starting at ks, local query i sees local key j iff j <= i + d with
 
     d = causal_offset = qs - ks + (Sk_global - Sq_global).
 
@@ -16,7 +16,7 @@ chunk into at most two kernel calls that each match what the kernel offers:
   keys share their end position, so the kernel's bottom-right causal flag is exactly the global rule;
 - rows with i + d >= Sk see the whole chunk: one non-causal call.
 A chunk wholly in the past (d >= Sk - 1) is a single non-causal call, one wholly in the future
-(d <= -Sq) is skipped. Under the sharding of DESIGN section 1 (q and k/v split alike) every ring step is one
+(d <= -Sq) is skipped. Under the sharding of docs/design.md (q and k/v split alike) every ring step is one
 of these two or the diagonal, where d == Sk - Sq and the band is the whole chunk: one call per step, never
 two. The second call only appears when queries and keys are sharded differently (cross-attention lengths).
 A key-padding mask cannot express the causal rule (it is per key, not per query), hence the row split.
@@ -35,7 +35,7 @@ _OP = "cp_attention.distributed.attend_chunk"
 
 def new_accumulator(q: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """The empty state for q [B, Sq, H, D]: (acc_out zeros [B, Sq, H, D] float32, acc_lse -inf [B, H, Sq]
-    float32), i.e. attention over no key. Kept in float32 whatever q's dtype (DESIGN: merges in float32)."""
+    float32), i.e. attention over no key. Kept in float32 whatever q's dtype (merges run in float32)."""
     B, Sq, H, D = q.shape
     acc_out = torch.zeros((B, Sq, H, D), dtype=torch.float32, device=q.device)
     acc_lse = torch.full((B, H, Sq), float("-inf"), dtype=torch.float32, device=q.device)

@@ -1,13 +1,14 @@
 """ContextParallel: one object that holds a (ring x ulysses) DeviceMesh and routes attention to ring, Ulysses
 or Unified attention, with the helpers that split a global sequence into this rank's chunk and put the
-chunks back together, in the order of DESIGN section 1 (chunk g = torch.tensor_split(x, P, dim)[g] on mesh
-rank g = ring_rank * ulysses_degree + ulysses_rank)."""
+chunks back together, in one order (chunk g = torch.tensor_split(x, P, dim)[g] on mesh
+rank g = ring_rank * ulysses_degree + ulysses_rank; docs/design.md, "Sequence sharding")."""
 
 from __future__ import annotations
 
 import torch
 import torch.distributed as dist
 
+from ._agreement import check_mode, exchange_device
 from .ring import ring_attention
 from .ulysses import ulysses_attention
 from .unified import unified_attention
@@ -36,14 +37,17 @@ class ContextParallel:
             is built over the whole world with init_device_mesh (a collective: every rank must construct
             ContextParallel together, after init_process_group).
         device_type: the mesh's device type when it is built here; default "cuda" under NCCL, else "cpu".
+        backend: the default flash_attn backend of `attention` ("auto": the fastest measured one).
+        check: the default agreement check of `attention`: "once" per signature or "always".
 
     `attention(q, k, v, **kw)` runs ring attention on an (R x 1) mesh, Ulysses on (1 x U), Unified
     otherwise (1 x 1 is the ring over one rank: plain attention). q, k, v are this rank's chunks; see
-    `cp_attention.ring_attention` for shapes and keywords (scale, causal, kv_mask, return_lse).
+    `cp_attention.ring_attention` for shapes and keywords (scale, causal, kv_mask, return_lse, backend,
+    seq_lens, check).
     """
 
     def __init__(self, ring_degree: int | None = None, ulysses_degree: int | None = None, mesh=None, *,
-                 device_type: str | None = None):
+                 device_type: str | None = None, backend: str = "auto", check: str = "once"):
         if not dist.is_available() or not dist.is_initialized():
             raise RuntimeError(f"{_OP}: torch.distributed is not initialised; call "
                                f"torch.distributed.init_process_group first")
@@ -66,6 +70,9 @@ class ContextParallel:
             for name, given, have in (("ring_degree", ring_degree, R), ("ulysses_degree", ulysses_degree, U)):
                 if given is not None and _degree(name, given) != have:
                     raise ValueError(f"{_OP}: {name}={given} does not match the mesh's shape {(R, U)}")
+        if not isinstance(backend, str):
+            raise ValueError(f"{_OP}: backend must be a backend name (str), got {type(backend).__name__}")
+        self.backend, self.check = backend, check_mode(_OP, check)
         self.mesh = mesh
         self.ring_degree, self.ulysses_degree = R, U
         self.ring_group = mesh.get_group("ring")
@@ -95,8 +102,12 @@ class ContextParallel:
     def attention(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, **kwargs):
         """Exact attention over the global sequence whose chunk this rank holds; a collective over the mesh.
         q [B, S_r, H, D], k/v [B, S_r, Hkv, D], keywords scale, causal, kv_mask ([B, S_r] or
-        [B, 1, 1, S_r], True = attend) and return_lse. Returns out [B, S_r, H, D] (and lse [B, H, S_r]
-        float32, natural log, over every key of the global sequence)."""
+        [B, 1, 1, S_r], True = attend), return_lse, backend and check (default: the object's), and
+        seq_lens: the global length (an int; `shard` splits it that way) or every mesh rank's length, in
+        mesh-rank order; stated, a call agreed before moves only its data. Returns out [B, S_r, H, D] (and
+        lse [B, H, S_r] float32, natural log, over every key of the global sequence)."""
+        kwargs.setdefault("backend", self.backend)
+        kwargs.setdefault("check", self.check)
         if self.mode == "ring":
             return ring_attention(q, k, v, group=self.ring_group, **kwargs)
         if self.mode == "ulysses":
@@ -129,8 +140,7 @@ def _gather_uneven(x: torch.Tensor, dim: int, group) -> torch.Tensor:
     n = dist.get_world_size(group)
     if n == 1:
         return x
-    device = x.device if dist.get_backend(group) == "nccl" else torch.device("cpu")
-    sizes = torch.tensor(list(x.shape), dtype=torch.int64, device=device)
+    sizes = torch.tensor(list(x.shape), dtype=torch.int64, device=exchange_device(group))
     all_sizes = [torch.empty_like(sizes) for _ in range(n)]
     dist.all_gather(all_sizes, sizes, group=group)
     shapes = [s.tolist() for s in all_sizes]

@@ -1,5 +1,5 @@
 """Ring attention: exact attention over a sequence sharded across the ranks of a process group, with K/V
-chunks passed peer to peer around the ring (DESIGN section 1, "Sequence sharding across ranks").
+chunks passed peer to peer around the ring (docs/design.md, "Ring").
 
 Each rank holds chunk r of the global sequence (torch.tensor_split order, lengths may differ and may be 0).
 At step t rank r attends its queries to the K/V chunk that started on rank (r - t) mod P and merges the
@@ -7,10 +7,14 @@ partial result into a float32 accumulator; meanwhile that chunk travels on to ra
 step t + 1 arrives from rank r - 1. The transfer for step t + 1 is posted before step t computes and waited
 on after it, so at most two foreign chunks are alive: the one being attended to and the one arriving.
 
-One small all_gather up front carries every rank's shapes, dtype and flags. Receivers learn the length of
-each incoming chunk from it (chunk lengths, and hence global offsets, follow from the step index), and
-every rank checks the others' inputs against its own, so a misuse raises the same kind of ValueError on every
-rank instead of leaving some ranks waiting on a transfer that never comes.
+Receivers size each incoming chunk from the ranks' lengths, stated by the caller (`seq_lens`) or exchanged
+(see _agreement). The loop itself is the op `cp_attention::ring_attn_fwd`, opaque to torch.compile, so a
+compiled model traces through a ring call whole.
+
+A failure inside a step (a kernel error, an allocation failure) does not leave transfers in flight: the
+rank stops computing but keeps its part of the schedule, forwarding and receiving every remaining chunk,
+and raises at the end. The other ranks' results do not depend on its computation and stay exact; with
+check="always" every rank learns of the failure and raises too.
 """
 
 from __future__ import annotations
@@ -21,15 +25,28 @@ import math
 import torch
 import torch.distributed as dist
 
+from cp_attention import ops
 from cp_attention._checks import check_attn_inputs
 
-from ._agreement import DEVICE_CODES, DTYPE_CODES, check_agreement, check_scale, normalize_kv_mask, scale_bits
+from ._agreement import (
+    DEVICE_CODES,
+    DTYPE_CODES,
+    check_group_device,
+    check_mode,
+    check_scale,
+    check_stated_lengths,
+    normalize_kv_mask,
+    raise_if_any_failed,
+    resolve_seq_lens,
+    scale_bits,
+    settle,
+)
 from ._step import attend_chunk, new_accumulator
 
 _OP = "cp_attention.distributed.ring_attention"
 
 
-# The up-front all_gather: one int64 row per rank. "status" is 0 when the rank's own checks passed.
+# The agreement row: one int64 per field. "status" is 0 when the rank's own checks passed.
 _FIELDS = ("status", "B", "Sq", "Sk", "H", "Hkv", "D", "dtype", "device", "causal", "has_mask", "scale")
 
 
@@ -39,29 +56,102 @@ def _new_recv_buffer(nbytes: int, device: torch.device) -> torch.Tensor:
     return torch.empty(nbytes, dtype=torch.uint8, device=device)
 
 
-def _check_local(q, k, v, kv_mask, scale):
-    """This rank's own checks; returns (dims, kv_mask as [B, Sk] or None, scale as a float)."""
-    kv_mask = normalize_kv_mask(_OP, kv_mask)
-    dims = check_attn_inputs(_OP, q, k, v, kv_mask)
-    return dims, kv_mask, check_scale(_OP, scale, dims[-1])
+def require_process_group(op: str, group):
+    """The group to use (None: the default one) after checking that torch.distributed is up and that this
+    process is a member."""
+    if not dist.is_available() or not dist.is_initialized():
+        raise RuntimeError(f"{op}: torch.distributed is not initialised; call "
+                           f"torch.distributed.init_process_group first")
+    group = dist.group.WORLD if group is None else group
+    if dist.get_rank(group) < 0:
+        raise ValueError(f"{op}: this process (global rank {dist.get_rank()}) is not a member of `group`")
+    return group
 
 
-def _meta_device(group, q) -> torch.device:
-    # The exchange runs on the device the K/V transfers use, so that NCCL groups work; before q is known to
-    # be a tensor, fall back on what the group's backend can carry.
-    if isinstance(q, torch.Tensor):
-        return q.device
-    if dist.get_backend(group) == "nccl":
-        return torch.device("cuda", torch.cuda.current_device())
-    return torch.device("cpu")
+def ring_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *,
+                   group: dist.ProcessGroup | None = None, scale: float | None = None, causal: bool = False,
+                   kv_mask: torch.Tensor | None = None, return_lse: bool = False, backend: str = "auto",
+                   seq_lens=None, kv_seq_lens=None, check: str = "once"):
+    """Exact attention over sequence-sharded q, k, v, K/V passed around a ring of the group's ranks.
+
+    Every rank of `group` must call this with its shards (a collective).
+
+    Args:
+        q: [B, Sq_r, H, D], this rank's chunk of the global queries; chunk r of the global sequence lives on
+            group rank r, in torch.tensor_split order (lengths may differ, even be 0). dtype float32,
+            float16 or bfloat16; last dimension contiguous.
+        k, v: [B, Sk_r, Hkv, D], this rank's chunk of the global keys/values, same rules as q (Sk_r may
+            differ from Sq_r, e.g. for cross-attention). q's dtype and device.
+        group: the process group of the ring (None: the default group). Ring neighbours are group ranks
+            r - 1 and r + 1, mapped to global ranks for the transfers.
+        scale: multiplies q.k; defaults to 1 / sqrt(D). Must be the same on every rank.
+        causal: bottom-right causal over the global sequences (global query i sees global key j iff
+            j <= i + Sk - Sq; for self-attention j <= i).
+        kv_mask: bool [B, Sk_r] or [B, 1, 1, Sk_r], True = attend: this rank's slice of the key-padding
+            mask. It travels with its K/V chunk. Given on every rank or on none.
+        return_lse: also return the LSE.
+        backend: the flash_attn backend for the local attention ("auto": the fastest measured one, and
+            the fused attend-and-merge kernel where the library has one).
+        seq_lens: the ranks' query lengths, the same on every rank: the global length (an int, split as
+            torch.tensor_split splits it) or a list of per-rank lengths. Stated, it spares the exchange
+            of lengths, so a call with a signature agreed before moves only K/V, and torch.compile traces
+            the call whole. None: the lengths are exchanged on every call.
+        kv_seq_lens: the same for k/v; defaults to seq_lens (self-attention).
+        check: "once" (agreement checked once per signature) or "always" (on every call, and a failure
+            on any rank raises on every rank).
+
+    Returns:
+        out [B, Sq_r, H, D] in q's dtype (contiguous); with return_lse also lse [B, H, Sq_r] float32 over the
+        whole global key sequence. Rows that see no key: out 0, lse -inf. The result does not depend on
+        timing: partial results are merged in step order.
+
+    Raises:
+        ValueError on every rank of the group when any rank's inputs are invalid or the ranks disagree on
+        B, H, Hkv, D, dtype, device type, causal, the presence of kv_mask, scale or the stated lengths
+        (once per signature unless check="always").
+    """
+    group = require_process_group(_OP, group)
+    P, r = dist.get_world_size(group), dist.get_rank(group)
+    check = check_mode(_OP, check)
+    q_stated = resolve_seq_lens(_OP, "seq_lens", seq_lens, P)
+    k_stated = resolve_seq_lens(_OP, "kv_seq_lens", kv_seq_lens, P) if kv_seq_lens is not None else q_stated
+
+    # Local checks first, but their failure is only raised after the exchange: the other ranks are waiting
+    # in it, and they must learn that this rank will not take part in the ring.
+    error, row, key = None, [1] + [0] * (len(_FIELDS) - 1), None
+    try:
+        kv_mask = normalize_kv_mask(_OP, kv_mask)
+        B, Sq, Sk, H, Hkv, D = check_attn_inputs(_OP, q, k, v, kv_mask)
+        scale = check_scale(_OP, scale, D)
+        check_group_device(_OP, group, q)
+        _check_own_lengths(q_stated, k_stated, r, Sq, Sk, kv_seq_lens is None)
+        row = [0, B, Sq, Sk, H, Hkv, D, DTYPE_CODES[q.dtype], DEVICE_CODES.get(q.device.type, 99),
+               int(bool(causal)), int(kv_mask is not None), scale_bits(scale)]
+        if q_stated is not None:
+            key = ("ring", q_stated, k_stated, *row[1:2], *row[4:])
+    except (ValueError, TypeError) as e:
+        error = e
+
+    def stated_match(metas):
+        check_stated_lengths(_OP, "seq_lens", q_stated, "Sq", metas)
+        check_stated_lengths(_OP, "kv_seq_lens" if kv_seq_lens is not None else "seq_lens", k_stated, "Sk",
+                             metas)
+
+    metas = settle(_OP, group, _FIELDS, row, error, key, check, stated_match)
+    q_lens = list(q_stated) if metas is None else [m["Sq"] for m in metas]
+    k_lens = list(k_stated) if metas is None else [m["Sk"] for m in metas]
+    out, lse = ops.ring_attn_fwd(q, k, v, kv_mask, q_lens, k_lens, group.group_name, scale, bool(causal),
+                                 backend, check == "always")
+    return (out, lse) if return_lse else out
 
 
-def _exchange_meta(group, q, row: list[int]) -> list[dict[str, int]]:
-    P = dist.get_world_size(group)
-    mine = torch.tensor(row, dtype=torch.int64, device=_meta_device(group, q))
-    rows = [torch.empty_like(mine) for _ in range(P)]
-    dist.all_gather(rows, mine, group=group)
-    return [dict(zip(_FIELDS, r.tolist())) for r in rows]
+def _check_own_lengths(q_stated, k_stated, r: int, Sq: int, Sk: int, kv_defaulted: bool):
+    if q_stated is not None and Sq != q_stated[r]:
+        raise ValueError(f"{_OP}: seq_lens gives this rank (group rank {r}) {q_stated[r]} queries, but q "
+                         f"has {Sq}")
+    if k_stated is not None and Sk != k_stated[r]:
+        name = "seq_lens (kv_seq_lens defaults to it)" if kv_defaulted else "kv_seq_lens"
+        raise ValueError(f"{_OP}: {name} gives this rank (group rank {r}) {k_stated[r]} keys, but k has {Sk}")
 
 
 def _pack(k: torch.Tensor, v: torch.Tensor, kv_mask: torch.Tensor | None) -> torch.Tensor:
@@ -88,62 +178,14 @@ def _unpack(buf: torch.Tensor, kv_shape: tuple[int, ...], dtype: torch.dtype, ha
     return k, v, m
 
 
-def ring_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *,
-                   group: dist.ProcessGroup | None = None, scale: float | None = None, causal: bool = False,
-                   kv_mask: torch.Tensor | None = None, return_lse: bool = False, backend: str = "auto"):
-    """Exact attention over sequence-sharded q, k, v, K/V passed around a ring of the group's ranks.
-
-    Every rank of `group` must call this with its shards (a collective).
-
-    Args:
-        q: [B, Sq_r, H, D], this rank's chunk of the global queries; chunk r of the global sequence lives on
-            group rank r, in torch.tensor_split order (lengths may differ, even be 0).
-        k, v: [B, Sk_r, Hkv, D], this rank's chunk of the global keys/values, same rules as q (Sk_r may
-            differ from Sq_r, e.g. for cross-attention). dtype, device and layout as for flash_attn.
-        group: the process group of the ring (None: the default group). Ring neighbours are group ranks
-            r - 1 and r + 1, mapped to global ranks for the transfers.
-        scale: multiplies q.k; defaults to 1 / sqrt(D). Must be the same on every rank.
-        causal: bottom-right causal over the global sequences (global query i sees global key j iff
-            j <= i + Sk - Sq; for self-attention j <= i).
-        kv_mask: bool [B, Sk_r] or [B, 1, 1, Sk_r], True = attend: this rank's slice of the key-padding
-            mask. It travels with its K/V chunk. Given on every rank or on none.
-        return_lse: also return the LSE.
-        backend: the flash_attn backend for the local attention ("auto": the fastest, and the fused
-            attend-and-merge kernel when the library has one).
-
-    Returns:
-        out [B, Sq_r, H, D] in q's dtype (contiguous); with return_lse also lse [B, H, Sq_r] float32 over the
-        whole global key sequence. Rows that see no key: out 0, lse -inf. The result does not depend on
-        timing: partial results are merged in step order.
-
-    Raises:
-        ValueError on every rank of the group when any rank's inputs are invalid or the ranks disagree on
-        B, H, Hkv, D, dtype, device type, causal, the presence of kv_mask or scale.
-    """
-    if not dist.is_available() or not dist.is_initialized():
-        raise RuntimeError(f"{_OP}: torch.distributed is not initialised; call "
-                           f"torch.distributed.init_process_group first")
-    group = dist.group.WORLD if group is None else group
-    P, r = dist.get_world_size(group), dist.get_rank(group)
-    if r < 0:
-        raise ValueError(f"{_OP}: this process (global rank {dist.get_rank()}) is not a member of `group`")
-
-    # Local checks first, but their failure is only raised after the exchange: the other ranks are waiting
-    # in it, and they must learn that this rank will not take part in the ring.
-    error, row = None, [1] + [0] * (len(_FIELDS) - 1)
-    try:
-        (B, Sq, Sk, H, Hkv, D), kv_mask, scale = _check_local(q, k, v, kv_mask, scale)
-        row = [0, B, Sq, Sk, H, Hkv, D, DTYPE_CODES[q.dtype], DEVICE_CODES.get(q.device.type, 99),
-               int(bool(causal)), int(kv_mask is not None), scale_bits(scale)]
-    except (ValueError, TypeError) as e:
-        error = e
-    metas = _exchange_meta(group, q, row)
-    if error is not None:
-        raise error
-    check_agreement(_OP, metas)
-
-    q_lens = [m["Sq"] for m in metas]
-    k_lens = [m["Sk"] for m in metas]
+def run_ring(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, kv_mask: torch.Tensor | None,
+             q_lens: list[int], k_lens: list[int], group_name: str, scale: float, causal: bool, backend: str,
+             check_always: bool) -> tuple[torch.Tensor, torch.Tensor]:
+    """The ring loop behind `cp_attention::ring_attn_fwd` (inputs checked and agreed by ring_attention)."""
+    group = dist.distributed_c10d._resolve_process_group(group_name)
+    P, r = group.size(), group.rank()
+    B, _, H, D = q.shape
+    Hkv = k.shape[2]
     q_start = sum(q_lens[:r])
     k_starts = [sum(k_lens[:i]) for i in range(P)]
     shift = sum(k_lens) - sum(q_lens)  # bottom-right alignment of the global sequences
@@ -154,8 +196,9 @@ def ring_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *,
     def chunk_bytes(i: int) -> int:
         return 2 * B * k_lens[i] * Hkv * D * elem + (B * k_lens[i] if has_mask else 0)
 
-    send_to = dist.get_global_rank(group, (r + 1) % P)
-    recv_from = dist.get_global_rank(group, (r - 1) % P)
+    # One rank has no hop to make (and a group made outside torch.distributed's registry has no global ranks).
+    send_to = dist.get_global_rank(group, (r + 1) % P) if P > 1 else None
+    recv_from = dist.get_global_rank(group, (r - 1) % P) if P > 1 else None
 
     # On CUDA the transfers run on a side stream that waits only for the data it sends (an event after the
     # packing at step 0; later chunks arrive on this stream anyway), not for the attention kernels queued on
@@ -166,6 +209,7 @@ def ring_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *,
     comm_stream = torch.cuda.Stream(device) if device.type == "cuda" else None
 
     acc_out, acc_lse = new_accumulator(q)
+    failure = None  # the first exception of a step; the rank then only forwards and receives
     # Packed bytes of the chunk attended at this step: at step 0 the local chunk, packed only to be sent on
     # (the step itself reads k, v directly); None for an empty chunk, which is never sent.
     held = None
@@ -174,24 +218,28 @@ def ring_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *,
         works, incoming = [], None
         if t + 1 < P:
             # Post the hop for step t + 1: the chunk attended now goes on to r + 1 and chunk (src - 1)
-            # comes in from r - 1. Both ends know a chunk's size from the table, so an empty chunk is
+            # comes in from r - 1. Both ends know a chunk's size from the lengths, so an empty chunk is
             # simply not sent (nor expected).
             if t == 0 and chunk_bytes(src) > 0:
                 held = _pack(k, v, kv_mask)
             works, incoming = _post_hop(held, chunk_bytes(src), chunk_bytes((src - 1) % P), send_to,
                                         recv_from, group, device, compute_stream, comm_stream, first=t == 0)
 
-        if t == 0:
-            k_t, v_t, m_t = k, v, kv_mask
-        elif held is None:  # an empty chunk (nothing was sent): attend_chunk skips it
-            k_t = v_t = q.new_empty((B, k_lens[src], Hkv, D))
-            m_t = None
-        else:
-            k_t, v_t, m_t = _unpack(held, (B, k_lens[src], Hkv, D), dtype, has_mask)
-        offset = q_start - k_starts[src] + shift if causal else None
-        attend_chunk(q, k_t, v_t, acc_out, acc_lse, scale=scale, causal_offset=offset, kv_mask_chunk=m_t,
-                     backend=backend)
-        del k_t, v_t, m_t  # views keep their buffer alive: drop them before the buffer is replaced
+        if failure is None:
+            try:
+                if t == 0:
+                    k_t, v_t, m_t = k, v, kv_mask
+                elif held is None:  # an empty chunk (nothing was sent): attend_chunk skips it
+                    k_t = v_t = q.new_empty((B, k_lens[src], Hkv, D))
+                    m_t = None
+                else:
+                    k_t, v_t, m_t = _unpack(held, (B, k_lens[src], Hkv, D), dtype, has_mask)
+                offset = q_start - k_starts[src] + shift if causal else None
+                attend_chunk(q, k_t, v_t, acc_out, acc_lse, scale=scale, causal_offset=offset,
+                             kv_mask_chunk=m_t, backend=backend)
+            except Exception as e:  # noqa: BLE001 (kept, the schedule finished, then raised)
+                failure = e
+            k_t = v_t = m_t = None  # views keep their buffer alive: drop them before the buffer is replaced
 
         if t + 1 < P:
             _wait_hop(works, compute_stream, comm_stream)
@@ -200,8 +248,12 @@ def ring_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *,
             held = incoming  # the chunk attended at step t is released here
             del works, incoming
 
+    if check_always:
+        raise_if_any_failed(_OP, [group], failure)
+    elif failure is not None:
+        raise failure
     out = acc_out if dtype == torch.float32 else acc_out.to(dtype)
-    return (out, acc_lse) if return_lse else out
+    return out, acc_lse
 
 
 def _post_hop(send_buf, send_bytes, recv_bytes, send_to, recv_from, group, device, compute_stream,
@@ -212,12 +264,12 @@ def _post_hop(send_buf, send_bytes, recv_bytes, send_to, recv_from, group, devic
         comm_stream.wait_stream(compute_stream)  # the local chunk was packed on the compute stream
     with ctx:
         incoming = _new_recv_buffer(recv_bytes, device) if recv_bytes > 0 else None
-        ops = []
+        ops_ = []
         if send_bytes > 0:
-            ops.append(dist.P2POp(dist.isend, send_buf, send_to, group))
+            ops_.append(dist.P2POp(dist.isend, send_buf, send_to, group))
         if incoming is not None:
-            ops.append(dist.P2POp(dist.irecv, incoming, recv_from, group))
-        works = dist.batch_isend_irecv(ops) if ops else []
+            ops_.append(dist.P2POp(dist.irecv, incoming, recv_from, group))
+        works = dist.batch_isend_irecv(ops_) if ops_ else []
     return works, incoming
 
 
@@ -230,4 +282,3 @@ def _wait_hop(works, compute_stream, comm_stream):
         for w in works:
             w.wait()  # NCCL: makes the side stream wait for the transfer, without blocking the host
     compute_stream.wait_stream(comm_stream)
-

@@ -1,5 +1,5 @@
 """Ulysses attention: exact attention over a sequence sharded across the ranks of a process group, by
-trading the sequence split for a head split (DESIGN section 1, "Sequence sharding across ranks").
+trading the sequence split for a head split (docs/design.md, "Ulysses").
 
 Rank r holds sequence chunk r (torch.tensor_split order; lengths may differ, even be 0) of q, k, v with all
 heads. One all-to-all (`cp_attention::a2a_seq_to_head`, q, k and v packed into one buffer) gives rank r
@@ -11,10 +11,10 @@ heads split as Hkv / P per rank when P divides Hkv; when Hkv divides P (e.g. MQA
 head its query heads read, kv head r // (P // Hkv), so P // Hkv ranks carry a copy of it. Other Hkv raise
 ValueError.
 
-As in ring attention, one small all_gather up front carries every rank's shapes, dtype and flags, so a
-misuse raises the same kind of ValueError on every rank instead of leaving some ranks in an all-to-all that
-never completes. Under torch.compile that exchange runs once, while tracing (its result, the ranks' lengths,
-is a constant of the graph); a change of this rank's shapes retraces and so exchanges again.
+The ranks' lengths are stated (`seq_lens`) or exchanged, and their agreement settled once per signature
+(see _agreement). A failure of the attention between the two all-to-alls does not strand the other ranks:
+the failed rank still takes part in the second one, sending NaN for its heads, then raises; with
+check="always" every rank raises.
 """
 
 from __future__ import annotations
@@ -29,42 +29,50 @@ from cp_attention._checks import check_attn_inputs
 from ._agreement import (
     DEVICE_CODES,
     DTYPE_CODES,
-    bits_scale,
-    check_agreement,
+    check_group_device,
+    check_mode,
     check_scale,
+    check_stated_lengths,
     normalize_kv_mask,
+    raise_if_any_failed,
+    resolve_seq_lens,
     scale_bits,
+    settle,
 )
+from .ring import require_process_group
 
 _OP = "cp_attention.distributed.ulysses_attention"
 
-# The up-front all_gather: one int64 row per rank. "status" is 0 when the rank's own checks passed.
-_FIELDS = ("status", "B", "S", "H", "Hkv", "D", "dtype", "device", "causal", "has_mask", "scale")
+# The agreement row: one int64 per field. "status" is 0 when the rank's own checks passed.
+FIELDS = ("status", "B", "S", "H", "Hkv", "D", "dtype", "device", "causal", "has_mask", "scale")
 
 
-def _check_local(q, k, v, kv_mask, scale, op: str = _OP):
-    """This rank's own checks; returns (dims, kv_mask as [B, S] or None, scale as a float)."""
+def check_local(op: str, group, q, k, v, kv_mask, scale, causal, stated, r: int):
+    """This rank's own checks; returns (row of FIELDS, kv_mask as [B, S] or None, scale as a float)."""
     kv_mask = normalize_kv_mask(op, kv_mask)
-    dims = check_attn_inputs(op, q, k, v, kv_mask)
-    if dims[1] != dims[2]:
+    B, Sq, Sk, H, Hkv, D = check_attn_inputs(op, q, k, v, kv_mask)
+    if Sq != Sk:
         raise ValueError(f"{op}: q and k/v must be chunks of one sequence (self-attention), got q "
                          f"{list(q.shape)}, k {list(k.shape)}")
-    return dims, kv_mask, check_scale(op, scale, dims[-1])
+    scale = check_scale(op, scale, D)
+    check_group_device(op, group, q)
+    if stated is not None and Sq != stated[r]:
+        raise ValueError(f"{op}: seq_lens gives this rank {stated[r]} positions (rank {r} of the Ulysses "
+                         f"group), but q has {Sq}")
+    row = (0, B, Sq, H, Hkv, D, DTYPE_CODES[q.dtype], DEVICE_CODES.get(q.device.type, 99), int(bool(causal)),
+           int(kv_mask is not None), scale_bits(scale))
+    return row, kv_mask, scale
 
 
-@torch._dynamo.assume_constant_result
-def _exchange_meta(group_name: str, row: tuple[int, ...]) -> tuple[tuple[int, ...], ...]:
-    """Every rank's row, gathered. Plain ints in and out, so that torch.compile can run it while tracing
-    and keep its result as a constant (a collective cannot be part of the traced graph's shape logic)."""
-    group = dist.distributed_c10d._resolve_process_group(group_name)
-    P = group.size()
-    # NCCL carries CUDA tensors only; decided by the group, since a rank whose inputs failed has no device.
-    nccl = dist.get_backend(group) == "nccl"
-    device = torch.device("cuda", torch.cuda.current_device()) if nccl else torch.device("cpu")
-    mine = torch.tensor(row, dtype=torch.int64, device=device)
-    rows = [torch.empty_like(mine) for _ in range(P)]
-    dist.all_gather(rows, mine, group=group)
-    return tuple(tuple(r.tolist()) for r in rows)
+def failed_row() -> tuple[int, ...]:
+    return (1,) + (0,) * (len(FIELDS) - 1)
+
+
+def head_split_check(op: str, P: int):
+    def validate(metas):
+        # The same on every rank, since H and Hkv agree.
+        ops.ulysses_head_split(op, metas[0]["H"], metas[0]["Hkv"], P)
+    return validate
 
 
 @torch._dynamo.assume_constant_result
@@ -74,28 +82,42 @@ def _auto_backend(device_type: str) -> str:
     return cp_attention.available_backends(device_type)[0]
 
 
-def row_of(q, B, S, H, Hkv, D, causal, kv_mask, scale) -> tuple[int, ...]:
-    """This rank's row of the up-front exchange (_FIELDS), its own checks passed."""
-    return (0, B, S, H, Hkv, D, DTYPE_CODES[q.dtype], DEVICE_CODES.get(q.device.type, 99), int(bool(causal)),
-            int(kv_mask is not None), scale_bits(scale))
+def resolve_backend(backend: str, device_type: str) -> str:
+    return _auto_backend(device_type) if backend == "auto" else backend
 
 
-def _check_agreement(metas: list[dict[str, int]], P: int, op: str = _OP):
-    """Raises the same ValueError on every rank when the ranks' inputs are not shards of one problem."""
-    check_agreement(op, metas)
-    # The same on every rank, since H and Hkv agree.
-    ops.ulysses_head_split(op, metas[0]["H"], metas[0]["Hkv"], P)
+def attend_heads(attend, out_like: torch.Tensor, heads: int) -> tuple[tuple, BaseException | None]:
+    """Runs `attend()` -> (out [B, S, heads, D], lse [B, heads, S]) between two all-to-alls. In eager code a
+    failure is kept, not raised, and NaN stands in for the result, so that this rank still takes part in
+    the all-to-all that follows (the other ranks wait in it); the caller raises after it."""
+    if torch.compiler.is_compiling():
+        return attend(), None
+    try:
+        return attend(), None
+    except Exception as e:  # noqa: BLE001 (raised by the caller once the collective is done)
+        B, S, _, D = out_like.shape
+        nan_out = out_like.new_full((B, S, heads, D), float("nan"))
+        nan_lse = out_like.new_full((B, heads, S), float("nan"), dtype=torch.float32)
+        return (nan_out, nan_lse), e
+
+
+def finish(op: str, groups, failure: BaseException | None, check: str) -> None:
+    if check == "always":
+        raise_if_any_failed(op, groups, failure)
+    elif failure is not None:
+        raise failure
 
 
 def ulysses_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *,
                       group: dist.ProcessGroup | None = None, scale: float | None = None,
-                      causal: bool = False, kv_mask: torch.Tensor | None = None, return_lse: bool = False):
+                      causal: bool = False, kv_mask: torch.Tensor | None = None, return_lse: bool = False,
+                      backend: str = "auto", seq_lens=None, check: str = "once"):
     """Exact attention over sequence-sharded q, k, v by two all-to-alls (Ulysses); a collective over `group`.
 
     Args:
         q, k, v: [B, S_r, H, D] and [B, S_r, Hkv, D], this rank's chunk of the global sequence (chunk r on
             group rank r, torch.tensor_split order; lengths may differ between ranks, even be 0). q and k/v
-            share S_r (self-attention). dtype, device and layout as for flash_attn.
+            share S_r (self-attention). dtype float32, float16 or bfloat16, one device, last dim contiguous.
         group: the process group (None: the default group); the Ulysses degree is its size P. H must be
             divisible by P (uneven head splits raise ValueError), and Hkv a multiple or a divisor of P.
         scale: multiplies q.k; defaults to 1 / sqrt(D). Must be the same on every rank.
@@ -103,6 +125,14 @@ def ulysses_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *,
         kv_mask: bool [B, S_r] or [B, 1, 1, S_r], True = attend: this rank's slice of the key-padding mask
             (gathered to the whole sequence, it is small). Given on every rank or on none.
         return_lse: also return the LSE.
+        backend: the flash_attn backend for the attention over whole sequences ("auto": the fastest
+            measured one for the device).
+        seq_lens: the ranks' lengths, the same on every rank: the global length (an int, split as
+            torch.tensor_split splits it) or a list of per-rank lengths. Stated, a call whose signature
+            was agreed before runs only its all-to-alls, and torch.compile traces it with fullgraph=True.
+            None: the lengths are exchanged on every call (outside the graph under torch.compile).
+        check: "once" (agreement checked once per signature) or "always" (every call, and a failure on
+            any rank raises on every rank).
 
     Returns:
         out [B, S_r, H, D] in q's dtype; with return_lse also lse [B, H, S_r] float32 over the whole global
@@ -110,39 +140,42 @@ def ulysses_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *,
 
     Raises:
         ValueError on every rank of the group when any rank's inputs are invalid, the ranks disagree on B,
-        H, Hkv, D, dtype, device type, causal, the presence of kv_mask or scale, or the heads cannot be
-        split across the group.
+        H, Hkv, D, dtype, device type, causal, the presence of kv_mask, scale or the stated lengths, or the
+        heads cannot be split across the group (once per signature unless check="always").
     """
-    if not dist.is_available() or not dist.is_initialized():
-        raise RuntimeError(f"{_OP}: torch.distributed is not initialised; call "
-                           f"torch.distributed.init_process_group first")
-    group = dist.group.WORLD if group is None else group
+    group = require_process_group(_OP, group)
     P, r = dist.get_world_size(group), dist.get_rank(group)
-    if r < 0:
-        raise ValueError(f"{_OP}: this process (global rank {dist.get_rank()}) is not a member of `group`")
-    group_name = group.group_name
+    check = check_mode(_OP, check)
+    stated = resolve_seq_lens(_OP, "seq_lens", seq_lens, P)
 
     # Local checks first, their failure raised only after the exchange, which the other ranks wait in.
-    error, row = None, (1,) + (0,) * (len(_FIELDS) - 1)
+    error, row, key = None, failed_row(), None
     try:
-        (B, Sq, _, H, Hkv, D), kv_mask, scale = _check_local(q, k, v, kv_mask, scale)
-        row = row_of(q, B, Sq, H, Hkv, D, causal, kv_mask, scale)
+        row, kv_mask, scale = check_local(_OP, group, q, k, v, kv_mask, scale, causal, stated, r)
+        if stated is not None:
+            key = ("ulysses", stated, *row[1:2], *row[3:])
     except (ValueError, TypeError) as e:
         error = e
-    metas = [dict(zip(_FIELDS, m)) for m in _exchange_meta(group_name, row)]
-    if error is not None:
-        raise error
-    _check_agreement(metas, P)
-    seq_lens = [m["S"] for m in metas]
-    scale = bits_scale(row[-1])
+    head_split = head_split_check(_OP, P)
+
+    def validate(metas):
+        head_split(metas)
+        check_stated_lengths(_OP, "seq_lens", stated, "S", metas)
+
+    metas = settle(_OP, group, FIELDS, row, error, key, check, validate)
+    seq_lens = list(stated) if metas is None else [m["S"] for m in metas]
+    group_name = group.group_name
+    backend = resolve_backend(backend, q.device.type)
 
     parts = ops.a2a_seq_to_head(q, k, v, kv_mask, seq_lens, group_name)
     q_h, k_h, v_h = parts[:3]
     mask_all = parts[3] if kv_mask is not None else None
     # Whole sequences on both sides, so the kernel's bottom-right causal rule is the global one.
-    out_h, lse_h = cp_attention.flash_attn(q_h, k_h, v_h, scale=scale, causal=causal, kv_mask=mask_all,
-                                           return_lse=True, backend=_auto_backend(q.device.type))
+    (out_h, lse_h), failure = attend_heads(
+        lambda: cp_attention.flash_attn(q_h, k_h, v_h, scale=scale, causal=causal, kv_mask=mask_all,
+                                        return_lse=True, backend=backend), q_h, q_h.shape[2])
     back = ops.a2a_head_to_seq(out_h, lse_h if return_lse else None, seq_lens, group_name)
+    finish(_OP, [group], failure, check)
     return (back[0], back[1]) if return_lse else back[0]
 
 

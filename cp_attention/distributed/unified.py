@@ -1,5 +1,5 @@
-"""Unified (Ulysses x Ring, "USP") attention on a 2D mesh (DESIGN section 1): Ulysses inside each row of the
-mesh, ring across rows.
+"""Unified (Ulysses x Ring, "USP") attention on a 2D mesh (docs/design.md, "Unified"): Ulysses inside each
+row of the mesh, ring across rows.
 
 The mesh has shape (ring_degree, ulysses_degree) with Ulysses the inner dimension, global rank
 ring_rank * ulysses_degree + ulysses_rank. The ranks of one row therefore hold consecutive chunks of the
@@ -7,6 +7,10 @@ global sequence, and after the row's seq -> head all-to-all every rank of the ro
 segment for H / ulysses_degree heads. Those segments are in ring-rank order along the sequence, so ring
 attention over the column group (same ulysses rank, one per row) with them is exact, causal included; a
 head -> seq all-to-all brings the output back. 1 x P is plain Ulysses and P x 1 plain ring.
+
+Agreement: the row's ranks settle theirs as Ulysses does; the column then settles the rows' segments (the
+ring's view), carrying a row's failure along, so no row is left waiting. Both are settled once per
+signature when the lengths are stated (see _agreement).
 """
 
 from __future__ import annotations
@@ -16,8 +20,16 @@ import torch.distributed as dist
 
 from cp_attention import ops
 
-from .ring import ring_attention
-from .ulysses import _FIELDS, _check_agreement, _check_local, _exchange_meta, row_of
+from ._agreement import (
+    check_agreement,
+    check_mode,
+    check_stated_lengths,
+    exchange_rows,
+    is_agreed,
+    remember,
+    resolve_seq_lens,
+)
+from .ulysses import FIELDS, attend_heads, check_local, failed_row, finish, head_split_check, resolve_backend
 
 _OP = "cp_attention.distributed.unified_attention"
 
@@ -25,17 +37,22 @@ _OP = "cp_attention.distributed.unified_attention"
 def unified_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *,
                       ring_group: dist.ProcessGroup,
                       ulysses_group: dist.ProcessGroup, scale: float | None = None, causal: bool = False,
-                      kv_mask: torch.Tensor | None = None, return_lse: bool = False):
+                      kv_mask: torch.Tensor | None = None, return_lse: bool = False, backend: str = "auto",
+                      seq_lens=None, check: str = "once"):
     """Exact attention over sequence-sharded q, k, v on a (ring x ulysses) mesh; collective over both groups.
 
     Args:
         q, k, v: [B, S_r, H, D] and [B, S_r, Hkv, D], this rank's chunk of the global sequence (chunk g on
             global mesh rank g = ring_rank * ulysses_degree + ulysses_rank, torch.tensor_split order; lengths
-            may differ, even be 0). dtype, device and layout as for flash_attn.
+            may differ, even be 0). dtype float32, float16 or bfloat16, one device, last dim contiguous.
         ring_group: this rank's column of the mesh (the ranks with its ulysses rank, one per row, in row
             order). ulysses_group: this rank's row. H must be divisible by the row size; Hkv a multiple or
             a divisor of it.
-        scale, causal, kv_mask ([B, S_r] or [B, 1, 1, S_r]), return_lse: as for ulysses_attention.
+        scale, causal, kv_mask ([B, S_r] or [B, 1, 1, S_r]), return_lse, backend, check: as for
+            ulysses_attention.
+        seq_lens: the global length (an int, split in ring_degree * ulysses_degree chunks as
+            torch.tensor_split splits it) or the list of every mesh rank's length, in mesh-rank order; the
+            same on every rank. None: the lengths are exchanged on every call.
 
     Returns:
         out [B, S_r, H, D] in q's dtype; with return_lse also lse [B, H, S_r] float32 over the whole global
@@ -44,52 +61,79 @@ def unified_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *,
     Raises:
         ValueError on every rank of the mesh when any rank's inputs are invalid or the ranks disagree.
     """
-    if not dist.is_available() or not dist.is_initialized():
-        raise RuntimeError(f"{_OP}: torch.distributed is not initialised; call "
-                           f"torch.distributed.init_process_group first")
-    U = dist.get_world_size(ulysses_group)
-    if dist.get_rank(ulysses_group) < 0 or dist.get_rank(ring_group) < 0:
-        raise ValueError(f"{_OP}: this process (global rank {dist.get_rank()}) must be a member of both "
-                         f"ring_group and ulysses_group")
-    ulysses_name = ulysses_group.group_name
+    from .ring import require_process_group
 
-    # Row-level checks; their outcome is then shared along the column, so that a failing row cannot leave
-    # the other rows waiting in the ring's first exchange.
-    error = None
+    ulysses_group = require_process_group(_OP, ulysses_group)
+    ring_group = require_process_group(_OP, ring_group)
+    U, R = dist.get_world_size(ulysses_group), dist.get_world_size(ring_group)
+    ur, rr = dist.get_rank(ulysses_group), dist.get_rank(ring_group)
+    check = check_mode(_OP, check)
+    stated = resolve_seq_lens(_OP, "seq_lens", seq_lens, R * U)
+    row_stated = None if stated is None else stated[rr * U:(rr + 1) * U]
+    segs_stated = None if stated is None else tuple(sum(stated[i * U:(i + 1) * U]) for i in range(R))
+
+    error, row, key = None, failed_row(), None
     try:
-        (B, S, _, H, Hkv, D), kv_mask, scale = _check_local(q, k, v, kv_mask, scale, _OP)
-        row = row_of(q, B, S, H, Hkv, D, causal, kv_mask, scale)
+        row, kv_mask, scale = check_local(_OP, ulysses_group, q, k, v, kv_mask, scale, causal, row_stated, ur)
+        if stated is not None:
+            key = ("unified", stated, *row[1:2], *row[3:])
     except (ValueError, TypeError) as e:
-        error, row = e, (1,) + (0,) * (len(_FIELDS) - 1)
-    metas = [dict(zip(_FIELDS, m)) for m in _exchange_meta(ulysses_name, row)]
-    if error is None:
-        try:
-            _check_agreement(metas, U, _OP)
-        except ValueError as e:
-            error = e
-    flags = [torch.zeros(1, dtype=torch.int64, device=_flag_device(ring_group))
-             for _ in range(dist.get_world_size(ring_group))]
-    dist.all_gather(flags, torch.full_like(flags[0], int(error is not None)), group=ring_group)
-    if error is not None:
-        raise error
-    if any(int(f) for f in flags):
-        raise ValueError(f"{_OP}: ranks in other rows of the mesh rejected their inputs (each raised a "
-                         f"ValueError saying why); every rank must pass valid shards of one problem")
-    seq_lens = [m["S"] for m in metas]
+        error = e
 
-    parts = ops.a2a_seq_to_head(q, k, v, kv_mask, seq_lens, ulysses_name)
+    if torch.compiler.is_compiling():
+        needed = key is None
+    else:
+        needed = (check == "always" or key is None or not is_agreed(ulysses_group, key)
+                  or not is_agreed(ring_group, key))
+    if needed:
+        row_lens, seg_lens = _settle_mesh(row, error, R, U, row_stated, segs_stated, ulysses_group,
+                                          ring_group)
+        if key is not None and not torch.compiler.is_compiling():
+            remember(ulysses_group, key)
+            remember(ring_group, key)
+    else:
+        if error is not None:
+            raise error
+        row_lens, seg_lens = list(row_stated), list(segs_stated)
+
+    ulysses_name = ulysses_group.group_name
+    backend = resolve_backend(backend, q.device.type)
+    parts = ops.a2a_seq_to_head(q, k, v, kv_mask, row_lens, ulysses_name)
     q_h, k_h, v_h = parts[:3]
     mask_row = parts[3] if kv_mask is not None else None
-    out_h, lse_h = ring_attention(q_h, k_h, v_h, group=ring_group, scale=scale, causal=causal,
-                                  kv_mask=mask_row, return_lse=True)
-    back = ops.a2a_head_to_seq(out_h, lse_h if return_lse else None, seq_lens, ulysses_name)
+    # The ring's failure handling keeps the column's transfers whole; the row's all-to-all needs this rank
+    # too, so a failure is raised only after it.
+    (out_h, lse_h), failure = attend_heads(
+        lambda: ops.ring_attn_fwd(q_h, k_h, v_h, mask_row, seg_lens, seg_lens, ring_group.group_name,
+                                  scale, bool(causal), backend, False), q_h, q_h.shape[2])
+    back = ops.a2a_head_to_seq(out_h, lse_h if return_lse else None, row_lens, ulysses_name)
+    finish(_OP, [ring_group, ulysses_group], failure, check)
     return (back[0], back[1]) if return_lse else back[0]
 
 
-def _flag_device(group) -> torch.device:
-    if dist.get_backend(group) == "nccl":
-        return torch.device("cuda", torch.cuda.current_device())
-    return torch.device("cpu")
+def _settle_mesh(row, error, R: int, U: int, row_stated, segs_stated, ulysses_group, ring_group):
+    """The row's exchange, then the column's over the rows' segments; every rank raises the same error
+    when any rank of the mesh failed its checks or the mesh disagrees. Returns (row lengths, segments)."""
+    metas = exchange_rows(ulysses_group, FIELDS, row)
+    if error is None:
+        try:
+            check_agreement(_OP, metas)
+            head_split_check(_OP, U)(metas)
+            check_stated_lengths(_OP, "seq_lens", row_stated, "S", metas)
+        except ValueError as e:
+            error = e
+    # The column's row for this rank: its row's segment (length summed over the row) with the row's agreed
+    # facts, or a failed status.
+    seg_row = failed_row() if error is not None else (0, row[1], sum(m["S"] for m in metas), *row[3:])
+    col = exchange_rows(ring_group, FIELDS, seg_row)
+    if error is not None:
+        raise error
+    if any(m["status"] for m in col):
+        raise ValueError(f"{_OP}: ranks in other rows of the mesh rejected their inputs (each raised a "
+                         f"ValueError saying why); every rank must pass valid shards of one problem")
+    check_agreement(_OP, col)
+    check_stated_lengths(_OP, "seq_lens", segs_stated, "S", col)
+    return [m["S"] for m in metas], [m["S"] for m in col]
 
 
 __all__ = ["unified_attention"]

@@ -1,13 +1,18 @@
 """cp_attention as a diffusers attention backend, context parallelism included.
 
     import cp_attention.integrations.diffusers as cpd
-    cpd.register()                                     # once per process; idempotent
+    cpd.register()                                     # once per process; backend=, check= optional
     transformer.set_attention_backend("cp_attention")  # our kernels, single process
     cpd.enable_parallelism(transformer, ContextParallelConfig(ring_degree=2, ulysses_degree=2))
 
 With a `ContextParallelConfig`, diffusers' hooks split the sequence (its model's `_cp_plan`) and the
 backend runs cp_attention's ring (peer-to-peer K/V rotation), Ulysses or Unified attention on the process
-groups of diffusers' own meshes (`_ring_mesh`, `_ulysses_mesh`).
+groups of diffusers' own meshes (`_ring_mesh`, `_ulysses_mesh`). Outside diffusers' "anything" modes its
+hooks split every sequence evenly (they assert it), so every rank's shard is as long as this one's: the
+backend states those lengths, and a call whose signature was agreed before moves only its data. In the
+"anything" modes the lengths are exchanged on every call. `register(backend=..., check=...)` picks the
+kernel backend and the agreement check ("always" also reports shards that break the even split on every
+rank; with "once" such a misuse can leave a rank waiting once a matching signature was agreed).
 
 How it plugs in: diffusers (0.40 to 0.42) dispatches attention through a private registry keyed by the
 closed string enum `AttentionBackendName`. `register()` adds one member, CP_ATTENTION = "cp_attention", to
@@ -26,12 +31,14 @@ Nothing is changed at import or left changed afterwards.
 from __future__ import annotations
 
 import contextlib
+import functools
 import re
 
 import torch
 
 from cp_attention.attention import flash_attn
 from cp_attention.distributed import ring_attention, ulysses_attention, unified_attention
+from cp_attention.distributed._agreement import check_mode
 from cp_attention.sdpa_drop_in import Unsupported, plan_bshd, sdpa
 
 BACKEND_NAME = "cp_attention"
@@ -89,19 +96,40 @@ def _add_enum_member(enum_cls, name: str, value: str):
     return member
 
 
-def register():
-    """Adds the "cp_attention" backend to diffusers' attention dispatch (idempotent) and returns its
-    AttentionBackendName member. Raises UnsupportedDiffusers for a diffusers outside SUPPORTED_VERSIONS."""
+def register(backend: str = "auto", check: str = "once"):
+    """Adds the "cp_attention" backend to diffusers' attention dispatch and returns its AttentionBackendName
+    member. Raises UnsupportedDiffusers for a diffusers outside SUPPORTED_VERSIONS.
+
+    backend: the flash_attn backend every call uses ("auto": the fastest measured one for the device; e.g.
+        "aten" keeps torch's kernels under our context parallelism). check: the context-parallel agreement
+        check, "once" per signature or "always" (see cp_attention.ring_attention). A second call with the
+        same options changes nothing; with other options it replaces the first's.
+    """
     check_version()
+    if not isinstance(backend, str):
+        raise ValueError(f"{_OP}.register: backend must be a backend name (str), got "
+                         f"{type(backend).__name__}")
+    check_mode(f"{_OP}.register", check)
     from diffusers.models import attention_dispatch as ad
 
     registry = ad._AttentionBackendRegistry
     member = _add_enum_member(ad.AttentionBackendName, ENUM_NAME, BACKEND_NAME)
-    if registry._backends.get(member) is not attention_backend:
+    fn = attention_backend if (backend, check) == ("auto", "once") else functools.partial(
+        attention_backend, backend=backend, check=check)
+    current = registry._backends.get(member)
+    if _options(current) != (backend, check):
         # Constraints as diffusers' native backend declares them; they run when DIFFUSERS_ATTN_CHECKS is set.
         registry.register(member, constraints=[ad._check_device, ad._check_shape],
-                          supports_context_parallel=True)(attention_backend)
+                          supports_context_parallel=True)(fn)
     return member
+
+
+def _options(fn) -> tuple[str, str] | None:
+    if fn is attention_backend:
+        return "auto", "once"
+    if isinstance(fn, functools.partial) and fn.func is attention_backend:
+        return fn.keywords.get("backend", "auto"), fn.keywords.get("check", "once")
+    return None
 
 
 def _backend_error(why) -> ValueError:
@@ -111,7 +139,7 @@ def _backend_error(why) -> ValueError:
 def attention_backend(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
                       attn_mask: torch.Tensor | None = None, dropout_p: float = 0.0, is_causal: bool = False,
                       scale: float | None = None, enable_gqa: bool = False, return_lse: bool = False,
-                      _parallel_config=None):
+                      _parallel_config=None, *, backend: str = "auto", check: str = "once"):
     """The function diffusers' dispatch_attention_fn calls for backend "cp_attention".
 
     Args:
@@ -127,6 +155,7 @@ def attention_backend(query: torch.Tensor, key: torch.Tensor, value: torch.Tenso
             the mask) are this rank's sequence shards and attention covers the global sequence: ring
             attention when only ring_degree > 1, Ulysses when only ulysses_degree > 1, Unified when both,
             on the groups of its _ring_mesh and _ulysses_mesh.
+        backend, check: set by register(); diffusers never passes them.
 
     Returns:
         out [B, S_q, H, D] in query's dtype (and lse [B, S_q, H] float32 with return_lse).
@@ -143,33 +172,55 @@ def attention_backend(query: torch.Tensor, key: torch.Tensor, value: torch.Tenso
     if cp_config is None:
         if not return_lse:
             out = sdpa(query.transpose(1, 2), key.transpose(1, 2), value.transpose(1, 2), attn_mask,
-                       dropout_p, is_causal, scale=scale, enable_gqa=enable_gqa)
+                       dropout_p, is_causal, scale=scale, enable_gqa=enable_gqa, backend=backend)
             return out.transpose(1, 2)
         try:
             kv_mask = plan_bshd(query, key, value, attn_mask, dropout_p, is_causal, enable_gqa, local=True)
         except Unsupported as why:
             raise _backend_error(why) from None
         out, lse = flash_attn(query, key, value, scale=scale, causal=is_causal, kv_mask=kv_mask,
-                              return_lse=True)
+                              return_lse=True, backend=backend)
         return out, lse.transpose(1, 2).contiguous()
 
     try:
         kv_mask = plan_bshd(query, key, value, attn_mask, dropout_p, is_causal, enable_gqa, local=False)
     except Unsupported as why:
         raise _backend_error(why) from None
-    kw = dict(scale=scale, causal=is_causal, kv_mask=kv_mask, return_lse=return_lse)
     R, U = cp_config.ring_degree, cp_config.ulysses_degree
-    if R > 1 and U > 1:
-        result = unified_attention(query, key, value, ring_group=cp_config._ring_mesh.get_group(),
-                                   ulysses_group=cp_config._ulysses_mesh.get_group(), **kw)
-    elif R > 1:
-        result = ring_attention(query, key, value, group=cp_config._ring_mesh.get_group(), **kw)
-    else:
-        result = ulysses_attention(query, key, value, group=cp_config._ulysses_mesh.get_group(), **kw)
+    kw = dict(scale=scale, causal=is_causal, kv_mask=kv_mask, return_lse=return_lse, backend=backend,
+              check=check, seq_lens=_equal_shards(cp_config, query, R * U if R > 1 and U > 1 else max(R, U)))
+    try:
+        if R > 1 and U > 1:
+            result = unified_attention(query, key, value, ring_group=cp_config._ring_mesh.get_group(),
+                                       ulysses_group=cp_config._ulysses_mesh.get_group(), **kw)
+        elif R > 1:
+            result = ring_attention(query, key, value, group=cp_config._ring_mesh.get_group(), **kw)
+        else:
+            result = ulysses_attention(query, key, value, group=cp_config._ulysses_mesh.get_group(), **kw)
+    except ValueError as e:
+        if kw["seq_lens"] is None or "actual sequence lengths" not in str(e):
+            raise
+        flag = "ring_anything" if U == 1 else "ulysses_anything" if R == 1 else None
+        how = (f"set {flag}=True in the ContextParallelConfig" if flag else
+               "diffusers has no mode for uneven shards on a 2D mesh")
+        raise ValueError(f"{_OP}: the ranks' sequence shards differ in length, while diffusers' context "
+                         f"parallelism splits every sequence evenly unless told otherwise; {how} "
+                         f"({e})") from e
     if not return_lse:
         return result
     out, lse = result
     return out, lse.transpose(1, 2).contiguous()
+
+
+def _equal_shards(cp_config, query, world: int):
+    """The ranks' lengths when diffusers' hooks guarantee them: outside its "anything" modes every split
+    sequence must divide evenly (its sharder asserts it), so every rank holds as many positions as this one
+    and no exchange is needed to learn them. In those modes: None (exchanged on every call)."""
+    if getattr(cp_config, "ulysses_anything", False) or getattr(cp_config, "ring_anything", False):
+        return None
+    if not isinstance(query, torch.Tensor) or query.dim() != 4:
+        return None  # the attention's own checks name the problem
+    return [query.shape[1]] * world
 
 
 @contextlib.contextmanager
