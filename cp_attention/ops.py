@@ -138,7 +138,7 @@ def _(out, lse, out_b, lse_b):
 
 
 # --------------------------------------------------------------------------------------------------------
-# Ulysses (docs/design.md, "Ulysses"): pack/unpack kernels around the two all-to-alls, and the two collectives.
+# Ulysses (docs/design.md, "Ulysses"): pack/unpack kernels around the two all-to-alls, and the collectives.
 def ulysses_head_split(op: str, H: int, Hkv: int, P: int) -> tuple[int, int]:
     """(query heads, kv heads) per rank when P ranks split H query and Hkv kv heads; mirrors the C++ rule.
     H must be divisible by P (uneven head splits are not supported). kv heads: Hkv / P each when P divides
