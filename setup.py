@@ -5,7 +5,13 @@ whether or not a GPU is present, so a GPU-less machine still compiles and links 
 
 Environment knobs:
   CP_ATTENTION_SKIP_CUDA=1        build the CPU kernels only
-  CP_ATTENTION_CUDA_ARCHS="8.0;9.0a"  CUDA architectures to compile for (TORCH_CUDA_ARCH_LIST syntax)
+  CP_ATTENTION_CUDA_ARCHS="8.0;9.0a"  GPU architectures to compile machine code (SASS) for, ';'-separated
+                                  "X.Y" (or "X.Ya" for the arch-specific features of sm_90a and later);
+                                  "X.Y+PTX" also embeds that architecture's PTX
+  CP_ATTENTION_CUDA_PTX=9.0       the virtual architecture whose PTX is embedded for GPUs newer than every
+                                  SASS target (the driver compiles it for them); "none" embeds none. An
+                                  arch-specific target ("9.0a") does not qualify: its PTX runs on that
+                                  architecture only
   CP_ATTENTION_CPU_ISA=avx2       vector ISA of the CPU kernels: avx2 (x86-64 default), avx512 or generic
   CUDA_HOME                       the CUDA toolkit; found through nvcc when unset
   MAX_JOBS                        parallel compile jobs (read by torch's build helper)
@@ -63,17 +69,46 @@ def pip_cuda_include_dirs():
     return dirs
 
 
+def gencode_flags(archs: str, ptx: str) -> list[str]:
+    """nvcc's -gencode flags for CP_ATTENTION_CUDA_ARCHS and CP_ATTENTION_CUDA_PTX (syntax above). Given
+    here rather than through TORCH_CUDA_ARCH_LIST, which has no way to embed PTX without SASS of the same
+    architecture: SASS for sm_90 next to sm_90a's would hold stubs of the wgmma kernels."""
+    flags = []
+    for entry in filter(None, (a.strip() for a in archs.split(";"))):
+        match = re.fullmatch(r"(\d+)\.(\d+)([af]?)(\+PTX)?", entry)
+        if not match:
+            sys.exit(f"CP_ATTENTION_CUDA_ARCHS: entries look like 8.0, 9.0a or 8.0+PTX, got {entry!r}")
+        name = f"{match[1]}{match[2]}{match[3]}"
+        flags.append(f"-gencode=arch=compute_{name},code=sm_{name}")
+        if match[4]:
+            if match[3]:
+                sys.exit(f"CP_ATTENTION_CUDA_ARCHS: {entry!r}: PTX of an arch-specific target runs on that "
+                         "architecture only; embed PTX of a plain one (CP_ATTENTION_CUDA_PTX)")
+            flags.append(f"-gencode=arch=compute_{name},code=compute_{name}")
+    if not flags:
+        sys.exit("CP_ATTENTION_CUDA_ARCHS names no architecture")
+    if ptx != "none":
+        match = re.fullmatch(r"(\d+)\.(\d+)", ptx)
+        if not match:
+            sys.exit(f"CP_ATTENTION_CUDA_PTX must be a plain architecture such as 9.0 (not arch-specific: "
+                     f"that PTX runs on its own architecture only) or none, got {ptx!r}")
+        flags.append(f"-gencode=arch=compute_{match[1]}{match[2]},code=compute_{match[1]}{match[2]}")
+    return flags
+
+
 cuda_home = None if _truthy("CP_ATTENTION_SKIP_CUDA") else find_cuda_home()
 if cuda_home:
-    # torch.utils.cpp_extension reads these when it is imported, so they must be set first.
+    # torch.utils.cpp_extension reads CUDA_HOME when it is imported, so it must be set first.
     os.environ["CUDA_HOME"] = cuda_home
-    os.environ["TORCH_CUDA_ARCH_LIST"] = os.environ.get("CP_ATTENTION_CUDA_ARCHS", "8.0;9.0a")
 
 import torch  # noqa: E402
 from torch.utils.cpp_extension import BuildExtension, CppExtension, CUDAExtension  # noqa: E402
 
 with_cuda = bool(cuda_home) and torch.version.cuda is not None
-cuda_archs = os.environ["TORCH_CUDA_ARCH_LIST"] if with_cuda else ""
+cuda_archs = os.environ.get("CP_ATTENTION_CUDA_ARCHS", "8.0;9.0a").strip() if with_cuda else ""
+cuda_ptx = os.environ.get("CP_ATTENTION_CUDA_PTX", "9.0").strip() if with_cuda else ""
+# torch adds no -gencode of its own when these are given (it looks for "arch" among the nvcc flags).
+cuda_gencode = gencode_flags(cuda_archs, cuda_ptx) if with_cuda else []
 
 machine = platform.machine().lower()
 cpu_isa = os.environ.get("CP_ATTENTION_CPU_ISA", "avx2" if machine in ("x86_64", "amd64") else "generic")
@@ -109,6 +144,7 @@ config_text = (
     "#pragma once\n"
     f"#define CP_ATTENTION_WITH_CUDA {int(with_cuda)}\n"
     f'#define CP_ATTENTION_CUDA_ARCHS "{cuda_archs}"\n'
+    f'#define CP_ATTENTION_CUDA_PTX "{cuda_ptx}"\n'
     f'#define CP_ATTENTION_CPU_ISA "{cpu_isa}"\n'
     f'#define CP_ATTENTION_TORCH_VERSION "{torch.__version__}"\n'
     f'#define CP_ATTENTION_CUDA_VERSION "{cuda_version}"\n'
@@ -122,7 +158,7 @@ if not os.path.exists(config_path) or open(config_path).read() != config_text:
 cxx_flags = ["-O3", "-fopenmp", "-Wno-unknown-pragmas"] + isa_flags[cpu_isa]
 extra_compile_args = {"cxx": cxx_flags}
 if with_cuda:
-    extra_compile_args["nvcc"] = ["-O3", "-lineinfo", "--expt-relaxed-constexpr"]
+    extra_compile_args["nvcc"] = ["-O3", "-lineinfo", "--expt-relaxed-constexpr", *cuda_gencode]
 include_dirs = [os.path.join(HERE, "csrc"), os.path.join(HERE, "build", "generated")]
 if with_cuda:
     include_dirs += pip_cuda_include_dirs()

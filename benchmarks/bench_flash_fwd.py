@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import contextlib
 import math
-import os
 import sys
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -41,6 +40,7 @@ from _harness import (
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
 import cp_attention
+from cp_attention import ops
 
 SHORT = {torch.float32: "fp32", torch.bfloat16: "bf16", torch.float16: "fp16"}
 
@@ -103,51 +103,47 @@ def shapes_for(quick: bool, device: torch.device) -> list[Shape]:
     if quick:
         return [Shape(1, 8, 64, 256), Shape(1, 4, 128, 1024)]
     if device.type == "cuda":
-        # About 16k tokens per call (B * S), H = 16: the GPU anchors of DESIGN section 4. The shapes the
-        # targets judge come first (D 128, then S >= 4k), so a run cut short at its time limit has them.
+        # About 16k tokens per call (B * S), H = 16: a diffusion transformer layer's share of a GPU. The
+        # shapes the targets judge come first (D 128, then S >= 4k), so a run cut short at its time limit
+        # has them.
         return [Shape(16384 // S, 16, D, S) for S in (4096, 16384, 1024) for D in (128, 64)]
     grid = [Shape(1, H, D, S) for H in (8, 24) for D in (64, 128) for S in (256, 1024, 4096)]
-    # PixArt/SD3-class layer: a head dim that is not a power of two (DESIGN section 3).
+    # PixArt/SD3-class layer: a head dim that is not a power of two (docs/design.md, "Tensors and layout").
     return grid + [Shape(1, 16, 72, 4096, "pixart")]
 
 
-# Timed variants of our backends that are not backends of their own: (backend, environment). On sm_90 the
-# CUDA op runs its warp-specialized TMA wgmma kernel, whose compute warpgroups take turns to issue;
-# "cuda_tma_free" times that kernel without the turns, "cuda_sm90" its cp.async wgmma kernel and "cuda_mma"
-# its mma.sync kernel beside it on the same inputs.
-VARIANTS = {"cuda_tma_free": ("cuda", {"CP_ATTENTION_CUDA_FWD_KERNEL": "sm90_tma_no_pingpong"}),
-            "cuda_sm90": ("cuda", {"CP_ATTENTION_CUDA_FWD_KERNEL": "sm90"}),
-            "cuda_mma": ("cuda", {"CP_ATTENTION_CUDA_FWD_KERNEL": "mma"})}
-
-
-@contextlib.contextmanager
-def _environ(env: dict[str, str]):
-    """The CUDA op reads its kernel choice per call; this sets it around a call and restores it after."""
-    saved = {key: os.environ.get(key) for key in env}
-    os.environ.update(env)
-    try:
-        yield
-    finally:
-        for key, value in saved.items():
-            if value is None:
-                os.environ.pop(key, None)
-            else:
-                os.environ[key] = value
+# Timed kernels of ours that no backend names: the CUDA ops with their `variant` argument. On sm_90 they run
+# beside the backends "cuda" (mma.sync), "cuda_sm90" (the TMA wgmma kernel where the inputs allow it, as
+# the benchmark's do, its compute warpgroups taking turns to issue) and "triton_tma": "cuda_sm90_cp" is
+# the cp.async wgmma kernel, "cuda_tma_free" the TMA one without the turns (what the turns buy).
+OP_VARIANTS = {"cuda_sm90_cp": "sm90", "cuda_tma_free": "sm90_tma_no_pingpong"}
 
 
 def default_backends(device: torch.device) -> list[str]:
     """Our own backends on the device (not the aten wrappers, which are torch's kernels), and on sm_90
-    devices the CUDA op's other kernels (VARIANTS) beside its default one."""
+    devices the opt-in ones of kernels not yet proven on a GPU beside them (cp_attention.kernel_variants)."""
     names = [b for b in cp_attention.available_backends(device) if not b.startswith("aten")]
-    if "cuda" in names and device.type == "cuda" and torch.cuda.get_device_capability(device)[0] == 9:
-        names += list(VARIANTS)
+    if device.type == "cuda" and torch.cuda.get_device_capability(device)[0] == 9:
+        if "cuda" in names:
+            names += ["cuda_sm90", *OP_VARIANTS]
+        if "triton" in names:
+            names.append("triton_tma")
     return names
 
 
-def _context(name: str) -> Callable[[], contextlib.AbstractContextManager]:
-    """What a timed function of ours (a backend, a variant, or either's "_acc") runs inside."""
-    variant = VARIANTS.get(name.removesuffix("_acc"))
-    return (lambda: _environ(variant[1])) if variant else contextlib.nullcontext
+def forward_fn(name: str, q, k, v, scale: float) -> Callable[[], tuple]:
+    """Our forward of one timed name (a backend or an OP_VARIANTS entry), returning (out, lse)."""
+    if name in OP_VARIANTS:
+        return lambda: ops.flash_attn_fwd(q, k, v, scale, False, None, OP_VARIANTS[name])
+    return lambda: cp_attention.flash_attn(q, k, v, scale=scale, backend=name, return_lse=True)
+
+
+def fused_fn(name: str, q, k, v, state, state_lse, scale: float) -> Callable[[], None]:
+    """The fused ring step of one timed name into the running state (state, state_lse)."""
+    if name in OP_VARIANTS:
+        kernel = OP_VARIANTS[name]
+        return lambda: ops.flash_attn_fwd_acc_(q, k, v, state, state_lse, scale, False, None, kernel)
+    return lambda: cp_attention.flash_attn_acc_(q, k, v, state, state_lse, scale=scale, backend=name)
 
 
 # ---------------------------------------------------------------------------------------------- checks
@@ -189,20 +185,14 @@ def bench_shape(shape: Shape, dtype: torch.dtype, backends: list[str], device: t
     qt, kt, vt = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)  # BHSD views of the same data
     scale = 1.0 / math.sqrt(D)
 
-    def backend_of(name: str) -> str:
-        return VARIANTS[name][0] if name in VARIANTS else name
-
-    ours = {b: (lambda b=b: cp_attention.flash_attn(q, k, v, scale=scale, backend=backend_of(b),
-                                                    return_lse=True))
-            for b in backends}
+    ours = {b: forward_fn(b, q, k, v, scale) for b in backends}
     if acc:
         # The fused ring step into a float32 state. Calls keep merging the same chunk in: the state stays
         # finite (out unchanged, lse + log 2 per call), and each call does exactly a ring step's work.
         state = torch.zeros(B, S, H, D, dtype=torch.float32, device=device)
         state_lse = torch.full((B, H, S), float("-inf"), device=device)
         for b in backends:
-            ours[f"{b}_acc"] = (lambda b=b: cp_attention.flash_attn_acc_(q, k, v, state, state_lse,
-                                                                         scale=scale, backend=backend_of(b)))
+            ours[f"{b}_acc"] = fused_fn(b, q, k, v, state, state_lse, scale)
 
     # Correctness first, so a wrong kernel never gets timed.
     ref_name, ref = None, None
@@ -222,15 +212,12 @@ def bench_shape(shape: Shape, dtype: torch.dtype, backends: list[str], device: t
     row = {"dtype": SHORT[dtype], "B": B, "H": H, "D": D, "S": S, "note": shape.note,
            "flops": attn_fwd_flops(B, H, S, S, D)}
     for b in backends:
-        with _context(b)():
-            res = ours[b]()
-        row.update(check_against(shape, dtype, b, res, ref_name, ref))
+        row.update(check_against(shape, dtype, b, ours[b](), ref_name, ref))
     if acc:
         for b in backends:
             state.zero_()
             state_lse.fill_(float("-inf"))
-            with _context(b)():
-                ours[f"{b}_acc"]()
+            ours[f"{b}_acc"]()
             row.update(check_against(shape, dtype, f"{b}_acc", (state.to(dtype), state_lse), ref_name, ref))
     del ref
     # A kernel that failed its check is not timed; the others still are, and main() exits non-zero.
@@ -240,7 +227,7 @@ def bench_shape(shape: Shape, dtype: torch.dtype, backends: list[str], device: t
     # Ours and torch's kernels take turns call by call, so machine noise cannot favour either side.
     timed = [b for b in bases if supported[b.name] is True]
     fns = {**ours, **{b.name: (lambda b=b: b.run(qt, kt, vt, scale)) for b in timed}}
-    contexts = {**{name: _context(name) for name in ours}, **{b.name: b.context for b in timed}}
+    contexts = {b.name: b.context for b in timed}
     stats = time_interleaved(fns, device=device, contexts=contexts, **timing)
     for name in fns:
         row[name] = stats[name]
@@ -262,7 +249,7 @@ def bench_shape(shape: Shape, dtype: torch.dtype, backends: list[str], device: t
 def summarize(rows: list[dict], backends: list[str], bases: list[Baseline], device: torch.device) -> dict:
     """Per dtype and backend of ours, over S >= TARGET_MIN_S: geometric-mean and minimum throughput ratio
     against each torch kernel and against the fastest torch kernel of each shape, and the fused step's
-    overhead. Targets: on CPUs ours >= 1.0x the fastest torch kernel; on GPUs (bf16, DESIGN section 4)
+    overhead. Targets (docs/kernels.md): on CPUs ours >= 1.0x the fastest torch kernel; on GPUs (bf16)
     triton >= 0.9x cuDNN at D = 128, S >= 4k, cuda >= triton, and the fused step <= 3% over the forward at
     S >= 4k."""
     summary = {}

@@ -53,7 +53,8 @@ def shapes_for(quick: bool, device: torch.device) -> list[Shape]:
 
 
 def torch_merge(out_a, lse_a, out_b, lse_b):
-    """DESIGN section 1's merge in plain torch ops (float32 math; -inf sides guarded)."""
+    """The merge of docs/design.md, "Merging partial results", in plain torch ops (float32 math; -inf sides
+    guarded)."""
     m = torch.maximum(lse_a, lse_b)
     m = torch.where(torch.isneginf(m), torch.zeros_like(m), m)
     wa, wb = torch.exp(lse_a - m), torch.exp(lse_b - m)

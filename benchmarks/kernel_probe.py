@@ -5,10 +5,11 @@ time limit, so that one that hangs or faults is named and cannot take a test sha
     python benchmarks/kernel_probe.py --device cpu                     # dry run: the CPU op only
     python benchmarks/kernel_probe.py --one cuda_sm90 --device cuda    # one variant, in this process
 
-Variants (VARIANTS): the CUDA op with its kernel forced through CP_ATTENTION_CUDA_FWD_KERNEL (`cuda_auto`,
-`cuda_sm90_tma`, `cuda_sm90_tma_no_pingpong`, `cuda_sm90`, `cuda_mma`) and the Triton op with its loads forced
-through CP_ATTENTION_TRITON_FWD_LOADS (`triton_pointer`, `triton_tma`, and `triton_auto`, which lets the
-autotuner time every pointer and TMA tile on problems big enough to be tuned). Each runs `flash_attn_fwd` and
+Variants (VARIANTS): every kernel of cp_attention.kernel_variants, named <engine>_<kernel> and run through
+its ops' `variant` argument: the CUDA op's `cuda_mma`, `cuda_sm90`, `cuda_sm90_tma`,
+`cuda_sm90_tma_no_pingpong` and `cuda_auto`, and the Triton op's `triton_pointer`, `triton_tma` and
+`triton_auto` (which lets the autotuner time every pointer and TMA tile on problems big enough to be
+tuned); the table says which the record holds proven. Each runs `flash_attn_fwd` and
 the accumulating `flash_attn_fwd_acc_` (or their Triton twins) on bfloat16 and float16 inputs, D 64 and 128,
 odd lengths, GQA, causal with rows that see no key, and a key mask that hides every key of one batch, and
 checks out and lse against the float64 reference of the tests with their tolerance rule (tests/reference.py).
@@ -21,13 +22,12 @@ FAULT (a CUDA error, which leaves the child's CUDA context unusable), CRASH (kil
 the time limit), ERROR (raised something else) and n/a. It prints a table, writes
 kernel_probe-<device>-<time>.json, and ends with lines that benchmarks/gpu_check.sh reads:
 
-    PIN CP_ATTENTION_CUDA_FWD_KERNEL=sm90 because cuda_auto (HANG), cuda_sm90_tma (HANG) failed the probe
-    PIN CP_ATTENTION_TRITON_FWD_LOADS=pointer because triton_tma (FAULT) failed the probe
-    SKIP_BENCH cuda_mma because cuda_mma (FAIL) failed the probe
+    SKIP_BENCH cuda_sm90 because cuda_auto (HANG), cuda_sm90_tma (HANG) failed the probe
 
-PIN: the kernel choice that passed, for runs that should not meet the failed one again; SKIP_BENCH: a
-backend of bench_flash_fwd.py that would run a failed kernel whatever the pins say. Exit status 1 when a
-variant that exists here failed, else 0.
+one for each name bench_flash_fwd.py times (a backend, or one of its OP_VARIANTS) that would run a failed
+kernel, so that the benchmarks never meet it. The tests need no such guard: only the tests that name a
+kernel run the unproven ones, and the defaults are proven ones. Exit status 1 when a variant that exists
+here failed, else 0.
 """
 
 from __future__ import annotations
@@ -50,29 +50,20 @@ from pathlib import Path
 
 from _harness import REPO_ROOT, print_table, write_json
 
-CUDA_KNOB = "CP_ATTENTION_CUDA_FWD_KERNEL"
-TRITON_KNOB = "CP_ATTENTION_TRITON_FWD_LOADS"
+sys.path.insert(0, str(REPO_ROOT))  # cp_attention, when run as a plain file from anywhere
+from cp_attention import kernel_variants as kv  # noqa: E402  (the parent starts no CUDA context)
 
 
 @dataclass(frozen=True)
 class Variant:
     ops: str            # whose ops run: "cuda", "triton" or "cpu"
-    knob: str | None    # the environment variable that forces this variant, and its value
-    value: str | None
+    kernel: str         # their `variant` argument
     tuned_only: bool = False  # only the cases the Triton autotuner tunes (the others are triton_pointer's)
 
 
-VARIANTS = {
-    "cuda_auto": Variant("cuda", CUDA_KNOB, "auto"),
-    "cuda_sm90_tma": Variant("cuda", CUDA_KNOB, "sm90_tma"),
-    "cuda_sm90_tma_no_pingpong": Variant("cuda", CUDA_KNOB, "sm90_tma_no_pingpong"),
-    "cuda_sm90": Variant("cuda", CUDA_KNOB, "sm90"),
-    "cuda_mma": Variant("cuda", CUDA_KNOB, "mma"),
-    "triton_pointer": Variant("triton", TRITON_KNOB, "pointer"),
-    "triton_tma": Variant("triton", TRITON_KNOB, "tma"),
-    "triton_auto": Variant("triton", TRITON_KNOB, "auto", tuned_only=True),
-    "cpu": Variant("cpu", None, None),
-}
+VARIANTS = {f"{engine}_{kernel}": Variant(engine, kernel, tuned_only=(engine, kernel) == ("triton", "auto"))
+            for engine in kv.KERNELS for kernel in kv.kernel_names(engine)[1:]}
+VARIANTS["cpu"] = Variant("cpu", "default")
 GPU_VARIANTS = [name for name, v in VARIANTS.items() if v.ops != "cpu"]
 
 # Child exit statuses.
@@ -83,15 +74,6 @@ FAILED = ("FAIL", "FAULT", "CRASH", "HANG", "ERROR")
 _CUDA_FAULT = re.compile(r"CUDA error|cudaError|CUDA_ERROR|CUresult|illegal memory access|"
                          r"illegal instruction|misaligned address|unspecified launch failure|"
                          r"device-side assert|launch timed out", re.IGNORECASE)
-
-# When the CUDA op's default kernel fails: the kernels to pin instead, first passing one wins.
-CUDA_FALLBACKS = (("cuda_sm90_tma", "sm90_tma"), ("cuda_sm90_tma_no_pingpong", "sm90_tma_no_pingpong"),
-                  ("cuda_sm90", "sm90"), ("cuda_mma", "mma"))
-# Benchmark variants of bench_flash_fwd.py that force a kernel whatever the pins say, by the probed variant
-# that runs that kernel: "cuda_tma_free" is the TMA wgmma kernel with its warpgroups' turn-taking off.
-BENCH_FORCED = {"cuda_sm90_tma_no_pingpong": ["cuda_tma_free"], "cuda_sm90": ["cuda_sm90"],
-                "cuda_mma": ["cuda_mma"]}
-
 
 # ----------------------------------------------------------------------------------------- verdicts
 def verdict_of(returncode: int | None, timed_out: bool, output: str) -> str:
@@ -111,46 +93,32 @@ def verdict_of(returncode: int | None, timed_out: bool, output: str) -> str:
     return "ERROR"
 
 
-def decide(verdicts: dict[str, str]) -> dict:
-    """What the rest of a GPU check should avoid, from the verdicts {variant: verdict}: `pins` {environment
-    variable: value} that keep the default paths off a failed kernel, `skip_bench` [bench_flash_fwd.py
-    backends that would still run one], and `reasons` {pin or backend: why}."""
-    def failed(names):
-        return [f"{n} ({verdicts[n]})" for n in names if verdicts.get(n) in FAILED]
+def bench_variants(name: str) -> list[str]:
+    """The probed variants a name of bench_flash_fwd.py (one of our backends, or an OP_VARIANTS entry) may
+    run: its kernel, and for a kernel that chooses per call every variant it may choose."""
+    from bench_flash_fwd import OP_VARIANTS
 
-    pins, skip, reasons = {}, [], {}
-    if verdicts.get("cuda_auto") in FAILED:
-        why = failed(["cuda_auto"] + [n for n, _ in CUDA_FALLBACKS])
-        passing = [value for name, value in CUDA_FALLBACKS if verdicts.get(name) == "PASS"]
-        if passing:
-            pins[CUDA_KNOB] = passing[0]
-            reasons[CUDA_KNOB] = ", ".join(why)
-        else:
-            skip.append("cuda")
-            reasons["cuda"] = ", ".join(why)
-    bad_triton = failed(["triton_tma", "triton_auto"])
-    if bad_triton:
-        if verdicts.get("triton_pointer") == "PASS":
-            pins[TRITON_KNOB] = "pointer"
-            reasons[TRITON_KNOB] = ", ".join(bad_triton)
-        elif verdicts.get("triton_auto") in FAILED:
-            skip.append("triton")
-            reasons["triton"] = ", ".join(failed(["triton_pointer", "triton_tma", "triton_auto"]))
-    for name, backends in BENCH_FORCED.items():
-        if verdicts.get(name) in FAILED:
-            for backend in backends:
-                skip.append(backend)
-                reasons[backend] = ", ".join(failed([name]))
-    return {"pins": pins, "skip_bench": skip, "reasons": reasons}
+    engine, kernel = kv.resolve(name) if name in kv.BACKENDS else ("cuda", OP_VARIANTS[name])
+    chosen = [f"{engine}_{v}" for v in kv.variants_of(engine, kernel)]
+    return ([f"{engine}_{kernel}"] if f"{engine}_{kernel}" not in chosen else []) + chosen
+
+
+def decide(verdicts: dict[str, str], names: list[str]) -> dict:
+    """What the benchmarks should not time, from the verdicts {variant: verdict}: `skip_bench` [the names of
+    `names` that would run a failed variant] and `reasons` {name: the failed variants}."""
+    skip, reasons = [], {}
+    for name in names:
+        failed = [f"{v} ({verdicts[v]})" for v in bench_variants(name) if verdicts.get(v) in FAILED]
+        if failed:
+            skip.append(name)
+            reasons[name] = ", ".join(failed)
+    return {"skip_bench": skip, "reasons": reasons}
 
 
 def decision_lines(decision: dict) -> list[str]:
     """The machine-readable lines the probe ends with (gpu_check.sh reads them)."""
-    lines = [f"PIN {key}={value} because {decision['reasons'][key]} failed the probe"
-             for key, value in decision["pins"].items()]
-    lines += [f"SKIP_BENCH {b} because {decision['reasons'][b]} failed the probe"
-              for b in decision["skip_bench"]]
-    return lines
+    return [f"SKIP_BENCH {b} because {decision['reasons'][b]} failed the probe"
+            for b in decision["skip_bench"]]
 
 
 # -------------------------------------------------------------------------------------------- cases
@@ -212,12 +180,12 @@ def _expected_missing(variant: Variant, torch) -> str | None:
     """Why this variant cannot exist on this device and build (None: it should run)."""
     import cp_attention
     major = torch.cuda.get_device_capability()[0]
-    if variant.value in ("sm90", "sm90_tma", "sm90_tma_no_pingpong"):
+    if variant.ops == "cuda" and variant.kernel.startswith("sm90"):
         archs = str(dict(cp_attention.build_info()).get("cuda_archs", ""))
         if major != 9 or "9.0a" not in archs:
             return (f"the sm_90 kernels need an sm_90 device and a build with sm_90a code (sm_{major}x, "
                     f"{archs!r})")
-    if variant.ops == "triton" and variant.value == "tma" and major < 9:
+    if variant.ops == "triton" and variant.kernel == "tma" and major < 9:
         return f"Triton's TMA tiles need sm_90+ (this GPU: sm_{major}x)"
     return None
 
@@ -272,13 +240,14 @@ def _run_case(case: Case, variant: Variant, device: str) -> dict:
         lse = torch.full((case.B, case.H, case.Sq), -math.inf, device=device)
         bounds = [round(i * case.Sk / case.chunks) for i in range(case.chunks + 1)]
         for s, e in zip(bounds, bounds[1:]):
-            acc(q, k[:, s:e], v[:, s:e], out, lse, None, False, None if kv_mask is None else kv_mask[:, s:e])
+            acc(q, k[:, s:e], v[:, s:e], out, lse, None, False, None if kv_mask is None else kv_mask[:, s:e],
+                variant.kernel)
         out = out.to(dtype)
     else:
         if device == "cuda":
             _poison_allocator(torch, [((case.B, case.Sq, case.H, case.D), dtype),
                                       ((case.B, case.H, case.Sq), torch.float32)])
-        out, lse = fwd(q, k, v, None, case.causal, kv_mask)
+        out, lse = fwd(q, k, v, None, case.causal, kv_mask, variant.kernel)
     if device == "cuda":
         torch.cuda.synchronize()  # a fault of this case's kernels surfaces here, not in a later case
     seconds = time.perf_counter() - t0
@@ -290,8 +259,6 @@ def _run_case(case: Case, variant: Variant, device: str) -> dict:
 def child(name: str, device: str) -> int:
     """Runs one variant's cases in this process; returns the exit status (EXIT_*)."""
     variant = VARIANTS[name]
-    if variant.knob:
-        os.environ[variant.knob] = variant.value
     sys.path.insert(0, str(REPO_ROOT / "tests"))  # the float64 reference and its tolerance rule
     import torch
 
@@ -305,7 +272,9 @@ def child(name: str, device: str) -> int:
     if variant.ops == "triton" and not triton_kernels.triton_importable():
         return _na("triton does not import here")
     missing = _expected_missing(variant, torch) if device == "cuda" else None
-    what = f"{variant.knob}={variant.value}" if variant.knob else "the CPU op"
+    proven = "" if variant.ops == "cpu" else " (proven)" if kv.is_proven(variant.ops, variant.kernel) else \
+        " (unproven)"
+    what = f"{variant.ops} ops, variant={variant.kernel!r}{proven}"
     print(f"{name}: {what} on {device}" + (f" ({torch.cuda.get_device_name()})" if device == "cuda" else ""),
           flush=True)
     results = []
@@ -315,8 +284,8 @@ def child(name: str, device: str) -> int:
             try:
                 res = _run_case(case, variant, device)
             except ValueError as exc:
-                # The knob's own refusal on the first call: this variant does not exist here. Where it should
-                # exist, the refusal is a failure like any other.
+                # The op's own refusal of the kernel on the first call: this variant does not exist here.
+                # Where it should exist, the refusal is a failure like any other.
                 if i == 0 and missing is not None:
                     return _na(f"{missing}; the op said: {str(exc).splitlines()[0]}")
                 raise
@@ -327,7 +296,7 @@ def child(name: str, device: str) -> int:
     if missing is not None:
         print(f"note: expected n/a ({missing}), but every call ran", flush=True)
     extra = {}
-    if variant.ops == "triton" and variant.value == "auto" and device == "cuda":
+    if variant.ops == "triton" and variant.kernel == "auto" and device == "cuda":
         from cp_attention.triton_kernels import flash_fwd
         extra["tuned_configs"] = flash_fwd.tuned_configs()
         if not extra["tuned_configs"]:
@@ -425,6 +394,19 @@ def _fmt_err(x) -> str:
     return "-" if x is None else f"{x:.3g}"
 
 
+def proven_label(name: str) -> str:
+    """"yes" where cp_attention.kernel_variants records the variant proven on a GPU, "no" where not, "-" for
+    the CPU op."""
+    v = VARIANTS[name]
+    return "-" if v.ops == "cpu" else "yes" if kv.is_proven(v.ops, v.kernel) else "no"
+
+
+# The probe's table (the GPU check's summary prints it again).
+TABLE_COLUMNS = [("variant", "variant", ""), ("proven", "proven", ""), ("verdict", "verdict", ""),
+                 ("cases ok", "cases", ""), ("max out err", "out_err", ""), ("max lse err", "lse_err", ""),
+                 ("s", "seconds", ".1f"), ("note", "note", "")]
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--device", default="cuda", choices=["cuda", "cpu"],
@@ -474,15 +456,14 @@ def main() -> None:
         rows[n] = {"variant": n, "verdict": "n/a", "returncode": None, "seconds": None, "cases": "-",
                    "out_err": None, "lse_err": None, "note": f"not probed on {args.device}",
                    "case_results": []}
-    ordered = [rows[n] for n in names]
+    ordered = [{**rows[n], "proven": proven_label(n)} for n in names]
 
     print()
     print_table([{**r, "out_err": _fmt_err(r["out_err"]), "lse_err": _fmt_err(r["lse_err"])}
-                 for r in ordered],
-                [("variant", "variant", ""), ("verdict", "verdict", ""), ("cases ok", "cases", ""),
-                 ("max out err", "out_err", ""), ("max lse err", "lse_err", ""), ("s", "seconds", ".1f"),
-                 ("note", "note", "")])
-    decision = decide({r["variant"]: r["verdict"] for r in ordered})
+                 for r in ordered], TABLE_COLUMNS)
+    from bench_flash_fwd import OP_VARIANTS
+
+    decision = decide({r["variant"]: r["verdict"] for r in ordered}, [*kv.BACKENDS, *OP_VARIANTS])
     if not args.no_json:
         write_json("kernel_probe", ordered, {"timeout_s": args.timeout, **decision,
                                              "cases": [asdict(c) for c in cases_for(args.device)]},

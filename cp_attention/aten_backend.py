@@ -1,4 +1,5 @@
-"""torch's own LSE-returning attention kernels behind our contract (DESIGN section 1).
+"""torch's own LSE-returning attention kernels behind our contract (docs/design.md, "LSE"), and the merge
+of partial states in plain torch ops.
 
 They serve as the baseline in benchmarks and as the GPU path until our GPU kernels are built. Each one's
 LSE quirk is normalized here: rows that see no key get out 0 and lse -inf (torch's CPU flash gives lse 0,
@@ -10,6 +11,9 @@ goes through an explicit mask (torch's own `is_causal` is top-left aligned).
 from __future__ import annotations
 
 import torch
+
+from . import kernel_variants as kv
+from ._checks import check_merge_inputs
 
 ATEN_KERNELS = ("aten_cpu_flash", "aten_flash", "aten_cudnn", "aten_efficient")
 
@@ -73,10 +77,12 @@ def aten_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: flo
         out = q.new_zeros((B, Sq, H, D))
         return out, torch.full((B, H, Sq), float("-inf"), dtype=torch.float32, device=q.device)
     mask = visibility_mask(B, Sq, Sk, causal, kv_mask, q.device)
+    backend = kernel
     if kernel == "aten":
         # Square causal needs no explicit mask: top-left and bottom-right alignment coincide.
         square_causal = causal and Sq == Sk
         kernel = pick_kernel(q, causal and not square_causal, kv_mask is not None)
+    kv.log_choice("cp_attention.flash_attn", backend, "aten", kernel, q)
     k = _expand_kv_heads(k, H)
     v = _expand_kv_heads(v, H)
     qt, kt, vt = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)  # BHSD views, no copies
@@ -120,3 +126,29 @@ def aten_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: flo
         lse = lse.masked_fill(empty[:, None, :], float("-inf"))
         out = out.masked_fill(empty[:, :, None, None], 0.0)
     return out, lse.contiguous()
+
+
+def merge_states_torch(op: str, out_a: torch.Tensor, lse_a: torch.Tensor, out_b: torch.Tensor,
+                       lse_b: torch.Tensor, into: tuple[torch.Tensor, torch.Tensor] | None = None
+                       ) -> tuple[torch.Tensor, torch.Tensor]:
+    """merge_attn_states in plain torch ops, float32 math (the rule of docs/design.md, "Merging partial
+    results"): where none of our merge kernels runs. A side whose weight is 0 (lse -inf) is never read
+    into the sum, so its out may hold NaN; both -inf give out 0 and lse -inf. Returns (out, lse) as
+    merge_attn_states does, or writes them into `into` (out, lse), which may be out_a and lse_a."""
+    a_name = "out_a" if into is None else "out"
+    check_merge_inputs(op, a_name, out_a, lse_a, out_b, lse_b)
+    la, lb = lse_a.float(), lse_b.float()
+    m = torch.maximum(la, lb)
+    m = m.masked_fill(torch.isneginf(m), 0.0)  # both sides empty: weights exp(-inf) = 0 below
+    wa, wb = torch.exp(la - m), torch.exp(lb - m)
+    total = wa + wb
+    seen = total > 0
+    lse = torch.where(seen, m + torch.log(torch.where(seen, total, 1.0)), float("-inf"))
+    wa, wb = (torch.where(seen, w / torch.where(seen, total, 1.0), 0.0) for w in (wa, wb))
+    wa, wb = (w.transpose(1, 2)[..., None] for w in (wa, wb))  # [B, S, H, 1], like out
+    out = (torch.where(wa > 0, out_a.float() * wa, 0.0) + torch.where(wb > 0, out_b.float() * wb, 0.0))
+    if into is not None:
+        into[0].copy_(out)
+        into[1].copy_(lse)
+        return into
+    return out.to(torch.promote_types(out_a.dtype, out_b.dtype)).contiguous(), lse.contiguous()

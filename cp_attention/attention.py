@@ -3,12 +3,14 @@
 from __future__ import annotations
 
 import math
+import warnings
 
 import torch
 
-from . import ops, triton_kernels
+from . import _C, ops, triton_kernels
+from . import kernel_variants as kv
 from ._checks import check_acc_state, check_attn_inputs
-from .aten_backend import ATEN_KERNELS, aten_attention
+from .aten_backend import ATEN_KERNELS, aten_attention, merge_states_torch
 
 # Our own kernels, by the device type they run on.
 _OWN_BACKENDS = {"cpu": "cpu", "cuda": "cuda"}
@@ -19,6 +21,8 @@ _NOT_AUTO = {"cuda"}
 # The Triton kernels: on CUDA tensors, and on CPU tensors under Triton's interpreter (a test vehicle).
 TRITON = "triton"
 _MERGE_BACKENDS = ("auto", TRITON)
+# Every backend name flash_attn takes, for its error message.
+_ALL_BACKENDS = sorted({*_OWN_BACKENDS.values(), *kv.BACKENDS, "aten", *ATEN_KERNELS})
 
 
 @torch._dynamo.assume_constant_result
@@ -31,7 +35,8 @@ def _triton_runs_on(device_type: str) -> bool:
 # Host time matters here: a ring step on a GPU can take less than the Python around its launch, so what
 # does not change within a process is looked up once. Kernels register when the library loads and stay.
 _KERNEL_FOUND: dict[tuple[str, str], bool] = {}
-_BACKENDS_FOUND: dict[tuple[str, bool], tuple[str, ...]] = {}
+_BACKENDS_FOUND: dict[tuple[str, int | None, bool], tuple[str, ...]] = {}
+_IMAGE_FITS: dict[int, bool] = {}  # CUDA device index -> whether our CUDA kernels load on it
 
 
 def _has_kernel(op: torch._ops.OpOverload, device: torch.device) -> bool:
@@ -45,25 +50,83 @@ def _has_kernel(op: torch._ops.OpOverload, device: torch.device) -> bool:
     return found
 
 
+def _cuda_index(device: torch.device) -> int | None:
+    """The index of a CUDA device, or None where torch sees no CUDA device (nothing runs there to judge)."""
+    if not torch.cuda.is_available():
+        return None
+    return torch.cuda.current_device() if device.index is None else device.index
+
+
+def _probe_kernel_image(index: int) -> bool:
+    return bool(_C.cuda_kernel_image_fits(index))
+
+
+def _device_name(index: int) -> str:
+    try:
+        props = torch.cuda.get_device_properties(index)
+    except (RuntimeError, AssertionError):
+        return "a device torch cannot describe"
+    return f"{props.name}, sm_{props.major}{props.minor}"
+
+
+def _cuda_image_fits(index: int) -> bool:
+    """Whether our CUDA kernels load on CUDA device `index` (asked of the runtime once per device). Where they
+    do not, one warning says so: "auto" then takes Triton's kernels or torch's on that device."""
+    fits = _IMAGE_FITS.get(index)
+    if fits is None:
+        fits = _IMAGE_FITS[index] = _probe_kernel_image(index)
+        if not fits:
+            info = _C.build_info()
+            warnings.warn(
+                f"cp_attention: this build's CUDA kernels (machine code for {info['cuda_archs']!r}, PTX for "
+                f"{info['cuda_ptx']!r}) have no image that loads on CUDA device {index} "
+                f"({_device_name(index)}); attention and merges with backend 'auto' use Triton's or torch's "
+                "kernels there. Rebuild with CP_ATTENTION_CUDA_ARCHS naming this device's architecture to "
+                "run ours.", RuntimeWarning, stacklevel=3)
+    return fits
+
+
+@torch._dynamo.assume_constant_result
+def _own_kernels_run(op_name: str, device_type: str, index: int | None) -> bool:
+    """Whether our compiled kernel of this op runs on the device: the build registered one for its type,
+    and on CUDA an image of the build loads on the device. Fixed for a process (a constant to
+    torch.compile)."""
+    device = torch.device(device_type, index)
+    if not _has_kernel(getattr(torch.ops.cp_attention, op_name).default, device):
+        return False
+    if device_type == "cuda":
+        index = _cuda_index(device)
+        return index is None or _cuda_image_fits(index)
+    return True
+
+
+def _own_runs(op_name: str, device: torch.device) -> bool:
+    return _own_kernels_run(op_name, device.type, device.index)
+
+
 def available_backends(device: torch.device | str = "cpu") -> list[str]:
     """Backends that can run on `device`, the one "auto" picks first (fastest first: on GPUs "aten", whose
     cuDNN and flash kernels outran ours on an H200, then our CUDA kernel).
 
+    "cuda" and "triton" run the kernels cp_attention.kernel_variants.DEFAULTS names, which a GPU run has
+    shown right; the opt-in backends of unproven kernels ("cuda_sm90", "triton_tma") are never listed.
     "triton" is listed on CUDA when triton imports, and on the CPU only when TRITON_INTERPRET=1 is set (the
     interpreter is far too slow for real work: it is there so the test suites can run the Triton kernels).
+    "cuda" is left out on a CUDA device that no image of this build's kernels fits (with one warning).
     """
     device = torch.device(device)
+    index = _cuda_index(device) if device.type == "cuda" else None
     # The interpreter setting is part of the key: Triton reads it when its kernels are first imported.
-    key = (device.type, triton_kernels.interpret_requested())
+    key = (device.type, index, triton_kernels.interpret_requested())
     if key not in _BACKENDS_FOUND:
-        _BACKENDS_FOUND[key] = tuple(_find_backends(device))
+        _BACKENDS_FOUND[key] = tuple(_find_backends(torch.device(device.type, index)))
     return list(_BACKENDS_FOUND[key])
 
 
 def _find_backends(device: torch.device) -> list[str]:
     names = []
     own = _OWN_BACKENDS.get(device.type)
-    has_own = own is not None and _has_kernel(ops.ALL_OPS[0], device)
+    has_own = own is not None and _own_runs("flash_attn_fwd", device)
     if has_own and own not in _NOT_AUTO:
         names.append(own)
     names.append("aten")
@@ -91,38 +154,57 @@ def flash_attn(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, scale: floa
         causal: query i sees key j iff j <= i + Sk - Sq (bottom-right aligned).
         kv_mask: bool [B, Sk], True = attend (a key-padding mask).
         return_lse: also return the LSE.
-        backend: "auto" (fastest available for the device and inputs), "cpu" / "cuda" (our C++ / CUDA
-            kernel; the CUDA one runs float16/bfloat16 on tensor cores, float32 on a simple kernel), "triton"
-            (our Triton kernel: CUDA, or the CPU under TRITON_INTERPRET=1), "aten" (torch's best
-            LSE-returning kernel, normalized to this contract), or one torch kernel: "aten_cpu_flash",
-            "aten_flash", "aten_cudnn", "aten_efficient".
+        backend: "auto" (fastest available for the device and inputs), "cpu" (our C++ kernel), "cuda" (our
+            CUDA kernel that a GPU run has shown right: float16/bfloat16 on tensor cores by mma.sync, float32
+            on a simple kernel), "triton" (our Triton kernel with its pointer-load tiles: CUDA, or the CPU
+            under TRITON_INTERPRET=1), "aten" (torch's best LSE-returning kernel, normalized to this
+            contract), or one torch kernel: "aten_cpu_flash", "aten_flash", "aten_cudnn", "aten_efficient".
+            Opt-in, not yet run on a GPU: "cuda_sm90" (the Hopper wgmma kernels, TMA-fed where q, k and v
+            allow, where the device and head dim allow, else mma.sync) and "triton_tma" (the autotuner may
+            pick TMA tiles on sm_90 and newer). cp_attention.kernel_variants records what is proven.
 
     Returns:
         out [B, Sq, H, D] in q's dtype, contiguous; with return_lse also lse [B, H, Sq] float32,
         lse[b, h, i] = log(sum_j exp(scale * <q[b, i, h], k[b, j, h // (H // Hkv)]>)) over the visible keys
         (natural log). A row that sees no key gets out 0 and lse -inf.
     """
-    check_attn_inputs("cp_attention.flash_attn", q, k, v, kv_mask)
+    op = "cp_attention.flash_attn"
+    check_attn_inputs(op, q, k, v, kv_mask)
     if backend == "auto":
         backend = available_backends(q.device)[0]
-    if backend in _OWN_BACKENDS.values():
-        if q.device.type != backend:
-            raise ValueError(f"cp_attention.flash_attn: backend {backend!r} runs on {backend} tensors, "
-                             f"got q on {q.device}")
+    if backend == "cpu":
+        _check_own_device(op, backend, "cpu", q.device)
+        kv.log_choice(op, backend, "cpu", "default", q)
         out, lse = ops.flash_attn_fwd(q, k, v, scale, causal, kv_mask)
-    elif backend == TRITON:
-        _check_triton_device("cp_attention.flash_attn", q.device)
-        out, lse = ops.triton_flash_attn_fwd(q, k, v, scale, causal, kv_mask)
+    elif backend in kv.BACKENDS:
+        engine, kernel = kv.resolve(backend)
+        if engine == "cuda":
+            _check_own_device(op, backend, "cuda", q.device)
+            kv.log_choice(op, backend, engine, kernel, q)
+            out, lse = ops.flash_attn_fwd(q, k, v, scale, causal, kv_mask, kernel)
+        else:
+            _check_triton_device(op, q.device, backend)
+            kv.log_choice(op, backend, engine, kernel, q)
+            out, lse = ops.triton_flash_attn_fwd(q, k, v, scale, causal, kv_mask, kernel)
     elif backend == "aten" or backend in ATEN_KERNELS:
         s = 1.0 / math.sqrt(q.shape[-1]) if scale is None else float(scale)
         out, lse = aten_attention(q, k, v, s, causal, kv_mask, kernel=backend)
     else:
-        raise ValueError(f"cp_attention.flash_attn: unknown backend {backend!r}; expected 'auto' or one of "
-                         f"{sorted(set(_OWN_BACKENDS.values()) | {'aten', TRITON, *ATEN_KERNELS})}")
+        raise ValueError(f"{op}: unknown backend {backend!r}; expected 'auto' or one of {_ALL_BACKENDS}")
     return (out, lse) if return_lse else out
 
 
-def _check_triton_device(op: str, device: torch.device):
+def _check_own_device(op: str, backend: str, device_type: str, device: torch.device) -> None:
+    """Our compiled kernels run on their own device type, and on CUDA only where an image of them fits."""
+    if device.type != device_type:
+        raise ValueError(f"{op}: backend {backend!r} runs on {device_type} tensors, got q on {device}")
+    if device_type == "cuda" and not _own_runs("flash_attn_fwd", device):
+        raise RuntimeError(f"{op}: backend {backend!r} cannot run on {device}: this build has no CUDA kernel "
+                           "that loads on it (see the warning above, or build_info()); use 'auto', 'triton' "
+                           "or 'aten', or rebuild for this device")
+
+
+def _check_triton_device(op: str, device: torch.device, backend: str = TRITON):
     if not _triton_runs_on(device.type):
         if device.type not in ("cpu", "cuda"):
             why = "Triton kernels run on CUDA tensors (and CPU tensors under TRITON_INTERPRET=1)"
@@ -130,18 +212,27 @@ def _check_triton_device(op: str, device: torch.device):
             why = "triton is not importable here"
         else:
             why = "Triton runs CPU tensors only under its interpreter (TRITON_INTERPRET=1)"
-        raise ValueError(f"{op}: backend 'triton' cannot run on {device}: {why}")
+        raise ValueError(f"{op}: backend {backend!r} cannot run on {device}: {why}")
 
 
-def _merge_backend(op: str, backend: str, out: torch.Tensor) -> bool:
-    """True for the Triton merge, False for the library's compiled (C++/CUDA) one."""
+def _merge_engine(op: str, backend: str, out: torch.Tensor) -> str:
+    """Which merge runs: "own" (the library's compiled C++/CUDA kernel), "triton", or "torch" (plain torch
+    ops: "auto" on a device where neither of our kernels runs, e.g. a GPU no image of the build fits)."""
     if backend not in _MERGE_BACKENDS:
         raise ValueError(f"{op}: unknown backend {backend!r}; expected one of {list(_MERGE_BACKENDS)}")
+    if not isinstance(out, torch.Tensor):
+        return "own"  # the op's own checks name the bad argument
     if backend == TRITON:
-        if isinstance(out, torch.Tensor):  # otherwise the op's own checks name the bad argument
-            _check_triton_device(op, out.device)
-        return True
-    return False
+        _check_triton_device(op, out.device)
+        return TRITON
+    if out.device.type == "cuda" and not _own_runs("merge_attn_states", out.device):
+        return TRITON if _triton_runs_on("cuda") else "torch"
+    return "own"
+
+
+def _log_merge(op: str, backend: str, engine: str, out) -> None:
+    if isinstance(out, torch.Tensor):
+        kv.log_choice(op, backend, out.device.type if engine == "own" else engine, "merge", out)
 
 
 def merge_attn_states(out_a: torch.Tensor, lse_a: torch.Tensor, out_b: torch.Tensor, lse_b: torch.Tensor,
@@ -153,12 +244,18 @@ def merge_attn_states(out_a: torch.Tensor, lse_a: torch.Tensor, out_b: torch.Ten
     out = out_a * exp(lse_a - lse) + out_b * exp(lse_b - lse), computed in float32. A side with lse -inf
     contributes nothing (its out is not read into the sum); both -inf gives out 0, lse -inf.
 
-    backend: "auto" (the library's C++/CUDA kernel for the device) or "triton".
+    backend: "auto" (the library's C++/CUDA kernel for the device; on a GPU that no image of the build fits,
+    the Triton kernel, else plain torch ops) or "triton".
 
     Returns (out [B, S, H, D] contiguous, dtype promoted from out_a and out_b; lse [B, H, S] float32).
     """
-    if _merge_backend("cp_attention.merge_attn_states", backend, out_a):
+    op = "cp_attention.merge_attn_states"
+    engine = _merge_engine(op, backend, out_a)
+    _log_merge(op, backend, engine, out_a)
+    if engine == TRITON:
         return ops.triton_merge_attn_states(out_a, lse_a, out_b, lse_b)
+    if engine == "torch":
+        return merge_states_torch(op, out_a, lse_a, out_b, lse_b)
     return ops.merge_attn_states(out_a, lse_a, out_b, lse_b)
 
 
@@ -169,8 +266,13 @@ def merge_attn_states_(out: torch.Tensor, lse: torch.Tensor, out_b: torch.Tensor
     out [B, S, H, D] (a float32 accumulator is recommended for half-precision chunks), lse [B, H, S]
     float32; out_b/lse_b as in merge_attn_states. Any strides. backend: as in merge_attn_states.
     """
-    if _merge_backend("cp_attention.merge_attn_states_", backend, out):
+    op = "cp_attention.merge_attn_states_"
+    engine = _merge_engine(op, backend, out)
+    _log_merge(op, backend, engine, out)
+    if engine == TRITON:
         ops.triton_merge_attn_states_(out, lse, out_b, lse_b)
+    elif engine == "torch":
+        merge_states_torch(op, out, lse, out_b, lse_b, into=(out, lse))
     else:
         ops.merge_attn_states_(out, lse, out_b, lse_b)
 
@@ -186,24 +288,26 @@ def flash_attn_acc_(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, out: torc
     rule). out: [B, Sq, H, D] in q's dtype or float32 (recommended for half inputs), last dim contiguous,
     other strides free (a row slice of a bigger accumulator works); lse: [B, H, Sq] float32, any strides.
     Start from out 0 and lse -inf (attention over no key); rows that see no key of this chunk keep their
-    state. Our own kernels ("cpu", "cuda", "triton", or "auto" where it picks one) merge in the kernel's
-    epilogue (ops flash_attn_fwd_acc_ / triton_flash_attn_fwd_acc_), so the partial result never goes to
-    memory; torch's kernels run the forward, then merge_attn_states_. out and lse must not share memory
-    with q, k, v or kv_mask.
+    state. Our own kernels ("cpu", "cuda", "cuda_sm90", "triton", "triton_tma", or "auto" where it picks
+    one) merge in the kernel's epilogue (ops flash_attn_fwd_acc_ / triton_flash_attn_fwd_acc_), so the
+    partial result never goes to memory; torch's kernels run the forward, then the merge of
+    merge_attn_states_ (backend "auto"). out and lse must not share memory with q, k, v or kv_mask.
     """
     op = "cp_attention.flash_attn_acc_"
     check_attn_inputs(op, q, k, v, kv_mask)
     check_acc_state(op, q, out, lse)
     if backend == "auto":
         backend = available_backends(q.device)[0]
-    if backend in _OWN_BACKENDS.values() and q.device.type == backend and _has_kernel(
-            torch.ops.cp_attention.flash_attn_fwd_acc_.default, q.device):
-        ops.flash_attn_fwd_acc_(q, k, v, out, lse, scale, causal, kv_mask)
+    engine, kernel = kv.resolve(backend) if backend in kv.BACKENDS else (backend, "default")
+    if engine in _OWN_BACKENDS and q.device.type == engine and _own_runs("flash_attn_fwd_acc_", q.device):
+        kv.log_choice(op, backend, engine, kernel, q)
+        ops.flash_attn_fwd_acc_(q, k, v, out, lse, scale, causal, kv_mask, kernel)
         return
-    if backend == TRITON:
-        _check_triton_device(op, q.device)
-        ops.triton_flash_attn_fwd_acc_(q, k, v, out, lse, scale, causal, kv_mask)
+    if engine == TRITON:
+        _check_triton_device(op, q.device, backend)
+        kv.log_choice(op, backend, engine, kernel, q)
+        ops.triton_flash_attn_fwd_acc_(q, k, v, out, lse, scale, causal, kv_mask, kernel)
         return
     part_out, part_lse = flash_attn(q, k, v, scale=scale, causal=causal, kv_mask=kv_mask, return_lse=True,
                                     backend=backend)
-    ops.merge_attn_states_(out, lse, part_out, part_lse)
+    merge_attn_states_(out, lse, part_out, part_lse)

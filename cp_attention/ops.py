@@ -1,9 +1,9 @@
 """The op list of cp_attention: one typed wrapper per op under ``torch.ops.cp_attention``, with its fake
 (meta) kernel and its autograd registration directly beneath it.
 
-Conventions (DESIGN section 1): q [B, Sq, H, D], k/v [B, Sk, Hkv, D] (BSHD, last dim contiguous), out
-[B, Sq, H, D] in q's dtype, lse [B, H, Sq] float32 with lse = log sum_j exp(scale * <q_i, k_j>) over the
-visible keys (natural log); a row that sees no key gives out 0 and lse -inf.
+Conventions (docs/design.md, "Tensors and layout" and "LSE"): q [B, Sq, H, D], k/v [B, Sk, Hkv, D] (BSHD,
+last dim contiguous), out [B, Sq, H, D] in q's dtype, lse [B, H, Sq] float32 with lse = log sum_j
+exp(scale * <q_i, k_j>) over the visible keys (natural log); a row that sees no key gives out 0 and lse -inf.
 """
 
 from __future__ import annotations
@@ -16,6 +16,7 @@ from torch.distributed.distributed_c10d import _resolve_process_group
 
 from . import _C  # noqa: F401  (loads the library: schemas and kernels register on import)
 from ._checks import ATTN_DTYPES, check_acc_state, check_attn_inputs, check_merge_inputs
+from .kernel_variants import check_variant
 
 _lib = torch.ops.cp_attention
 
@@ -33,16 +34,23 @@ def _no_backward(op_name: str):
 
 # --------------------------------------------------------------------------------------------------------
 def flash_attn_fwd(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float | None = None,
-                   causal: bool = False, kv_mask: torch.Tensor | None = None
+                   causal: bool = False, kv_mask: torch.Tensor | None = None, variant: str = "default"
                    ) -> tuple[torch.Tensor, torch.Tensor]:
     """Attention of q [B, Sq, H, D] over k, v [B, Sk, Hkv, D]; returns (out [B, Sq, H, D] q.dtype,
-    lse [B, H, Sq] float32). Causal is bottom-right aligned; kv_mask is bool [B, Sk], True = attend."""
-    return _lib.flash_attn_fwd(q, k, v, scale, causal, kv_mask)
+    lse [B, H, Sq] float32). Causal is bottom-right aligned; kv_mask is bool [B, Sk], True = attend.
+    variant: "default" (on CUDA the mma.sync kernel; the CPU has one kernel), or on CUDA "mma", "sm90",
+    "sm90_tma", "sm90_tma_no_pingpong" or "auto" (cp_attention.kernel_variants: which are proven)."""
+    return _lib.flash_attn_fwd(q, k, v, scale, causal, kv_mask, variant)
+
+
+def _check_variant_of(op: str, q, variant: str) -> None:
+    check_variant(op, "cpu" if q.device.type == "cpu" else "cuda", variant)
 
 
 @torch.library.register_fake("cp_attention::flash_attn_fwd")
-def _(q, k, v, scale=None, causal=False, kv_mask=None):
+def _(q, k, v, scale=None, causal=False, kv_mask=None, variant="default"):
     B, Sq, _, H, _, D = check_attn_inputs("cp_attention.flash_attn_fwd", q, k, v, kv_mask)
+    _check_variant_of("cp_attention.flash_attn_fwd", q, variant)
     out = q.new_empty((B, Sq, H, D))
     lse = q.new_empty((B, H, Sq), dtype=torch.float32)
     return out, lse
@@ -59,29 +67,30 @@ torch.library.register_autograd("cp_attention::flash_attn_fwd", _no_backward("fl
 # --------------------------------------------------------------------------------------------------------
 def flash_attn_fwd_acc_(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, out: torch.Tensor,
                         lse: torch.Tensor, scale: float | None = None, causal: bool = False,
-                        kv_mask: torch.Tensor | None = None) -> None:
+                        kv_mask: torch.Tensor | None = None, variant: str = "default") -> None:
     """The fused ring step: attends q [B, Sq, H, D] to this chunk k, v [B, Sk, Hkv, D] and merges the result
     into the running state in place, in the kernel's epilogue. out [B, Sq, H, D] in q's dtype or float32
     (last dim contiguous; a row slice of a bigger accumulator works), lse [B, H, Sq] float32, both updated
-    with the merge rule of DESIGN section 1. Start from out 0 / lse -inf (attention over no key).
-    out and lse must not overlap q, k, v or kv_mask."""
-    _lib.flash_attn_fwd_acc_(q, k, v, out, lse, scale, causal, kv_mask)
+    with the merge rule of docs/design.md, "Merging partial results". Start from out 0 / lse -inf (attention
+    over no key). out and lse must not overlap q, k, v or kv_mask. variant: as in flash_attn_fwd."""
+    _lib.flash_attn_fwd_acc_(q, k, v, out, lse, scale, causal, kv_mask, variant)
 
 
 @torch.library.register_fake("cp_attention::flash_attn_fwd_acc_")
-def _(q, k, v, out, lse, scale=None, causal=False, kv_mask=None):
+def _(q, k, v, out, lse, scale=None, causal=False, kv_mask=None, variant="default"):
     op = "cp_attention.flash_attn_fwd_acc_"
     check_attn_inputs(op, q, k, v, kv_mask)
     check_acc_state(op, q, out, lse)
+    _check_variant_of(op, q, variant)
     return None
 
 
 @torch.library.impl("cp_attention::flash_attn_fwd_acc_", "Autograd")
-def _(q, k, v, out, lse, scale=None, causal=False, kv_mask=None):
+def _(q, k, v, out, lse, scale=None, causal=False, kv_mask=None, variant="default"):
     if torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in (q, k, v, out, lse)):
         _no_backward("flash_attn_fwd_acc_")(None)
     with torch._C._AutoDispatchBelowAutograd():
-        return _lib.flash_attn_fwd_acc_(q, k, v, out, lse, scale, causal, kv_mask)
+        return _lib.flash_attn_fwd_acc_(q, k, v, out, lse, scale, causal, kv_mask, variant)
 
 
 # --------------------------------------------------------------------------------------------------------
@@ -129,7 +138,7 @@ def _(out, lse, out_b, lse_b):
 
 
 # --------------------------------------------------------------------------------------------------------
-# Ulysses (DESIGN section 1): pack/unpack kernels around the two all-to-alls, and the two collectives.
+# Ulysses (docs/design.md, "Ulysses"): pack/unpack kernels around the two all-to-alls, and the collectives.
 def ulysses_head_split(op: str, H: int, Hkv: int, P: int) -> tuple[int, int]:
     """(query heads, kv heads) per rank when P ranks split H query and Hkv kv heads; mirrors the C++ rule.
     H must be divisible by P (uneven head splits are not supported). kv heads: Hkv / P each when P divides
@@ -411,19 +420,34 @@ def _triton_kernels(module: str):
         raise RuntimeError(f"cp_attention: the Triton ops need triton, which failed to import: {e}") from e
 
 
+# The Triton forward's `variant` argument as the launcher's tma flag: "default" and "pointer" load through
+# pointers, "tma" forces the TMA variant, "auto" lets the autotuner choose (cp_attention.kernel_variants).
+_TRITON_TMA = {"default": False, "pointer": False, "tma": True, "auto": None}
+
+
+def _triton_tma(op: str, variant: str) -> bool | None:
+    check_variant(op, "triton", variant)
+    return _TRITON_TMA[variant]
+
+
 @torch.library.custom_op("cp_attention::triton_flash_attn_fwd", mutates_args=())
 def triton_flash_attn_fwd(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float | None = None,
-                          causal: bool = False, kv_mask: torch.Tensor | None = None
+                          causal: bool = False, kv_mask: torch.Tensor | None = None, variant: str = "default"
                           ) -> tuple[torch.Tensor, torch.Tensor]:
     """flash_attn_fwd in Triton: q [B, Sq, H, D], k/v [B, Sk, Hkv, D] -> (out [B, Sq, H, D] q.dtype,
-    contiguous; lse [B, H, Sq] float32, natural log). Bottom-right causal; kv_mask bool [B, Sk]."""
-    check_attn_inputs("cp_attention.triton_flash_attn_fwd", q, k, v, kv_mask)
-    return _triton_kernels("flash_fwd").flash_fwd(q, k, v, scale, causal, kv_mask)
+    contiguous; lse [B, H, Sq] float32, natural log). Bottom-right causal; kv_mask bool [B, Sk].
+    variant: "default" or "pointer" (pointer-load tiles), "tma" (the TMA variant, untuned; an error where
+    it cannot run) or "auto" (the autotuner chooses between them on sm_90+)."""
+    op = "cp_attention.triton_flash_attn_fwd"
+    check_attn_inputs(op, q, k, v, kv_mask)
+    tma = _triton_tma(op, variant)
+    return _triton_kernels("flash_fwd").flash_fwd(q, k, v, scale, causal, kv_mask, tma=tma)
 
 
 @triton_flash_attn_fwd.register_fake
-def _(q, k, v, scale=None, causal=False, kv_mask=None):
+def _(q, k, v, scale=None, causal=False, kv_mask=None, variant="default"):
     B, Sq, _, H, _, D = check_attn_inputs("cp_attention.triton_flash_attn_fwd", q, k, v, kv_mask)
+    _triton_tma("cp_attention.triton_flash_attn_fwd", variant)
     return q.new_empty((B, Sq, H, D)), q.new_empty((B, H, Sq), dtype=torch.float32)
 
 
@@ -433,22 +457,24 @@ triton_flash_attn_fwd.register_autograd(_no_backward("triton_flash_attn_fwd"), s
 @torch.library.custom_op("cp_attention::triton_flash_attn_fwd_acc_", mutates_args=("out", "lse"))
 def triton_flash_attn_fwd_acc_(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, out: torch.Tensor,
                                lse: torch.Tensor, scale: float | None = None, causal: bool = False,
-                               kv_mask: torch.Tensor | None = None) -> None:
+                               kv_mask: torch.Tensor | None = None, variant: str = "default") -> None:
     """flash_attn_fwd_acc_ in Triton: attends q to this K/V chunk and merges the result into the running
     state in the kernel's epilogue. out [B, Sq, H, D] (q's dtype or float32) and lse [B, H, Sq] float32 are
     updated in place and may be strided views (e.g. row slices of a larger accumulator). Rows of out whose
-    lse is -inf are never read."""
+    lse is -inf are never read. variant: as in triton_flash_attn_fwd."""
     op = "cp_attention.triton_flash_attn_fwd_acc_"
     check_attn_inputs(op, q, k, v, kv_mask)
     check_acc_state(op, q, out, lse)
-    _triton_kernels("flash_fwd").flash_fwd(q, k, v, scale, causal, kv_mask, out=out, lse=lse)
+    tma = _triton_tma(op, variant)
+    _triton_kernels("flash_fwd").flash_fwd(q, k, v, scale, causal, kv_mask, out=out, lse=lse, tma=tma)
 
 
 @triton_flash_attn_fwd_acc_.register_fake
-def _(q, k, v, out, lse, scale=None, causal=False, kv_mask=None):
+def _(q, k, v, out, lse, scale=None, causal=False, kv_mask=None, variant="default"):
     op = "cp_attention.triton_flash_attn_fwd_acc_"
     check_attn_inputs(op, q, k, v, kv_mask)
     check_acc_state(op, q, out, lse)
+    _triton_tma(op, variant)
     return None
 
 

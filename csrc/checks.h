@@ -7,6 +7,7 @@
 #include <c10/util/Exception.h>
 
 #include <optional>
+#include <string_view>
 
 namespace cp_attention {
 
@@ -20,7 +21,7 @@ inline bool is_attn_dtype(at::ScalarType t) {
   return t == at::kFloat || t == at::kHalf || t == at::kBFloat16;
 }
 
-// q [B, Sq, H, D], k/v [B, Sk, Hkv, D], kv_mask bool [B, Sk]; see DESIGN section 1.
+// q [B, Sq, H, D], k/v [B, Sk, Hkv, D], kv_mask bool [B, Sk]; see docs/design.md, "Tensors and layout".
 inline AttnDims check_attn_inputs(const char* op, const at::Tensor& q, const at::Tensor& k,
                                   const at::Tensor& v, const std::optional<at::Tensor>& kv_mask) {
   TORCH_CHECK_VALUE(q.dim() == 4, op, ": q must be a 4-D tensor [B, Sq, H, D], got shape ", q.sizes());
@@ -126,6 +127,12 @@ inline void check_acc_state(const char* op, const AttnDims& d, const at::Tensor&
     at::assert_no_overlap(out, *kv_mask);
     at::assert_no_overlap(lse, *kv_mask);
   }
+}
+
+// The flash ops' `variant` argument on the CPU, which has one kernel per op: only "default" names it.
+inline void check_cpu_variant(const char* op, c10::string_view variant) {
+  TORCH_CHECK_VALUE(variant == "default", op,
+                    ": variant must be 'default' on the CPU (its only kernel), got '", variant, "'");
 }
 
 }  // namespace cp_attention

@@ -5,14 +5,17 @@
 
 TORCH_LIBRARY(cp_attention, m) {
   // Flash-attention forward over one K/V set: returns (out [B,Sq,H,D] in q's dtype, lse [B,H,Sq] float32).
+  // variant: which kernel runs. "default" is the one a GPU run has shown right (the mma.sync kernel on CUDA;
+  // the CPU has only one); the CUDA op also takes "mma", "sm90", "sm90_tma", "sm90_tma_no_pingpong" and
+  // "auto" (csrc/cuda/flash_attn_fwd.cu). cp_attention/kernel_variants.py records which have been proven.
   m.def(
       "flash_attn_fwd(Tensor q, Tensor k, Tensor v, float? scale=None, bool causal=False, "
-      "Tensor? kv_mask=None) -> (Tensor out, Tensor lse)");
+      "Tensor? kv_mask=None, str variant=\"default\") -> (Tensor out, Tensor lse)");
   // Attends q to this K/V chunk and merges the result into the running (out, lse) in the kernel's epilogue:
-  // the fused ring step. out [B,Sq,H,D] in q's dtype or float32, lse [B,H,Sq] float32.
+  // the fused ring step. out [B,Sq,H,D] in q's dtype or float32, lse [B,H,Sq] float32. variant: as above.
   m.def(
       "flash_attn_fwd_acc_(Tensor q, Tensor k, Tensor v, Tensor(a!) out, Tensor(b!) lse, float? scale=None, "
-      "bool causal=False, Tensor? kv_mask=None) -> ()");
+      "bool causal=False, Tensor? kv_mask=None, str variant=\"default\") -> ()");
   // Merges two partial attention states over disjoint key sets into a new (out, lse); float32 math.
   m.def("merge_attn_states(Tensor out_a, Tensor lse_a, Tensor out_b, Tensor lse_b) -> (Tensor out, Tensor lse)");
   // Merges (out_b, lse_b) into the running state (out, lse) in place: the ring-step accumulate.

@@ -40,17 +40,22 @@ def _qkv(B, Sq, Sk, H, Hkv, D, dtype, seed, layout="bshd"):
 # ---------------------------------------------------------------------------------------------------------
 # flash_attn_fwd
 
-# The forward kernels a 16-bit call can take on this device: on sm_90 the wgmma kernels (by default the TMA
-# one where the tensors allow it, else the cp.async one) and, forced through CP_ATTENTION_CUDA_FWD_KERNEL,
-# the cp.async wgmma one and the mma.sync one; elsewhere mma.sync.
+# The ops' `variant` argument: "default" (the mma.sync kernel) everywhere; on sm_90 also "auto" (the TMA wgmma
+# kernel where the tensors allow it, else the cp.async one) and "sm90" (the cp.async one).
 IS_SM90 = HAS_CUDA and torch.cuda.get_device_capability()[0] == 9
-FWD_KERNELS = ["auto", "sm90", "mma"] if IS_SM90 else ["auto"]
+FWD_KERNELS = ["default", "auto", "sm90"] if IS_SM90 else ["default"]
 
 
 @pytest.fixture(params=FWD_KERNELS)
-def fwd_kernel(request, monkeypatch):
-    monkeypatch.setenv("CP_ATTENTION_CUDA_FWD_KERNEL", request.param)
+def fwd_kernel(request):
     return request.param
+
+
+def _at(kernel: str, D: int) -> str:
+    """The variant argument for a call at head dim D: "sm90" names a kernel compiled for D <= 64 and
+    96 < D <= 128 only (an error elsewhere), so at other D such a test asks for "auto", which runs mma.sync
+    there."""
+    return "auto" if kernel == "sm90" and not (D <= 64 or 96 < D <= 128) else kernel
 
 
 # Every compiled head dim (32, 64, 96, 128, 256) and the padding between them.
@@ -62,7 +67,7 @@ SEQ_PAIRS = [(1, 1), (5, 0), (37, 53), (130, 70), (70, 130), (64, 64), (200, 257
 @pytest.mark.parametrize("D", HEAD_DIMS)
 def test_fwd_head_dims(D, dtype, fwd_kernel):
     q, k, v, _ = _qkv(2, 77, 91, 2, 1, D, dtype, seed=D)
-    out, lse = OPS.flash_attn_fwd(q, k, v, None, False, None)
+    out, lse = OPS.flash_attn_fwd(q, k, v, None, False, None, _at(fwd_kernel, D))
     check_attention(out, lse, q, k, v)
 
 
@@ -74,7 +79,7 @@ def test_fwd_lengths_causal_mask(Sq, Sk, causal, masked, dtype, D, fwd_kernel):
     B, H, Hkv = 3, 4, 2
     q, k, v, gen = _qkv(B, Sq, Sk, H, Hkv, D, dtype, seed=Sq * 1000 + Sk)
     kv_mask = make_kv_mask(B, Sk, gen, device=DEV) if masked else None
-    out, lse = OPS.flash_attn_fwd(q, k, v, None, causal, kv_mask)
+    out, lse = OPS.flash_attn_fwd(q, k, v, None, causal, kv_mask, _at(fwd_kernel, D))
     check_attention(out, lse, q, k, v, causal=causal, kv_mask=kv_mask)
 
 
@@ -85,7 +90,7 @@ def test_fwd_strided_inputs(layout, dtype, D, fwd_kernel):
     q, k, v, gen = _qkv(B, Sq, Sk, H, Hkv, D, dtype, seed=7, layout=layout)
     kv_mask = make_kv_mask(B, 2 * Sk, gen, device=DEV)[:, ::2]  # a strided mask
     for causal in (False, True):
-        out, lse = OPS.flash_attn_fwd(q, k, v, 0.3, causal, kv_mask)
+        out, lse = OPS.flash_attn_fwd(q, k, v, 0.3, causal, kv_mask, _at(fwd_kernel, D))
         check_attention(out, lse, q, k, v, 0.3, causal, kv_mask)
 
 
@@ -95,78 +100,75 @@ def test_fwd_scale_sign_and_zero(scale, dtype, fwd_kernel):
     # The tensor-core kernel needs a positive scale internally; negative and zero scales go other ways.
     q, k, v, gen = _qkv(2, 45, 80, 2, 2, 64, dtype, seed=3)
     kv_mask = make_kv_mask(2, 80, gen, device=DEV)
-    out, lse = OPS.flash_attn_fwd(q, k, v, scale, True, kv_mask)
+    out, lse = OPS.flash_attn_fwd(q, k, v, scale, True, kv_mask, fwd_kernel)
     check_attention(out, lse, q, k, v, scale, True, kv_mask)
 
 
-def test_fwd_kernel_knob_errors(monkeypatch):
+def test_fwd_variant_argument_errors():
     q, k, v, _ = _qkv(1, 8, 8, 1, 1, 72, F16, seed=3)
-    monkeypatch.setenv("CP_ATTENTION_CUDA_FWD_KERNEL", "fastest")
-    allowed = "auto, mma, sm90, sm90_tma or sm90_tma_no_pingpong"
-    with pytest.raises(ValueError, match=f"CP_ATTENTION_CUDA_FWD_KERNEL must be {allowed}"):
-        OPS.flash_attn_fwd(q, k, v, None, False, None)
-    monkeypatch.setenv("CP_ATTENTION_CUDA_FWD_KERNEL", "sm90")  # D = 72 has no wgmma kernel on any device
-    with pytest.raises(ValueError, match="D <= 64 or 96 < D <= 128"):
-        OPS.flash_attn_fwd(q, k, v, None, False, None)
+    allowed = "default, mma, sm90, sm90_tma, sm90_tma_no_pingpong or auto"
+    for op in (lambda kernel: OPS.flash_attn_fwd(q, k, v, None, False, None, kernel),
+               lambda kernel: OPS.flash_attn_fwd_acc_(q, k, v, torch.zeros_like(q), torch.zeros(1, 1, 8,
+                                                      device=DEV), None, False, None, kernel)):
+        with pytest.raises(ValueError, match=f"variant must be {allowed}, got 'fastest'"):
+            op("fastest")
+        with pytest.raises(ValueError, match="D <= 64 or 96 < D <= 128"):  # D = 72: no wgmma kernel anywhere
+            op("sm90")
 
 
 @pytest.mark.parametrize("kernel", ["sm90", "sm90_tma", "sm90_tma_no_pingpong"])
 @pytest.mark.parametrize("D", [64, 128])
-def test_fwd_sm90_kernel_forced(D, kernel, monkeypatch):
-    # On sm_90 each wgmma kernel must be built and run when demanded (so "auto" cannot have quietly fallen
-    # back to another), the TMA one with and without its warpgroups' turn-taking; on other devices demanding
-    # it is an error naming the variable.
+def test_fwd_sm90_kernel_named(D, kernel):
+    # On sm_90 each wgmma kernel must be built and run when named (so "auto" cannot have quietly fallen back
+    # to another), the TMA one with and without its warpgroups' turn-taking; on other devices naming it is an
+    # error that says what it needs.
     q, k, v, gen = _qkv(2, 300, 600, 4, 2, D, BF16, seed=D)
     kv_mask = make_kv_mask(2, 600, gen, device=DEV)
-    monkeypatch.setenv("CP_ATTENTION_CUDA_FWD_KERNEL", kernel)
     if not IS_SM90:
-        with pytest.raises(ValueError, match=f"CP_ATTENTION_CUDA_FWD_KERNEL={kernel} needs"):
-            OPS.flash_attn_fwd(q, k, v, None, True, kv_mask)
+        with pytest.raises(ValueError, match=f"variant='{kernel}' needs"):
+            OPS.flash_attn_fwd(q, k, v, None, True, kv_mask, kernel)
         return
-    _check_causal_and_chunked(q, k, v, kv_mask, split=250)
+    _check_causal_and_chunked(q, k, v, kv_mask, split=250, kernel=kernel)
 
 
-def _check_causal_and_chunked(q, k, v, kv_mask, split):
+def _check_causal_and_chunked(q, k, v, kv_mask, split, kernel):
     """The causal forward, then the fused ring step: keys [0, split) and [split, Sk) accumulated into a
     NaN-poisoned float32 state equal attention over all of them."""
-    out, lse = OPS.flash_attn_fwd(q, k, v, None, True, kv_mask)
+    out, lse = OPS.flash_attn_fwd(q, k, v, None, True, kv_mask, kernel)
     check_attention(out, lse, q, k, v, None, True, kv_mask)
     acc = torch.full(q.shape, float("nan"), dtype=torch.float32, device=DEV)
     acc_lse = torch.full((q.shape[0], q.shape[2], q.shape[1]), float("-inf"), device=DEV)
     for s, e in ((0, split), (split, k.shape[1])):
-        OPS.flash_attn_fwd_acc_(q, k[:, s:e], v[:, s:e], acc, acc_lse, None, False, kv_mask[:, s:e])
+        OPS.flash_attn_fwd_acc_(q, k[:, s:e], v[:, s:e], acc, acc_lse, None, False, kv_mask[:, s:e], kernel)
     check_attention(acc.to(q.dtype), acc_lse, q, k, v, None, False, kv_mask)
 
 
 @pytest.mark.skipif(not IS_SM90, reason="the TMA kernel's layout rules apply on sm_90 devices")
-def test_fwd_sm90_tma_refuses_what_tma_cannot_address(monkeypatch):
-    # Rows one element off 16-byte alignment have no tensor map: demanding the TMA kernel is an error that
-    # says what it needs, while "auto" takes the cp.async wgmma kernel and gets the right answer.
+def test_fwd_sm90_tma_refuses_what_tma_cannot_address():
+    # Rows one element off 16-byte alignment have no tensor map: naming the TMA kernel is an error that says
+    # what it needs, while "auto" takes the cp.async wgmma kernel and gets the right answer.
     q, k, v, _ = _qkv(1, 70, 90, 2, 1, 64, F16, seed=11, layout="offset")
-    monkeypatch.setenv("CP_ATTENTION_CUDA_FWD_KERNEL", "sm90_tma")
-    with pytest.raises(ValueError, match="sm90_tma needs q, k and v that TMA can address"):
-        OPS.flash_attn_fwd(q, k, v, None, False, None)
-    monkeypatch.setenv("CP_ATTENTION_CUDA_FWD_KERNEL", "auto")
-    check_attention(*OPS.flash_attn_fwd(q, k, v, None, False, None), q, k, v)
+    with pytest.raises(ValueError, match="variant='sm90_tma' needs q, k and v that TMA can address"):
+        OPS.flash_attn_fwd(q, k, v, None, False, None, "sm90_tma")
+    check_attention(*OPS.flash_attn_fwd(q, k, v, None, False, None, "auto"), q, k, v)
 
 
 @pytest.mark.skipif(not IS_SM90, reason="the TMA kernel runs on sm_90 devices")
 @pytest.mark.parametrize("kv_layout", ["bhsd", "bshd"])
 @pytest.mark.parametrize("D", [64, 128])
-def test_fwd_sm90_tma_takes_head_major_memory(D, kv_layout, monkeypatch):
+def test_fwd_sm90_tma_takes_head_major_memory(D, kv_layout):
     # [B, H, S, D] memory seen as BSHD (the SDPA layout) gets tensor maps with S inside H: q always, k and v
     # too or in BSHD memory; GQA, a mask, causal, and the fused step into a float32 state.
     q, _, _, gen = _qkv(2, 300, 600, 4, 2, D, BF16, seed=D + 5, layout="bhsd")
     _, k, v, _ = _qkv(2, 300, 600, 4, 2, D, BF16, seed=D + 6, layout=kv_layout)
     kv_mask = make_kv_mask(2, 600, gen, device=DEV)
-    monkeypatch.setenv("CP_ATTENTION_CUDA_FWD_KERNEL", "sm90_tma")
-    _check_causal_and_chunked(q, k, v, kv_mask, split=350)
+    _check_causal_and_chunked(q, k, v, kv_mask, split=350, kernel="sm90_tma")
 
 
 def test_fwd_long_sequence_many_blocks(fwd_kernel):
     # Many key blocks (online rescaling over dozens of steps) and many query blocks, causal.
     q, k, v, _ = _qkv(1, 1100, 1300, 2, 1, 128, BF16, seed=11)
-    out, lse = OPS.flash_attn_fwd(q, k, v, None, True, None)
+    out, lse = OPS.flash_attn_fwd(q, k, v, None, True, None, fwd_kernel)
     check_attention(out, lse, q, k, v, causal=True)
 
 
@@ -200,7 +202,7 @@ def test_acc_merges_into_state(causal, strided, dtype, D, acc_dtype, fwd_kernel)
     kv_mask = make_kv_mask(B, Sk, gen, device=DEV)  # the last batch sees no key
     out, lse = _old_state(B, Sq, H, D, acc_dtype, gen, strided)
     old_out, old_lse = out.clone(), lse.clone()
-    OPS.flash_attn_fwd_acc_(q, k, v, out, lse, None, causal, kv_mask)
+    OPS.flash_attn_fwd_acc_(q, k, v, out, lse, None, causal, kv_mask, _at(fwd_kernel, D))
 
     new_out, new_lse = attention_ref(q, k, v, None, causal, kv_mask)
     ref_out, ref_lse = merge_ref(old_out, old_lse, new_out, new_lse)
@@ -239,7 +241,8 @@ def test_acc_chunks_equal_whole(dtype, D, causal, fwd_kernel):
         offset = (Sk - Sq) - a if causal else None  # local query i sees local key j iff j <= i + offset
         for r0, r1, k1, c in plan_chunk(Sq, b - a, offset):
             OPS.flash_attn_fwd_acc_(q[:, r0:r1], k[:, a:a + k1], v[:, a:a + k1], acc[:, r0:r1],
-                                    acc_lse[:, :, r0:r1], None, c, kv_mask[:, a:a + k1])
+                                    acc_lse[:, :, r0:r1], None, c, kv_mask[:, a:a + k1],
+                                    _at(fwd_kernel, D))
     check_attention(acc.to(dtype), acc_lse, q, k, v, causal=causal, kv_mask=kv_mask)
 
 

@@ -217,3 +217,41 @@ def test_flash_attn_acc_rejects_state_overlapping_inputs():
     with pytest.raises(RuntimeError, match="memory location"):
         OPS.flash_attn_fwd_acc_(q, k, v, torch.zeros(B, SQ, H, D), k.view(-1)[: B * H * SQ].view(B, H, SQ),
                                 None, False, None)
+
+
+def _cpu_op_calls():
+    """One valid call of every CPU op of the library, by op name."""
+    q, k, v = _t(1, 6, 4, 8), _t(1, 6, 2, 8), _t(1, 6, 2, 8)
+    out, lse = torch.zeros(1, 6, 4, 8), torch.full((1, 4, 6), float("-inf"))
+    return {
+        "flash_attn_fwd": lambda: OPS.flash_attn_fwd(q, k, v, None, False, None),
+        "flash_attn_fwd_acc_": lambda: OPS.flash_attn_fwd_acc_(q, k, v, out, lse, None, False, None),
+        "merge_attn_states": lambda: OPS.merge_attn_states(q, lse, q, lse),
+        "merge_attn_states_": lambda: OPS.merge_attn_states_(out, lse, q, lse),
+        "a2a_pack_seq_to_head": lambda: OPS.a2a_pack_seq_to_head(q, k, v, 2),
+        "a2a_unpack_seq_to_head": lambda: OPS.a2a_unpack_seq_to_head(q.reshape(-1)[:96], [3, 3], 1, 2, 1, 4),
+        "a2a_pack_head_to_seq": lambda: OPS.a2a_pack_head_to_seq(q, [2, 4]),
+        "a2a_unpack_head_to_seq": lambda: OPS.a2a_unpack_head_to_seq(q.reshape(-1), 2, 1, 6, 2, 8),
+    }
+
+
+@pytest.mark.skipif(cp_attention.build_info()["cpu_isa"] == "generic",
+                    reason="a build for the generic ISA runs on any CPU: nothing to check")
+@pytest.mark.parametrize("op", list(_cpu_op_calls()))
+def test_cpu_ops_check_the_cpu_first(op):
+    # Every CPU op is compiled for the build's vector ISA: on a CPU without it (faked here) each raises an
+    # error that names the op, the ISA and what to rebuild with, before any other work.
+    from cp_attention import _C
+
+    call = _cpu_op_calls()[op]
+    call()  # valid as it stands
+    isa = cp_attention.build_info()["cpu_isa"]
+    _C._pretend_cpu_lacks_isa(True)
+    try:
+        with pytest.raises(RuntimeError, match=rf"^cp_attention\.{op}: the CPU kernels of this build use the "
+                                               rf"{isa} instruction set \(CP_ATTENTION_CPU_ISA={isa}\), but "
+                                               r"this CPU lacks \w+; rebuild with CP_ATTENTION_CPU_ISA="):
+            call()
+    finally:
+        _C._pretend_cpu_lacks_isa(False)
+    call()

@@ -24,6 +24,7 @@ import torch
 from conftest import HAS_CUDA, NO_CUDA, make_kv_mask, randn
 from reference import assert_lse_float32_grade, attention_ref, check_attention, same_dtype_math_path
 from test_flash_attn import _views
+from torch._subclasses.fake_tensor import FakeTensorMode
 
 import cp_attention
 from cp_attention import triton_kernels
@@ -348,11 +349,7 @@ def test_tma_refuses_what_it_cannot_address(dev):
 
 
 # ---------------------------------------------------------------------------------------------------------
-# CP_ATTENTION_TRITON_FWD_LOADS: the load path of calls that leave it open (tma=None, as the ops do), read
-# per call. A launch spy records which path each launch took.
-LOADS_KNOB = "CP_ATTENTION_TRITON_FWD_LOADS"
-
-
+# The ops' `variant` argument picks the load path; a launch spy records which path each launch took.
 class _LaunchSpy:
     """Stands in for the kernel object: records the TMA flag of every launch, then launches the kernel."""
 
@@ -376,56 +373,45 @@ def launch_spy(monkeypatch):
     return spy
 
 
-LOADS_CASES = [(None, False), ("", False), ("auto", False), ("pointer", False), ("tma", True)]
+# (variant argument, TMA launched): small problems run untuned, on pointer tiles, unless TMA is named.
+VARIANT_CASES = [(None, False), ("default", False), ("pointer", False), ("auto", False), ("tma", True)]
 
 
-@pytest.mark.parametrize("loads,tma", LOADS_CASES, ids=["unset", "empty", "auto", "pointer", "tma"])
+@pytest.mark.parametrize("variant,tma", VARIANT_CASES, ids=["omitted", "default", "pointer", "auto", "tma"])
 @pytest.mark.parametrize("dev", DEVICES)
-def test_fwd_loads_knob(dev, loads, tma, monkeypatch, launch_spy, poisoned_empty):
-    # Small problems run untuned, on pointer tiles, unless the variable asks for TMA; both ops follow it.
+def test_fwd_variant_argument(dev, variant, tma, monkeypatch, launch_spy, poisoned_empty):
+    # Both ops follow the argument; the environment variable that once chose per call is not read.
     if tma:
         _tma_dev(dev)
-    if loads is None:
-        monkeypatch.delenv(LOADS_KNOB, raising=False)
-    else:
-        monkeypatch.setenv(LOADS_KNOB, loads)
+    monkeypatch.setenv("CP_ATTENTION_TRITON_FWD_LOADS", "pointer" if tma else "tma")
+    named = {} if variant is None else {"variant": variant}
     q, k, v, gen = _inputs(2, 37, 53, 4, 2, 64, F16, dev, seed=41)
     kv_mask = make_kv_mask(2, 53, gen, dev)
-    out, lse = OPS.triton_flash_attn_fwd(q, k, v, None, True, kv_mask)
+    out, lse = OPS.triton_flash_attn_fwd(q, k, v, None, True, kv_mask, **named)
     check_attention(out, lse, q, k, v, causal=True, kv_mask=kv_mask, kernel=_kernel(dev))
     acc, acc_lse = _poisoned_state(q, F32)
-    OPS.triton_flash_attn_fwd_acc_(q, k, v, acc, acc_lse, None, True, kv_mask)
+    OPS.triton_flash_attn_fwd_acc_(q, k, v, acc, acc_lse, None, True, kv_mask, **named)
     check_attention(acc.to(F16), acc_lse, q, k, v, causal=True, kv_mask=kv_mask, kernel=_kernel(dev))
-    assert launch_spy.tma == [tma, tma], f"{LOADS_KNOB}={loads!r} launched TMA={launch_spy.tma}"
+    assert launch_spy.tma == [tma, tma], f"variant={variant!r} launched TMA={launch_spy.tma}"
 
 
 @pytest.mark.parametrize("dev", DEVICES)
-def test_fwd_loads_knob_yields_to_explicit_tma(dev, monkeypatch, launch_spy):
-    # A caller's own tma=True or False wins, and the variable is not even read then.
-    kernels = _tma_dev(dev)
-    q, k, v, _ = _inputs(1, 20, 33, 2, 1, 64, F16, dev, seed=42)
-    monkeypatch.setenv(LOADS_KNOB, "tma")
-    kernels.flash_fwd(q, k, v, None, False, None, tma=False)
-    monkeypatch.setenv(LOADS_KNOB, "pointer")
-    out, lse = kernels.flash_fwd(q, k, v, None, False, None, tma=True)
-    check_attention(out, lse, q, k, v, kernel=_kernel(dev))
-    monkeypatch.setenv(LOADS_KNOB, "fastest")
-    kernels.flash_fwd(q, k, v, None, False, None, tma=False)
-    assert launch_spy.tma == [False, True, False]
-
-
-@pytest.mark.parametrize("dev", DEVICES)
-def test_fwd_loads_knob_errors(dev, monkeypatch):
-    # Unknown values raise, naming the variable and its values; "tma" demands TMA as tma=True does, so
+def test_fwd_variant_argument_errors(dev):
+    # Unknown names raise, naming the argument and its values (the fake kernels too); "tma" demands TMA, so
     # inputs it cannot address (float32) raise instead of quietly taking pointer tiles.
     q, k, v, _ = _inputs(1, 5, 7, 2, 2, 16, F16, dev, seed=43)
-    for bad in ("TMA", "pointers", "1"):
-        monkeypatch.setenv(LOADS_KNOB, bad)
-        with pytest.raises(ValueError, match=f"{LOADS_KNOB} must be auto, pointer or tma, got '{bad}'"):
-            OPS.triton_flash_attn_fwd(q, k, v, None, False, None)
-    monkeypatch.setenv(LOADS_KNOB, "tma")
+    args = (q, k, v, *_poisoned_state(q, F32))
+    calls = (lambda q, k, v, o, lse, variant: OPS.triton_flash_attn_fwd(q, k, v, None, False, None, variant),
+             lambda *a, variant: OPS.triton_flash_attn_fwd_acc_(*a, None, False, None, variant))
+    allowed = "default, pointer, tma or auto"
+    for call in calls:
+        for bad in ("TMA", "pointers", "mma"):
+            with pytest.raises(ValueError, match=f"variant must be {allowed}, got '{bad}'"):
+                call(*args, variant=bad)
+            with FakeTensorMode() as mode, pytest.raises(ValueError, match="variant must be"):
+                call(*(mode.from_tensor(t) for t in args), variant=bad)
     with pytest.raises(ValueError, match="TMA variant needs"):
-        OPS.triton_flash_attn_fwd(q.float(), k.float(), v.float(), None, False, None)
+        OPS.triton_flash_attn_fwd(q.float(), k.float(), v.float(), None, False, None, variant="tma")
 
 
 # ---------------------------------------------------------------------------------------------------------

@@ -18,7 +18,9 @@ Why these tiles:
 - float32 inputs use IEEE-exact dots (tf32 would miss the float32 tolerance), which run on the CUDA cores,
   not the tensor cores: small tiles, since every operand lives in registers.
 - TMA tiles (Hopper and newer): the copy engine moves Q, K and V into shared memory and bounds-checks them
-  itself, which frees the registers and instructions of pointer arithmetic and masks.
+  itself, which frees the registers and instructions of pointer arithmetic and masks. No GPU run has tried
+  them yet, so the autotuner is offered them only when a call asks (the ops' variant "auto", backend
+  "triton_tma"); by default it chooses among the pointer tiles.
 - 64-row TMA tiles of one warpgroup (4 warps) at D 64 and 128: small enough in registers and shared memory
   for two or more CTAs per SM. The 8-warp tiles keep their two warpgroups in step (Triton's sm_90 code
   waits for every wgmma before the softmax and synchronizes the CTA once per key block), so the tensor

@@ -1,10 +1,10 @@
 """Triton flash-attention forward with LSE, and its fused variant that merges into a running state.
 
-Layouts (DESIGN section 1): q [B, Sq, H, D], k/v [B, Sk, Hkv, D] (BSHD, any strides; the last one is
-passed too, so D == 1 with any last stride works), query head h reads kv head h // (H // Hkv). out
-[B, Sq, H, D], lse [B, H, Sq] float32 with lse = log sum_j exp(scale * <q_i, k_j>) over the visible keys
-(natural log). Causal is bottom-right: query i sees key j iff j <= i + Sk - Sq. kv_mask bool [B, Sk], True =
-attend. A row that sees no key gets out 0, lse -inf.
+Layouts (docs/design.md, "Tensors and layout"): q [B, Sq, H, D], k/v [B, Sk, Hkv, D] (BSHD, any strides;
+the last one is passed too, so D == 1 with any last stride works), query head h reads kv head
+h // (H // Hkv). out [B, Sq, H, D], lse [B, H, Sq] float32 with lse = log sum_j exp(scale * <q_i, k_j>)
+over the visible keys (natural log). Causal is bottom-right: query i sees key j iff j <= i + Sk - Sq.
+kv_mask bool [B, Sk], True = attend. A row that sees no key gets out 0, lse -inf.
 
 One program per (query block, batch * head). Scores live in base-2 units, s2 = (scale * log2 e) * q.k, so
 the softmax is exp2 (one MUFU op) and the LSE is converted back to natural log once per row at the end.
@@ -12,14 +12,13 @@ The key loop runs in two phases: key blocks that every row of the query block se
 causal masking: the bulk of the work), then the causal diagonal and the ragged last block, masked. Key blocks
 past the diagonal are never visited.
 
-Q, K and V tiles move in one of two ways, chosen per launch config (the autotuner tries both on GPUs that
-have TMA): through pointer loads with masks (any GPU, the interpreter, any strides), or through TMA tensor
-descriptors (sm_90+, and the interpreter on request), where the copy engine moves whole tiles into shared
-memory and fills what lies past Sq, Sk or D with zeros, which frees the registers and instructions of the
-address and mask arithmetic. The descriptors need 16-byte aligned bases and strides (_tma_descriptors).
-The environment variable CP_ATTENTION_TRITON_FWD_LOADS, read per call where the caller leaves the choice open
-(flash_fwd's tma=None, as the ops do), overrides it: "pointer" keeps every launch on pointer tiles, "tma"
-forces the TMA tiles (an error where they cannot run, as with tma=True), "auto" or unset chooses as above.
+Q, K and V tiles move in one of two ways, chosen per launch config: through pointer loads with masks (any
+GPU, the interpreter, any strides), or through TMA tensor descriptors (sm_90+, and the interpreter on
+request), where the copy engine moves whole tiles into shared memory and fills what lies past Sq, Sk or D
+with zeros, which frees the registers and instructions of the address and mask arithmetic. The descriptors
+need 16-byte aligned bases and strides (_tma_descriptors). The caller chooses (flash_fwd's tma argument,
+which the ops set from their `variant` argument): pointer tiles (the default, proven on an H200), the TMA
+variant, or the autotuner's pick among both (cp_attention.kernel_variants records which have run on a GPU).
 
 With ACCUMULATE the epilogue merges the block's result (o_b, lse_b) into the running (out, lse) it reads
 from the destination: m = max(lse_a, lse_b), lse = m + log(exp(lse_a - m) + exp(lse_b - m)),
@@ -32,7 +31,6 @@ from __future__ import annotations
 
 import functools
 import math
-import os
 
 import torch
 import triton
@@ -45,19 +43,6 @@ from . import interpret_requested
 INTERPRETED = interpret_requested()
 
 LOG2E = 1.4426950408889634
-
-LOADS_ENV = "CP_ATTENTION_TRITON_FWD_LOADS"
-_LOADS = {"auto": None, "pointer": False, "tma": True}
-
-
-def loads_from_env() -> bool | None:
-    """The tma argument CP_ATTENTION_TRITON_FWD_LOADS stands for: None for "auto" (or unset or empty), False
-    for "pointer", True for "tma". Any other value raises ValueError naming the variable."""
-    value = os.environ.get(LOADS_ENV, "")
-    if value not in _LOADS and value != "":
-        raise ValueError(f"cp_attention: {LOADS_ENV} must be auto, pointer or tma, got {value!r}")
-    return _LOADS.get(value)
-
 
 @triton.jit
 def _attend_blocks(acc, l_i, m_i, q, k_ptrs, v_ptrs, desc_k, desc_v, kv_b, kv_h, mask_ptrs, offs_m, offs_n,
@@ -366,20 +351,18 @@ def tuned_configs() -> dict[str, dict]:
 
 def flash_fwd(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float | None, causal: bool,
               kv_mask: torch.Tensor | None, out: torch.Tensor | None = None,
-              lse: torch.Tensor | None = None, tma: bool | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+              lse: torch.Tensor | None = None, tma: bool | None = False) -> tuple[torch.Tensor, torch.Tensor]:
     """Launches the forward kernel on checked inputs (cp_attention._checks).
 
     Without out/lse: returns a fresh contiguous out [B, Sq, H, D] (q.dtype) and lse [B, H, Sq] float32.
     With out [B, Sq, H, D] (q.dtype or float32, any strides) and lse [B, H, Sq] float32 (any strides): merges
     attention over this K/V into them in place and returns them.
 
-    tma: None lets the autotuner choose between TMA and pointer loads on GPUs that have TMA (Hopper and
-    newer) where the tensors allow it, and uses pointers elsewhere; True runs the TMA variant with the first
-    TMA candidate, untuned (on the interpreter too; ValueError where the tensors or the GPU do not allow
-    it); False always uses pointers. With tma=None, CP_ATTENTION_TRITON_FWD_LOADS (loads_from_env) may
-    stand in for True or False; an explicit True or False ignores it."""
-    if tma is None:
-        tma = loads_from_env()
+    tma: False (the default) uses pointer tiles only (autotuned among them on problems big enough); None lets
+    the autotuner choose between TMA and pointer tiles on GPUs that have TMA (Hopper and newer) where the
+    tensors allow it, and uses pointers elsewhere;
+    True runs the TMA variant with the first TMA candidate, untuned (on the interpreter too; ValueError
+    where the tensors or the GPU do not allow it)."""
     B, Sq, H, D = q.shape
     Sk, Hkv = k.shape[1], k.shape[2]
     accumulate = out is not None
@@ -404,8 +387,8 @@ def flash_fwd(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float | 
     block_d = max(16, triton.next_power_of_2(D))  # tl.dot needs a reduction dim of at least 16
     is_fp32 = q.dtype == torch.float32
     capability = torch.cuda.get_device_capability(q.device) if q.device.type == "cuda" else None
-    # The interpreter takes the TMA path only when asked; a GPU with TMA offers it to the autotuner, which
-    # small problems skip (they run the first pointer tile), so they need no descriptors.
+    # The interpreter takes the TMA path only when asked; with tma=None a GPU with TMA offers it to the
+    # autotuner, which small problems skip (they run the first pointer tile), so they need no descriptors.
     tuned = Sq * Sk >= cfg.AUTOTUNE_MIN_WORK
     want = tma if INTERPRETED else capability[0] >= 9 and (tma or tma is None and tuned)
     descs = _tma_descriptors(q, k, v, out, accumulate) if want and Sk > 0 else None
@@ -435,12 +418,14 @@ def flash_fwd(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float | 
         return out, lse
     with torch.cuda.device(q.device):
         candidates = cfg.fwd_candidates(capability, is_fp32, block_d)
-        if tma is not None:
-            launch(next(c for c in candidates if c.tma == tma))
+        if tma:
+            launch(next(c for c in candidates if c.tma))
         elif not tuned:
             # A small problem (or an empty chunk, where only the epilogue runs) is not worth tuning.
             launch(next(c for c in candidates if not c.tma))
         else:
+            # Without descriptors (tma=False, or tensors TMA cannot address) TMA_OK is False and the pruning
+            # keeps the pointer tiles only.
             tuner = _autotuned(capability)
             tuner[grid](*args, **meta)
             if len(tuner.cache) != len(_TRIALS.get(capability, ())):

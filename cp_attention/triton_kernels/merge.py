@@ -1,4 +1,4 @@
-"""Triton merge of two partial attention states (DESIGN section 1, "the ring invariant").
+"""Triton merge of two partial attention states (docs/design.md, "Merging partial results").
 
 out_a, out_b: [B, S, H, D] float32/float16/bfloat16, any strides (the last one included); lse_a, lse_b:
 [B, H, S] float32, any strides, natural log. Per row (b, s, h), in float32:

@@ -1,5 +1,5 @@
-// CPU pack/unpack kernels around the two Ulysses all-to-alls (DESIGN section 1, "Sequence sharding across
-// ranks"). Each op moves every element exactly once, straight between the BSHD tensors and the flat
+// CPU pack/unpack kernels around the two Ulysses all-to-alls (docs/design.md, "Sequence sharding" and
+// "Ulysses"). Each op moves every element exactly once, straight between the BSHD tensors and the flat
 // all_to_all_single buffer, instead of permute + contiguous + split + cat (several full copies).
 //
 // Buffer layouts (all contiguous, in the tensors' dtype):
@@ -22,6 +22,7 @@
 
 #include "a2a_layout.h"
 #include "checks.h"
+#include "cpu/cpu_isa.h"
 
 namespace cp_attention::cpu {
 namespace {
@@ -40,6 +41,7 @@ inline void copy_heads(char* dst, const at::Tensor& t, const char* base, int64_t
 at::Tensor a2a_pack_seq_to_head_cpu(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
                                     int64_t world_size) {
   const char* op = "cp_attention.a2a_pack_seq_to_head";
+  check_cpu_isa(op);
   const AttnDims d = check_pack_seq_to_head(op, q, k, v);
   const HeadSplit hs = head_split(op, d.H, d.Hkv, world_size);
   const int64_t B = d.B, S = d.Sq, D = d.D, P = world_size, elem = q.element_size();
@@ -72,6 +74,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> a2a_unpack_seq_to_head_cpu(const 
                                                                          int64_t batch, int64_t heads,
                                                                          int64_t kv_heads, int64_t head_dim) {
   const char* op = "cp_attention.a2a_unpack_seq_to_head";
+  check_cpu_isa(op);
   check_seq_lens(op, seq_lens);
   check_unpack_seq_to_head_sizes(op, batch, heads, kv_heads, head_dim);
   const int64_t P = static_cast<int64_t>(seq_lens.size()), B = batch, D = head_dim;
@@ -109,6 +112,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> a2a_unpack_seq_to_head_cpu(const 
 
 at::Tensor a2a_pack_head_to_seq_cpu(const at::Tensor& out, at::IntArrayRef seq_lens) {
   const char* op = "cp_attention.a2a_pack_head_to_seq";
+  check_cpu_isa(op);
   check_pack_head_to_seq(op, out, seq_lens);
   const int64_t B = out.size(0), Sg = out.size(1), h = out.size(2), D = out.size(3);
   const int64_t P = static_cast<int64_t>(seq_lens.size()), elem = out.element_size();
@@ -134,6 +138,7 @@ at::Tensor a2a_pack_head_to_seq_cpu(const at::Tensor& out, at::IntArrayRef seq_l
 at::Tensor a2a_unpack_head_to_seq_cpu(const at::Tensor& recv, int64_t world_size, int64_t batch,
                                       int64_t seq_len, int64_t heads, int64_t head_dim) {
   const char* op = "cp_attention.a2a_unpack_head_to_seq";
+  check_cpu_isa(op);
   check_unpack_head_to_seq_sizes(op, world_size, batch, seq_len, heads, head_dim);
   const int64_t P = world_size, B = batch, S = seq_len, h = heads, D = head_dim;
   check_recv(op, recv, P * B * S * h * D);

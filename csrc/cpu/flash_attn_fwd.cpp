@@ -1,4 +1,4 @@
-// Flash-attention forward on the CPU, returning the log-sum-exp (DESIGN section 1).
+// Flash-attention forward on the CPU, returning the log-sum-exp (docs/design.md, "LSE").
 //
 // One task is (batch, head, block of bq queries). For each block of bk keys the task computes
 // S^T = K Q^T (keys x queries), applies the masks, updates the running max m and sum l per query with the
@@ -15,6 +15,7 @@
 #include <new>
 
 #include "checks.h"
+#include "cpu/cpu_isa.h"
 #include "cpu/vec_tiles.h"
 
 namespace cp_attention::cpu {
@@ -49,7 +50,8 @@ struct Problem {
 
 // Where a block's results go. Plain forward: out (fresh, contiguous) and lse are written. Accumulate
 // (flash_attn_fwd_acc_): the block's partial (o, l) is merged into the running (out, lse) in place, with the
-// merge rule of DESIGN section 1, so a ring step needs no second pass over a partial out.
+// merge rule of docs/design.md, "Merging partial results", so a ring step needs no second pass over a
+// partial out.
 template <typename out_t>
 struct Sink {
   out_t* out;
@@ -268,18 +270,6 @@ std::pair<int64_t, int64_t> pick_blocks(const AttnDims& d) {
   return {bq, bk};
 }
 
-void check_cpu_isa() {
-#if defined(CPU_CAPABILITY_AVX2) && (defined(__x86_64__) || defined(__i386__))
-  static const bool ok = __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma");
-  TORCH_CHECK(ok, "cp_attention was built for AVX2 (CP_ATTENTION_CPU_ISA=avx2) but this CPU lacks AVX2/FMA; "
-                  "rebuild with CP_ATTENTION_CPU_ISA=generic");
-#elif defined(CPU_CAPABILITY_AVX512) && (defined(__x86_64__) || defined(__i386__))
-  static const bool ok = __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw");
-  TORCH_CHECK(ok, "cp_attention was built for AVX-512 (CP_ATTENTION_CPU_ISA=avx512) but this CPU lacks it; "
-                  "rebuild with CP_ATTENTION_CPU_ISA=avx2 or generic");
-#endif
-}
-
 Problem make_problem(const AttnDims& d, std::optional<double> scale, bool causal,
                      const std::optional<at::Tensor>& kv_mask) {
   const auto [bq, bk] = pick_blocks(d);
@@ -305,9 +295,12 @@ void run(const Problem& p, const at::Tensor& q, const at::Tensor& k, const at::T
 
 std::tuple<at::Tensor, at::Tensor> flash_attn_fwd_cpu(const at::Tensor& q, const at::Tensor& k,
                                                       const at::Tensor& v, std::optional<double> scale,
-                                                      bool causal, const std::optional<at::Tensor>& kv_mask) {
-  const AttnDims d = check_attn_inputs("cp_attention.flash_attn_fwd", q, k, v, kv_mask);
-  check_cpu_isa();
+                                                      bool causal, const std::optional<at::Tensor>& kv_mask,
+                                                      c10::string_view variant) {
+  constexpr const char* op = "cp_attention.flash_attn_fwd";
+  check_cpu_isa(op);
+  const AttnDims d = check_attn_inputs(op, q, k, v, kv_mask);
+  check_cpu_variant(op, variant);
   at::Tensor out = at::empty({d.B, d.Sq, d.H, d.D}, q.options());
   at::Tensor lse = at::empty({d.B, d.H, d.Sq}, q.options().dtype(at::kFloat));
   if (out.numel() == 0) return {out, lse};
@@ -324,11 +317,12 @@ std::tuple<at::Tensor, at::Tensor> flash_attn_fwd_cpu(const at::Tensor& q, const
 // every backend's kernel of this op must share.
 void flash_attn_fwd_acc_cpu(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, const at::Tensor& out,
                             const at::Tensor& lse, std::optional<double> scale, bool causal,
-                            const std::optional<at::Tensor>& kv_mask) {
+                            const std::optional<at::Tensor>& kv_mask, c10::string_view variant) {
   constexpr const char* op = "cp_attention.flash_attn_fwd_acc_";
+  check_cpu_isa(op);
   const AttnDims d = check_attn_inputs(op, q, k, v, kv_mask);
   check_acc_state(op, d, q, k, v, kv_mask, out, lse);
-  check_cpu_isa();
+  check_cpu_variant(op, variant);
   if (out.numel() == 0) return;
   const Problem p = make_problem(d, scale, causal, kv_mask);
   const bool f32 = out.scalar_type() == at::kFloat;

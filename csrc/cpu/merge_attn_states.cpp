@@ -1,6 +1,6 @@
-// CPU merge of partial attention states (DESIGN section 1, "the ring invariant"), functional and in place.
-// Rows (b, s, h) are independent; each row is loaded to float32, merged, and stored in the destination
-// dtype. Any strides are accepted for out and lse.
+// CPU merge of partial attention states (docs/design.md, "Merging partial results"), functional and in
+// place. Rows (b, s, h) are independent; each row is loaded to float32, merged, and stored in the
+// destination dtype. Any strides are accepted for out and lse.
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
 #include <ATen/cpu/vec/vec.h>
@@ -11,6 +11,7 @@
 #include <vector>
 
 #include "checks.h"
+#include "cpu/cpu_isa.h"
 
 namespace cp_attention::cpu {
 namespace {
@@ -107,6 +108,7 @@ void merge_rows(const at::Tensor& a, const at::Tensor& lse_a, const at::Tensor& 
 
 std::tuple<at::Tensor, at::Tensor> merge_attn_states_cpu(const at::Tensor& out_a, const at::Tensor& lse_a,
                                                          const at::Tensor& out_b, const at::Tensor& lse_b) {
+  check_cpu_isa("cp_attention.merge_attn_states");
   check_merge_inputs("cp_attention.merge_attn_states", "out_a", out_a, lse_a, out_b, lse_b);
   at::Tensor out = at::empty(out_a.sizes(), out_a.options().dtype(at::promote_types(out_a.scalar_type(),
                                                                                      out_b.scalar_type())));
@@ -117,6 +119,7 @@ std::tuple<at::Tensor, at::Tensor> merge_attn_states_cpu(const at::Tensor& out_a
 
 void merge_attn_states_inplace_cpu(const at::Tensor& out, const at::Tensor& lse, const at::Tensor& out_b,
                                    const at::Tensor& lse_b) {
+  check_cpu_isa("cp_attention.merge_attn_states_");
   check_merge_inputs("cp_attention.merge_attn_states_", "out", out, lse, out_b, lse_b);
   merge_rows(out, lse, out_b, lse_b, out, lse);
 }

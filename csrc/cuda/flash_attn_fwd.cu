@@ -1,19 +1,21 @@
-// CUDA flash-attention forward returning the LSE (DESIGN section 1), and its fused ring step
+// CUDA flash-attention forward returning the LSE (docs/design.md, "LSE"), and its fused ring step
 // flash_attn_fwd_acc_, which merges the result into a running (out, lse) in the kernel's epilogue instead
 // of writing a partial (out, lse) that a merge would read back. Device code: flash_fwd_kernel.cuh,
 // flash_fwd_sm90_kernel.cuh, flash_fwd_sm90_tma_kernel.cuh and flash_fwd_f32_kernel.cuh; the kernels are
 // instantiated in flash_fwd_hdim*.cu, flash_fwd_sm90_hdim*.cu and flash_fwd_f32.cu (flash_fwd_launch.h).
 //
-// float16 / bfloat16 run on tensor cores: on sm_90 devices (when the build holds sm_90a code) at D <= 64
-// and 96 < D <= 128 (compiled for 64 and 128) through a wgmma kernel, the warp-specialized one that loads by
-// TMA (flash_fwd_sm90_tma_kernel.cuh) where q, k and v have tensor maps (flash_fwd_tma.h: aligned layouts
-// of BSHD or BHSD memory), else the one that loads by cp.async (flash_fwd_sm90_kernel.cuh); elsewhere
-// through the mma.sync kernel with the head dim compiled for 32, 64, 96, 128 and 256 (other D are
-// zero-padded up to the next of these inside the kernels); float32 runs on a SIMT kernel. The environment
-// variable CP_ATTENTION_CUDA_FWD_KERNEL, read per call, overrides the choice: "mma" forces the mma.sync
-// kernel, "sm90" the cp.async wgmma one, "sm90_tma" the TMA one (an error where it cannot run),
-// "sm90_tma_no_pingpong" the TMA one with its compute warpgroups issuing without turns (to measure what the
-// turns buy), "auto" or unset chooses as above.
+// float16 / bfloat16 run on tensor cores, through the kernel the ops' `variant` argument names:
+// - "default" or "mma": the mma.sync kernel, any sm_80+ device, the head dim compiled for 32, 64, 96, 128
+//   and 256 (other D are zero-padded up to the next of these inside the kernel). The default: it is the one
+//   a GPU run has shown right (cp_attention/kernel_variants.py names the run).
+// - "sm90": the Hopper wgmma kernel that loads by cp.async (flash_fwd_sm90_kernel.cuh); "sm90_tma": the
+//   warp-specialized one whose producer warpgroup loads by TMA (flash_fwd_sm90_tma_kernel.cuh), and
+//   "sm90_tma_no_pingpong" the same with its compute warpgroups issuing without turns. They need a build
+//   with sm_90a code, an sm_90 device and D <= 64 or 96 < D <= 128 (compiled for 64 and 128), the TMA ones
+//   also q, k and v with tensor maps (flash_fwd_tma.h: aligned layouts of BSHD or BHSD memory) and Sk > 0;
+//   a call they cannot run is an error. None of them has run on a GPU yet.
+// - "auto": the TMA kernel where it can run, else the cp.async wgmma one, else mma.sync.
+// float32 runs on a SIMT kernel whatever `variant` names.
 #include <ATen/MemoryOverlap.h>
 #include <ATen/core/Tensor.h>
 #include <ATen/cuda/CUDAContext.h>
@@ -25,7 +27,6 @@
 #include <climits>
 #include <cmath>
 #include <cstdint>
-#include <cstdlib>
 #include <cstring>
 #include <optional>
 #include <tuple>
@@ -62,42 +63,40 @@ void dispatch_head_dim(const char* op, const FwdParams& p, cudaStream_t stream) 
 // Which 16-bit kernel runs this call (see the top of this file).
 enum class FwdKernel { kMma, kSm90, kSm90Tma, kSm90TmaNoPingPong };
 
-FwdKernel choose_kernel(const char* op, const FwdParams& p, const at::Tensor& q, const at::Tensor& k,
-                        const at::Tensor& v, flash::Sm90TmaMaps& maps) {
-  const char* knob = std::getenv("CP_ATTENTION_CUDA_FWD_KERNEL");
-  auto is = [&](const char* name) { return knob != nullptr && std::strcmp(knob, name) == 0; };
-  const bool no_pingpong = is("sm90_tma_no_pingpong");
-  const bool tma_forced = is("sm90_tma") || no_pingpong;
-  TORCH_CHECK_VALUE(knob == nullptr || *knob == 0 || is("auto") || is("mma") || is("sm90") || tma_forced,
-                    op, ": CP_ATTENTION_CUDA_FWD_KERNEL must be auto, mma, sm90, sm90_tma or sm90_tma_no_pingpong, ",
-                    "got '", knob, "'");
-  if (is("mma")) return FwdKernel::kMma;
+constexpr const char* kVariantNames = "default, mma, sm90, sm90_tma, sm90_tma_no_pingpong or auto";
+
+void check_variant_name(const char* op, c10::string_view variant) {
+  const bool known = variant == "default" || variant == "mma" || variant == "sm90" || variant == "sm90_tma" ||
+                     variant == "sm90_tma_no_pingpong" || variant == "auto";
+  TORCH_CHECK_VALUE(known, op, ": variant must be ", kVariantNames, ", got '", variant, "'");
+}
+
+FwdKernel choose_kernel(const char* op, c10::string_view variant, const FwdParams& p, const at::Tensor& q,
+                        const at::Tensor& k, const at::Tensor& v, flash::Sm90TmaMaps& maps) {
+  if (variant == "default" || variant == "mma") return FwdKernel::kMma;
+  const bool any = variant == "auto";
   const bool built = std::strstr(CP_ATTENTION_CUDA_ARCHS, "9.0a") != nullptr;
   const bool head_dim = flash::sm90_head_dim(p.D) != 0;
   const bool device = at::cuda::getCurrentDeviceProperties()->major == 9;
   const bool sm90 = built && head_dim && device;
-  if (is("sm90") || tma_forced) {
-    TORCH_CHECK_VALUE(sm90, op, ": CP_ATTENTION_CUDA_FWD_KERNEL=", knob,
-                      " needs a build with sm_90a code (this one: '", CP_ATTENTION_CUDA_ARCHS,
-                      "'), an sm_90 device and D <= 64 or 96 < D <= 128 (got D=", p.D, ")");
-  }
-  if (is("sm90")) return FwdKernel::kSm90;
+  TORCH_CHECK_VALUE(sm90 || any, op, ": variant='", variant, "' needs a build with sm_90a code (this one: '",
+                    CP_ATTENTION_CUDA_ARCHS, "'), an sm_90 device and D <= 64 or 96 < D <= 128 (got D=", p.D,
+                    ")");
+  if (variant == "sm90") return FwdKernel::kSm90;
   // Tensor maps are encoded only where the TMA kernel may run; Sk == 0 (no key to load) keeps the other.
   const bool tma = sm90 && p.Sk > 0 && flash::encode_sm90_maps(maps, q, k, v);
-  if (tma_forced) {
-    TORCH_CHECK_VALUE(tma, op, ": CP_ATTENTION_CUDA_FWD_KERNEL=", knob, " needs q, k and v that TMA can address: ",
-                      "16-byte aligned, D a multiple of 8, strides that are multiples of 16 bytes, B outermost, ",
-                      "no overlap, and Sk > 0");
-    return no_pingpong ? FwdKernel::kSm90TmaNoPingPong : FwdKernel::kSm90Tma;
-  }
-  return tma ? FwdKernel::kSm90Tma : sm90 ? FwdKernel::kSm90 : FwdKernel::kMma;
+  if (any) return tma ? FwdKernel::kSm90Tma : sm90 ? FwdKernel::kSm90 : FwdKernel::kMma;
+  TORCH_CHECK_VALUE(tma, op, ": variant='", variant, "' needs q, k and v that TMA can address: 16-byte ",
+                    "aligned, D a multiple of 8, strides that are multiples of 16 bytes, B outermost, no ",
+                    "overlap, and Sk > 0");
+  return variant == "sm90_tma" ? FwdKernel::kSm90Tma : FwdKernel::kSm90TmaNoPingPong;
 }
 
 template <typename T>
-void dispatch_16bit(const char* op, const FwdParams& p, const at::Tensor& q, const at::Tensor& k,
-                    const at::Tensor& v, cudaStream_t stream) {
+void dispatch_16bit(const char* op, c10::string_view variant, const FwdParams& p, const at::Tensor& q,
+                    const at::Tensor& k, const at::Tensor& v, cudaStream_t stream) {
   flash::Sm90TmaMaps maps;
-  const FwdKernel kernel = choose_kernel(op, p, q, k, v, maps);
+  const FwdKernel kernel = choose_kernel(op, variant, p, q, k, v, maps);
   switch (kernel) {
     case FwdKernel::kSm90Tma:
     case FwdKernel::kSm90TmaNoPingPong: {
@@ -121,7 +120,8 @@ void dispatch_16bit(const char* op, const FwdParams& p, const at::Tensor& q, con
 // strides, out's last one 1 or D == 1). Fills the parameters and launches the kernel for q's dtype.
 void run_flash_fwd(const char* op, const AttnDims& d, const at::Tensor& q_in, const at::Tensor& k,
                    const at::Tensor& v, const at::Tensor& out, const at::Tensor& lse, std::optional<double> scale,
-                   bool causal, const std::optional<at::Tensor>& kv_mask, bool accumulate) {
+                   bool causal, const std::optional<at::Tensor>& kv_mask, bool accumulate,
+                   c10::string_view variant) {
   if (d.B * d.H * d.Sq == 0) return;  // no rows (an empty Sk still writes out 0 / lse -inf below)
   at::Tensor q;  // q_in, or -q_in when a negative scale is folded into it; alive until the launch
   const FwdParams p =
@@ -129,8 +129,8 @@ void run_flash_fwd(const char* op, const AttnDims& d, const at::Tensor& q_in, co
 
   cudaStream_t stream = at::cuda::getCurrentCUDAStream();
   switch (q.scalar_type()) {
-    case at::kHalf: dispatch_16bit<__half>(op, p, q, k, v, stream); break;
-    case at::kBFloat16: dispatch_16bit<__nv_bfloat16>(op, p, q, k, v, stream); break;
+    case at::kHalf: dispatch_16bit<__half>(op, variant, p, q, k, v, stream); break;
+    case at::kBFloat16: dispatch_16bit<__nv_bfloat16>(op, variant, p, q, k, v, stream); break;
     default: flash::launch_fwd_f32(op, p, stream); break;  // float32 (dtypes are checked by check_attn_inputs)
   }
 }
@@ -142,26 +142,29 @@ void check_on_cuda(const char* op, const at::Tensor& q) {
 
 std::tuple<at::Tensor, at::Tensor> flash_attn_fwd_cuda(const at::Tensor& q, const at::Tensor& k,
                                                        const at::Tensor& v, std::optional<double> scale,
-                                                       bool causal, const std::optional<at::Tensor>& kv_mask) {
+                                                       bool causal, const std::optional<at::Tensor>& kv_mask,
+                                                       c10::string_view variant) {
   constexpr const char* op = "cp_attention.flash_attn_fwd";
   const AttnDims d = check_attn_inputs(op, q, k, v, kv_mask);
   check_on_cuda(op, q);
+  check_variant_name(op, variant);
   c10::cuda::CUDAGuard device_guard(q.device());
   at::Tensor out = at::empty({d.B, d.Sq, d.H, d.D}, q.options());
   at::Tensor lse = at::empty({d.B, d.H, d.Sq}, q.options().dtype(at::kFloat));
-  run_flash_fwd(op, d, q, k, v, out, lse, scale, causal, kv_mask, /*accumulate=*/false);
+  run_flash_fwd(op, d, q, k, v, out, lse, scale, causal, kv_mask, /*accumulate=*/false, variant);
   return {out, lse};
 }
 
 void flash_attn_fwd_acc_cuda(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, const at::Tensor& out,
                              const at::Tensor& lse, std::optional<double> scale, bool causal,
-                             const std::optional<at::Tensor>& kv_mask) {
+                             const std::optional<at::Tensor>& kv_mask, c10::string_view variant) {
   constexpr const char* op = "cp_attention.flash_attn_fwd_acc_";
   const AttnDims d = check_attn_inputs(op, q, k, v, kv_mask);
   check_acc_state(op, d, q, k, v, kv_mask, out, lse);
   check_on_cuda(op, q);
+  check_variant_name(op, variant);
   c10::cuda::CUDAGuard device_guard(q.device());
-  run_flash_fwd(op, d, q, k, v, out, lse, scale, causal, kv_mask, /*accumulate=*/true);
+  run_flash_fwd(op, d, q, k, v, out, lse, scale, causal, kv_mask, /*accumulate=*/true, variant);
 }
 
 }  // namespace

@@ -1,5 +1,6 @@
 // CUDA kernels of merge_attn_states and merge_attn_states_: combine two partial attention states over
-// disjoint key sets, (o_a, l_a) and (o_b, l_b), into the state over both (DESIGN section 1):
+// disjoint key sets, (o_a, l_a) and (o_b, l_b), into the state over both (docs/design.md, "Merging partial
+// results"):
 //   m = max(l_a, l_b), w_a = exp(l_a - m), w_b = exp(l_b - m), l = m + log(w_a + w_b),
 //   o = o_a * (w_a / (w_a + w_b)) + o_b * (w_b / (w_a + w_b)),   all in float32.
 // A side with lse -inf holds no keys: its out is never read (it may hold garbage or NaN), and the other side
@@ -42,6 +43,7 @@
 #include <utility>
 
 #include "checks.h"
+#include "kernel_image.h"
 #include "cuda/cuda_utils.cuh"
 
 namespace cp_attention {
@@ -354,6 +356,22 @@ void merge_attn_states_inplace_cuda(const at::Tensor& out, const at::Tensor& lse
 }
 
 }  // namespace
+
+// Every kernel file is compiled for the same targets (setup.py), so one kernel answers for all of them: the
+// merge kernel, which every backend's ring step uses. Asking for its attributes loads its module on the
+// device, which fails with cudaErrorNoKernelImageForDevice (or, from some runtimes, InvalidDeviceFunction)
+// where neither SASS nor PTX of the build fits the device.
+bool cuda_kernel_image_fits(int64_t device) {
+  c10::cuda::CUDAGuard device_guard(static_cast<c10::DeviceIndex>(device));
+  cudaFuncAttributes attributes;
+  const cudaError_t err = cudaFuncGetAttributes(&attributes, merge_attn_states_kernel<float, float, float>);
+  if (err == cudaSuccess) return true;
+  (void)cudaGetLastError();  // not a sticky error: cleared, so that no later launch check reports it
+  if (err == cudaErrorNoKernelImageForDevice || err == cudaErrorInvalidDeviceFunction) return false;
+  C10_CUDA_CHECK(err);
+  return false;
+}
+
 }  // namespace cp_attention
 
 TORCH_LIBRARY_IMPL(cp_attention, CUDA, m) {
