@@ -86,19 +86,29 @@ def resolve_backend(backend: str, device_type: str) -> str:
     return _auto_backend(device_type) if backend == "auto" else backend
 
 
-def attend_heads(attend, out_like: torch.Tensor, heads: int) -> tuple[tuple, BaseException | None]:
-    """Runs `attend()` -> (out [B, S, heads, D], lse [B, heads, S]) between two all-to-alls. In eager code a
-    failure is kept, not raised, and NaN stands in for the result, so that this rank still takes part in
-    the all-to-all that follows (the other ranks wait in it); the caller raises after it."""
+def through_heads(q, k, v, kv_mask, seq_lens: list[int], group_name: str, attend, return_lse: bool):
+    """The Ulysses round trip: the seq -> head all-to-all, attend(q_h, k_h, v_h, mask_h) -> (out_h [B, S, h,
+    D], lse_h [B, h, S]) on this rank's heads over the whole sequence, the head -> seq all-to-all back.
+    Returns ([out(, lse)] for this rank's positions, the failure of `attend` or None).
+
+    In eager code a failure of `attend` is kept, not raised, and NaN stands in for its result, so that this
+    rank still takes part in the second all-to-all (the other ranks wait in it); the caller raises after."""
+    parts = ops.a2a_seq_to_head(q, k, v, kv_mask, seq_lens, group_name)
+    q_h, k_h, v_h = parts[:3]
+    mask_h = parts[3] if kv_mask is not None else None
+    failure = None
     if torch.compiler.is_compiling():
-        return attend(), None
-    try:
-        return attend(), None
-    except Exception as e:  # noqa: BLE001 (raised by the caller once the collective is done)
-        B, S, _, D = out_like.shape
-        nan_out = out_like.new_full((B, S, heads, D), float("nan"))
-        nan_lse = out_like.new_full((B, heads, S), float("nan"), dtype=torch.float32)
-        return (nan_out, nan_lse), e
+        out_h, lse_h = attend(q_h, k_h, v_h, mask_h)
+    else:
+        try:
+            out_h, lse_h = attend(q_h, k_h, v_h, mask_h)
+        except Exception as e:  # noqa: BLE001 (raised by the caller once the collective is done)
+            B, S, h, D = q_h.shape
+            out_h = q_h.new_full((B, S, h, D), float("nan"))
+            lse_h = q_h.new_full((B, h, S), float("nan"), dtype=torch.float32)
+            failure = e
+    back = ops.a2a_head_to_seq(out_h, lse_h if return_lse else None, seq_lens, group_name)
+    return back, failure
 
 
 def finish(op: str, groups, failure: BaseException | None, check: str) -> None:
@@ -164,17 +174,14 @@ def ulysses_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *,
 
     metas = settle(_OP, group, FIELDS, row, error, key, check, validate)
     seq_lens = list(stated) if metas is None else [m["S"] for m in metas]
-    group_name = group.group_name
     backend = resolve_backend(backend, q.device.type)
 
-    parts = ops.a2a_seq_to_head(q, k, v, kv_mask, seq_lens, group_name)
-    q_h, k_h, v_h = parts[:3]
-    mask_all = parts[3] if kv_mask is not None else None
-    # Whole sequences on both sides, so the kernel's bottom-right causal rule is the global one.
-    (out_h, lse_h), failure = attend_heads(
-        lambda: cp_attention.flash_attn(q_h, k_h, v_h, scale=scale, causal=causal, kv_mask=mask_all,
-                                        return_lse=True, backend=backend), q_h, q_h.shape[2])
-    back = ops.a2a_head_to_seq(out_h, lse_h if return_lse else None, seq_lens, group_name)
+    def attend(q_h, k_h, v_h, mask_h):
+        # Whole sequences on both sides, so the kernel's bottom-right causal rule is the global one.
+        return cp_attention.flash_attn(q_h, k_h, v_h, scale=scale, causal=causal, kv_mask=mask_h,
+                                       return_lse=True, backend=backend)
+
+    back, failure = through_heads(q, k, v, kv_mask, seq_lens, group.group_name, attend, return_lse)
     finish(_OP, [group], failure, check)
     return (back[0], back[1]) if return_lse else back[0]
 

@@ -29,7 +29,7 @@ from ._agreement import (
     remember,
     resolve_seq_lens,
 )
-from .ulysses import FIELDS, attend_heads, check_local, failed_row, finish, head_split_check, resolve_backend
+from .ulysses import FIELDS, check_local, failed_row, finish, head_split_check, resolve_backend, through_heads
 
 _OP = "cp_attention.distributed.unified_attention"
 
@@ -96,17 +96,15 @@ def unified_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *,
             raise error
         row_lens, seg_lens = list(row_stated), list(segs_stated)
 
-    ulysses_name = ulysses_group.group_name
     backend = resolve_backend(backend, q.device.type)
-    parts = ops.a2a_seq_to_head(q, k, v, kv_mask, row_lens, ulysses_name)
-    q_h, k_h, v_h = parts[:3]
-    mask_row = parts[3] if kv_mask is not None else None
-    # The ring's failure handling keeps the column's transfers whole; the row's all-to-all needs this rank
-    # too, so a failure is raised only after it.
-    (out_h, lse_h), failure = attend_heads(
-        lambda: ops.ring_attn_fwd(q_h, k_h, v_h, mask_row, seg_lens, seg_lens, ring_group.group_name,
-                                  scale, bool(causal), backend, False), q_h, q_h.shape[2])
-    back = ops.a2a_head_to_seq(out_h, lse_h if return_lse else None, row_lens, ulysses_name)
+
+    def attend(q_h, k_h, v_h, mask_h):
+        # The row's segment, for this rank's heads, around the column's ring (whose failure handling keeps
+        # the column's transfers whole).
+        return ops.ring_attn_fwd(q_h, k_h, v_h, mask_h, seg_lens, seg_lens, ring_group.group_name, scale,
+                                 bool(causal), backend, False)
+
+    back, failure = through_heads(q, k, v, kv_mask, row_lens, ulysses_group.group_name, attend, return_lse)
     finish(_OP, [ring_group, ulysses_group], failure, check)
     return (back[0], back[1]) if return_lse else back[0]
 
