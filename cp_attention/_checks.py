@@ -14,15 +14,19 @@ def _fail(op: str, msg: str):
 
 
 def check_attn_inputs(op: str, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
-                      kv_mask: torch.Tensor | None = None) -> tuple[int, int, int, int, int, int]:
-    """Checks q [B, Sq, H, D], k/v [B, Sk, Hkv, D], kv_mask bool [B, Sk]; returns (B, Sq, Sk, H, Hkv, D)."""
+                      kv_mask: torch.Tensor | None = None, allow_double: bool = False
+                      ) -> tuple[int, int, int, int, int, int]:
+    """Checks q [B, Sq, H, D], k/v [B, Sk, Hkv, D], kv_mask bool [B, Sk]; returns (B, Sq, Sk, H, Hkv, D).
+    allow_double: float64 is accepted too (the CPU backward, so that gradcheck can run)."""
     layouts = (("q", q, "[B, Sq, H, D]"), ("k", k, "[B, Sk, Hkv, D]"), ("v", v, "[B, Sk, Hkv, D]"))
     for name, t, layout in layouts:
         if not isinstance(t, torch.Tensor):
             _fail(op, f"{name} must be a torch.Tensor, got {type(t).__name__}")
         if t.dim() != 4:
             _fail(op, f"{name} must be a 4-D tensor {layout}, got shape {list(t.shape)}")
-    if q.dtype not in ATTN_DTYPES:
+    if allow_double and q.dtype not in (*ATTN_DTYPES, torch.float64):
+        _fail(op, f"q must be float32, float16, bfloat16 or float64, got {q.dtype}")
+    if not allow_double and q.dtype not in ATTN_DTYPES:
         _fail(op, f"q must be float32, float16 or bfloat16, got {q.dtype}")
     if k.dtype != q.dtype or v.dtype != q.dtype:
         _fail(op, f"q, k and v must share one dtype, got q {q.dtype}, k {k.dtype}, v {v.dtype}")
@@ -54,6 +58,34 @@ def check_attn_inputs(op: str, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor
             _fail(op, f"kv_mask must have shape [B, Sk] = [{B}, {Sk}], got {list(kv_mask.shape)}")
         if kv_mask.device != q.device:
             _fail(op, f"kv_mask must be on {q.device} like q, got {kv_mask.device}")
+    return B, Sq, Sk, H, Hkv, D
+
+
+def check_bwd_inputs(op: str, dout, q, k, v, out, lse, kv_mask=None, dlse=None
+                     ) -> tuple[int, int, int, int, int, int]:
+    """flash_attn_bwd's inputs: q, k, v, kv_mask as in check_attn_inputs (float64 allowed); dout and out like
+    q; lse and dlse [B, H, Sq] float32 (or float64 with float64 inputs). Returns (B, Sq, Sk, H, Hkv, D)."""
+    B, Sq, Sk, H, Hkv, D = check_attn_inputs(op, q, k, v, kv_mask, allow_double=True)
+    for name, t in (("dout", dout), ("out", out)):
+        if tuple(t.shape) != tuple(q.shape):
+            _fail(op, f"{name} must have q's shape [B, Sq, H, D] = {list(q.shape)}, got {list(t.shape)}")
+        if t.dtype != q.dtype:
+            _fail(op, f"{name} must have q's dtype ({q.dtype}), got {t.dtype}")
+        if t.device != q.device:
+            _fail(op, f"{name} must be on {q.device} like q, got {t.device}")
+        if D != 1 and t.stride(3) != 1:
+            _fail(op, f"{name}'s last dimension must be contiguous (stride 1), "
+                      f"got strides {list(t.stride())}")
+    f64 = q.dtype == torch.float64
+    for name, t in (("lse", lse), ("dlse", dlse)):
+        if t is None:
+            continue
+        if t.dtype != torch.float32 and not (f64 and t.dtype == torch.float64):
+            _fail(op, f"{name} must be float32{' or float64' if f64 else ''}, got {t.dtype}")
+        if tuple(t.shape) != (B, H, Sq):
+            _fail(op, f"{name} must have shape [B, H, Sq] = [{B}, {H}, {Sq}], got {list(t.shape)}")
+        if t.device != q.device:
+            _fail(op, f"{name} must be on {q.device} like q, got {t.device}")
     return B, Sq, Sk, H, Hkv, D
 
 

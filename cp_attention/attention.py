@@ -166,7 +166,8 @@ def flash_attn(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, scale: floa
     Returns:
         out [B, Sq, H, D] in q's dtype, contiguous; with return_lse also lse [B, H, Sq] float32,
         lse[b, h, i] = log(sum_j exp(scale * <q[b, i, h], k[b, j, h // (H // Hkv)]>)) over the visible keys
-        (natural log). A row that sees no key gets out 0 and lse -inf.
+        (natural log). A row that sees no key gets out 0 and lse -inf. With backend "cpu" (or "auto" where it
+        picks "cpu") both are differentiable with respect to q, k and v; the other backends are forward-only.
     """
     op = "cp_attention.flash_attn"
     check_attn_inputs(op, q, k, v, kv_mask)

@@ -15,7 +15,7 @@ import torch.distributed as dist
 from torch.distributed.distributed_c10d import _resolve_process_group
 
 from . import _C  # noqa: F401  (loads the library: schemas and kernels register on import)
-from ._checks import ATTN_DTYPES, check_acc_state, check_attn_inputs, check_merge_inputs
+from ._checks import ATTN_DTYPES, check_acc_state, check_attn_inputs, check_bwd_inputs, check_merge_inputs
 from .kernel_variants import check_variant
 
 _lib = torch.ops.cp_attention
@@ -24,7 +24,8 @@ _lib = torch.ops.cp_attention
 def _no_backward(op_name: str):
     def backward(ctx, *grads):
         raise RuntimeError(
-            f"cp_attention::{op_name} has no backward: cp_attention's kernels are forward-only (inference). "
+            f"cp_attention::{op_name} has no backward: it is forward-only (inference; of cp_attention's ops "
+            "only flash_attn_fwd on CPU tensors backpropagates). "
             "Call it under torch.no_grad() / torch.inference_mode(), or use torch's "
             "scaled_dot_product_attention where gradients are needed."
         )
@@ -60,7 +61,52 @@ def _setup_none(ctx, inputs, output):
     pass
 
 
-torch.library.register_autograd("cp_attention::flash_attn_fwd", _no_backward("flash_attn_fwd"),
+def _flash_attn_fwd_setup(ctx, inputs, output):
+    q, k, v, scale, causal, kv_mask, _variant = inputs
+    out, lse = output
+    ctx.save_for_backward(q, k, v, out, lse, kv_mask)
+    ctx.scale, ctx.causal = scale, causal
+
+
+def _flash_attn_fwd_backward(ctx, dout, dlse):
+    q, k, v, out, lse, kv_mask = ctx.saved_tensors
+    if q.device.type != "cpu":
+        raise RuntimeError(
+            f"cp_attention::flash_attn_fwd has no backward on {q.device.type} tensors: the backward kernel "
+            "(flash_attn_bwd) is CPU-only. Call it under torch.no_grad() / torch.inference_mode(), or use "
+            "torch's scaled_dot_product_attention where gradients are needed.")
+    if dout is None:
+        dout = torch.zeros_like(out)
+    elif dout.stride(-1) != 1:  # e.g. the expanded gradient of out.sum()
+        dout = dout.contiguous()
+    dq, dk, dv = _lib.flash_attn_bwd(dout, q, k, v, out, lse, ctx.scale, ctx.causal, kv_mask, dlse)
+    return dq, dk, dv, None, None, None, None
+
+
+torch.library.register_autograd("cp_attention::flash_attn_fwd", _flash_attn_fwd_backward,
+                                setup_context=_flash_attn_fwd_setup)
+
+
+# --------------------------------------------------------------------------------------------------------
+def flash_attn_bwd(dout: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, out: torch.Tensor,
+                   lse: torch.Tensor, scale: float | None = None, causal: bool = False,
+                   kv_mask: torch.Tensor | None = None, dlse: torch.Tensor | None = None
+                   ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Gradients of flash_attn_fwd's (out, lse) with respect to (q, k, v), from the forward's inputs and
+    outputs: dout [B, Sq, H, D] like q, dlse [B, H, Sq] (None: no gradient reaches the lse). Returns
+    (dq [B, Sq, H, D], dk, dv [B, Sk, Hkv, D]) in q's dtype; with GQA, dk and dv are summed over the query
+    heads of each kv head. Rows that see no key contribute nothing. CPU only; float64 is accepted too (lse
+    and dlse may then be float64), so that gradcheck can run. Deterministic (no atomics)."""
+    return _lib.flash_attn_bwd(dout, q, k, v, out, lse, scale, causal, kv_mask, dlse)
+
+
+@torch.library.register_fake("cp_attention::flash_attn_bwd")
+def _(dout, q, k, v, out, lse, scale=None, causal=False, kv_mask=None, dlse=None):
+    check_bwd_inputs("cp_attention.flash_attn_bwd", dout, q, k, v, out, lse, kv_mask, dlse)
+    return q.new_empty(q.shape), k.new_empty(k.shape), v.new_empty(v.shape)
+
+
+torch.library.register_autograd("cp_attention::flash_attn_bwd", _no_backward("flash_attn_bwd"),
                                 setup_context=_setup_none)
 
 
@@ -532,6 +578,7 @@ TRITON_OPS = (
 # Every op of the library, for tests that must visit them all (opcheck, fake kernels, autograd errors).
 ALL_OPS = (
     _lib.flash_attn_fwd.default,
+    _lib.flash_attn_bwd.default,
     _lib.flash_attn_fwd_acc_.default,
     _lib.merge_attn_states.default,
     _lib.merge_attn_states_.default,

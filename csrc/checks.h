@@ -22,13 +22,20 @@ inline bool is_attn_dtype(at::ScalarType t) {
 }
 
 // q [B, Sq, H, D], k/v [B, Sk, Hkv, D], kv_mask bool [B, Sk]; see docs/design.md, "Tensors and layout".
+// allow_double: float64 is accepted too (the CPU backward, so that gradcheck can run).
 inline AttnDims check_attn_inputs(const char* op, const at::Tensor& q, const at::Tensor& k,
-                                  const at::Tensor& v, const std::optional<at::Tensor>& kv_mask) {
+                                  const at::Tensor& v, const std::optional<at::Tensor>& kv_mask,
+                                  bool allow_double = false) {
   TORCH_CHECK_VALUE(q.dim() == 4, op, ": q must be a 4-D tensor [B, Sq, H, D], got shape ", q.sizes());
   TORCH_CHECK_VALUE(k.dim() == 4, op, ": k must be a 4-D tensor [B, Sk, Hkv, D], got shape ", k.sizes());
   TORCH_CHECK_VALUE(v.dim() == 4, op, ": v must be a 4-D tensor [B, Sk, Hkv, D], got shape ", v.sizes());
-  TORCH_CHECK_VALUE(is_attn_dtype(q.scalar_type()), op,
-              ": q must be float32, float16 or bfloat16, got ", q.scalar_type());
+  if (allow_double) {
+    TORCH_CHECK_VALUE(is_attn_dtype(q.scalar_type()) || q.scalar_type() == at::kDouble, op,
+                      ": q must be float32, float16, bfloat16 or float64, got ", q.scalar_type());
+  } else {
+    TORCH_CHECK_VALUE(is_attn_dtype(q.scalar_type()), op,
+                      ": q must be float32, float16 or bfloat16, got ", q.scalar_type());
+  }
   TORCH_CHECK_VALUE(k.scalar_type() == q.scalar_type() && v.scalar_type() == q.scalar_type(), op,
               ": q, k and v must share one dtype, got q ", q.scalar_type(), ", k ", k.scalar_type(), ", v ",
               v.scalar_type());

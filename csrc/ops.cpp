@@ -11,6 +11,10 @@ TORCH_LIBRARY(cp_attention, m) {
   m.def(
       "flash_attn_fwd(Tensor q, Tensor k, Tensor v, float? scale=None, bool causal=False, "
       "Tensor? kv_mask=None, str variant=\"default\") -> (Tensor out, Tensor lse)");
+  // Gradients of flash_attn_fwd's (out, lse) w.r.t. q, k, v (dk, dv summed over each kv head's query heads); CPU.
+  m.def(
+      "flash_attn_bwd(Tensor dout, Tensor q, Tensor k, Tensor v, Tensor out, Tensor lse, float? scale=None, "
+      "bool causal=False, Tensor? kv_mask=None, Tensor? dlse=None) -> (Tensor dq, Tensor dk, Tensor dv)");
   // Attends q to this K/V chunk and merges the result into the running (out, lse) in the kernel's epilogue:
   // the fused ring step. out [B,Sq,H,D] in q's dtype or float32, lse [B,H,Sq] float32. variant: as above.
   m.def(

@@ -263,3 +263,51 @@ def check_attention(out, lse, q, k, v, scale=None, causal=False, kv_mask=None, k
     extra = out_allowance(kernel, q.dtype, q.device.type, max_out, max_p_abs_v)
     assert_close_to_ref("out", out, ref_out, base_out, q.dtype, seen, extra)
     assert_lse_float32_grade(lse, ref_lse, base_lse, lse_allowance(kernel, q.dtype))
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Gradients. The loss whose gradient flash_attn_fwd's backward computes is sum(dout * out) + sum(dlse * lse)
+# over the rows that see a key (a row that sees no key has lse -inf and no gradient).
+def _dense_attention(q, k, v, s, vis, heads):
+    """out [B, Sq, H, D], lse [B, H, Sq] of plain dense attention in the inputs' dtype, written so that
+    autograd differentiates it without NaN on rows that see no key (out 0, lse -inf there)."""
+    scores = torch.einsum("bihd,bjhd->bhij", q, k[:, :, heads]) * s
+    scores = scores.masked_fill(~vis, NEG_INF)
+    lse = torch.logsumexp(scores, dim=-1)
+    shift = torch.where(torch.isfinite(lse), lse, torch.zeros_like(lse))
+    p = torch.where(vis, torch.exp(scores - shift[..., None]), torch.zeros_like(scores))
+    return torch.einsum("bhij,bjhd->bihd", p, v[:, :, heads]), lse
+
+
+def _loss_grads(out, lse, dout, dlse, inputs):
+    loss = (out * dout).sum()
+    if dlse is not None:
+        loss = loss + torch.where(torch.isfinite(lse), lse * dlse, torch.zeros_like(lse)).sum()
+    return torch.autograd.grad(loss, inputs, allow_unused=True)
+
+
+def attention_bwd_ref(q, k, v, dout, dlse=None, scale=None, causal=False, kv_mask=None):
+    """(dq, dk, dv) float64 on the CPU: torch.autograd through `_dense_attention` in float64 (the contract
+    of attention_ref, differentiated), for the loss sum(dout * out) + sum(dlse * lse) over rows that see keys.
+    With GQA the k/v gradients sum over the query heads that read each kv head (autograd of the gather)."""
+    B, Sq, H, D = q.shape
+    Sk, Hkv = k.shape[1], k.shape[2]
+    qd, kd, vd = (t.detach().to("cpu", torch.float64).requires_grad_() for t in (q, k, v))
+    vis = visible_keys(B, Sq, Sk, causal, None if kv_mask is None else kv_mask.cpu())[:, None]
+    with torch.enable_grad():
+        out, lse = _dense_attention(qd, kd, vd, default_scale(D, scale), vis, kv_head_of(H, Hkv))
+        dl = None if dlse is None else dlse.detach().to("cpu", torch.float64)
+        grads = _loss_grads(out, lse, dout.detach().to("cpu", torch.float64), dl, (qd, kd, vd))
+    return tuple(torch.zeros_like(t) if g is None else g for g, t in zip(grads, (qd, kd, vd)))
+
+
+def same_dtype_math_path_bwd(q, k, v, dout, dlse=None, scale=None, causal=False, kv_mask=None):
+    """(dq, dk, dv) in q's dtype: torch.autograd through same_dtype_math_path (float32 inside for half
+    precision inputs, as torch's SDPA math backend), run on inputs of the working dtype: the yardstick for
+    backward kernels in the tolerance rule."""
+    qd, kd, vd = (t.detach().clone().requires_grad_() for t in (q, k, v))
+    with torch.enable_grad():
+        out, lse = same_dtype_math_path(qd, kd, vd, scale, causal, kv_mask)
+        dl = None if dlse is None else dlse.detach().float()
+        grads = _loss_grads(out, lse, dout.detach(), dl, (qd, kd, vd))
+    return tuple(torch.zeros_like(t) if g is None else g for g, t in zip(grads, (qd, kd, vd)))

@@ -1,5 +1,6 @@
 """The registered ops as torch sees them: schemas and fake kernels (opcheck), FakeTensor/meta shape
-inference, torch.compile, and autograd (forward-only ops must refuse backward loudly)."""
+inference, torch.compile, and autograd (forward-only ops must refuse backward loudly; flash_attn_fwd
+backpropagates on CPU tensors)."""
 
 from __future__ import annotations
 
@@ -208,8 +209,35 @@ def _acc_empty_chunk(device, gen):
     return (q, k, v, out, lse, None, False, None), {}
 
 
+def _bwd_sample(fwd_build, dtype=None, with_dlse=True):
+    """A flash_attn_bwd sample from a flash_attn_fwd one: its inputs, the forward's (out, lse) and random
+    dout (and dlse). The backward kernel is CPU-only: skipped on other devices. dtype: cast q, k, v first."""
+    def builder(device, gen):
+        if torch.device(device).type != "cpu":
+            pytest.skip("flash_attn_bwd runs on the CPU only")
+        (q, k, v, *rest), kwargs = fwd_build(device, gen)
+        fwd_args = dict(zip(("scale", "causal", "kv_mask"), rest), **kwargs)
+        fwd_args.setdefault("scale", None)
+        fwd_args.setdefault("causal", False)
+        fwd_args.setdefault("kv_mask", None)
+        out, lse = OPS.flash_attn_fwd(q, k, v, fwd_args["scale"], fwd_args["causal"], fwd_args["kv_mask"])
+        dout = randn(*out.shape, dtype=out.dtype, device=device, gen=gen)
+        dlse = torch.randn(*lse.shape, generator=gen).to(device) if with_dlse else None
+        if dtype is not None:
+            q, k, v, out, dout = (t.to(dtype) for t in (q, k, v, out, dout))
+        return ((dout, q, k, v, out, lse, fwd_args["scale"], fwd_args["causal"], fwd_args["kv_mask"], dlse),
+                {})
+
+    builder.__name__ = f"_bwd_of{fwd_build.__name__}" + ("" if with_dlse else "_no_dlse") + (
+        "" if dtype is None else f"_{str(dtype).split('.')[1]}")
+    return builder
+
+
 SAMPLES = {
     OPS.flash_attn_fwd.default: [_fwd_plain, _fwd_gqa_causal_fp16, _fwd_mask_bf16, _fwd_empty_keys],
+    OPS.flash_attn_bwd.default: [_bwd_sample(_fwd_plain), _bwd_sample(_fwd_gqa_causal_fp16, with_dlse=False),
+                                 _bwd_sample(_fwd_mask_bf16), _bwd_sample(_fwd_empty_keys),
+                                 _bwd_sample(_fwd_mask_bf16, dtype=torch.float64)],
     OPS.flash_attn_fwd_acc_.default: [_acc_fp32_causal_mask, _acc_q_dtype_row_slice, _acc_empty_chunk],
     OPS.merge_attn_states.default: [_merge_fp32, _merge_mixed_dead, _merge_strided_bf16],
     OPS.merge_attn_states_.default: [_merge_inplace_acc, _merge_inplace_same],
@@ -234,7 +262,9 @@ IN_PLACE = {OPS.merge_attn_states_.default, OPS.triton_merge_attn_states_.defaul
 SAMPLE_CASES = [pytest.param(op, b, id=f"{op.name().split('::')[1]}-{b.__name__.lstrip('_')}")
                 for op, builders in SAMPLES.items() for b in builders]
 # The inputs that an autograd test marks requires_grad (the float tensors an op only reads).
-FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16, torch.float64)
+# The ops with a backward (on CPU tensors): every other op is forward-only and must refuse backward.
+BACKPROP = {OPS.flash_attn_fwd.default}
 
 
 def test_samples_cover_every_op():
@@ -253,8 +283,9 @@ def test_opcheck(device, op, build):
 
 @pytest.mark.parametrize("op,build", SAMPLE_CASES)
 def test_opcheck_autograd_registration(device, op, build):
-    # With inputs that require grad, the op must have an autograd kernel (ours raises on backward). The
-    # aot_dispatch checks would run that backward, so only the registration-level checks run here.
+    # With inputs that require grad, the op must have an autograd kernel (a forward-only op's raises on
+    # backward). The aot_dispatch checks would run that backward, so only the registration-level checks run
+    # here (tests/test_flash_attn_bwd.py runs the full opcheck of flash_attn_fwd with grad inputs).
     args, kwargs = build(device, torch.Generator().manual_seed(1))
     args = list(args)
     if op in IN_PLACE:
@@ -358,7 +389,7 @@ def test_compile_fullgraph_inductor():
 
 
 # ---------------------------------------------------------------------------------------------------------
-@pytest.mark.parametrize("op,build", SAMPLE_CASES)
+@pytest.mark.parametrize("op,build", [c for c in SAMPLE_CASES if c.values[0] not in BACKPROP])
 def test_backward_raises(op, build):
     # Forward-only ops: asking for gradients through any of them must fail loudly, not return wrong
     # (missing) gradients. The error may come at the call (in-place ops) or at backward; it must say why.
@@ -374,3 +405,16 @@ def test_backward_raises(op, build):
         res = op(*args, **kwargs)
         res = args[0] if res is None else res[0]
         res.float().sum().backward()
+
+
+@pytest.mark.parametrize("op,build", [c for c in SAMPLE_CASES if c.values[0] in BACKPROP])
+def test_backward_runs_on_cpu(op, build):
+    # flash_attn_fwd backpropagates on CPU tensors (tests/test_flash_attn_bwd.py checks the values): every
+    # float input gets a finite gradient of its own shape and dtype, through out and lse alike.
+    args, kwargs = build("cpu", torch.Generator().manual_seed(6))
+    args = [a.detach().requires_grad_() if isinstance(a, torch.Tensor) and a.dim() == 4 else a for a in args]
+    out, lse = op(*args, **kwargs)
+    (out.float().sum() + torch.where(torch.isfinite(lse), lse, 0.0).sum()).backward()
+    for a in args[:3]:
+        assert a.grad is not None and a.grad.shape == a.shape and a.grad.dtype == a.dtype
+        assert torch.isfinite(a.grad).all()
