@@ -29,6 +29,7 @@ from ._agreement import (
     remember,
     resolve_seq_lens,
 )
+from .ring import require_process_group
 from .ulysses import FIELDS, check_local, failed_row, finish, head_split_check, resolve_backend, through_heads
 
 _OP = "cp_attention.distributed.unified_attention"
@@ -61,8 +62,6 @@ def unified_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *,
     Raises:
         ValueError on every rank of the mesh when any rank's inputs are invalid or the ranks disagree.
     """
-    from .ring import require_process_group
-
     ulysses_group = require_process_group(_OP, ulysses_group)
     ring_group = require_process_group(_OP, ring_group)
     U, R = dist.get_world_size(ulysses_group), dist.get_world_size(ring_group)

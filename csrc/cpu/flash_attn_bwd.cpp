@@ -82,6 +82,16 @@ inline void row_probs(const BwdProblem<acc_t>& p, int64_t b, int64_t i, acc_t ls
 }
 
 // dK, dV of kv head hk in batch b: key block by key block, summed over the query heads that read hk.
+// K and V rows [j0, j0 + nk) of kv head hk in batch b, as acc_t, into kb and vb (rows of D).
+template <typename scalar_t, typename acc_t>
+void load_kv_block(const Rows<scalar_t>& k, const Rows<scalar_t>& v, int64_t b, int64_t hk, int64_t j0, int64_t nk,
+                   int64_t D, acc_t* kb, acc_t* vb) {
+  for (int64_t j = 0; j < nk; ++j) {
+    k.load(b, j0 + j, hk, D, kb + j * D);
+    v.load(b, j0 + j, hk, D, vb + j * D);
+  }
+}
+
 template <typename scalar_t, typename acc_t>
 void dkdv_task(const BwdProblem<acc_t>& p, const Rows<scalar_t>& q, const Rows<scalar_t>& k,
                const Rows<scalar_t>& v, const Rows<scalar_t>& dout, acc_t* dk, acc_t* dv, int64_t b, int64_t hk) {
@@ -90,10 +100,7 @@ void dkdv_task(const BwdProblem<acc_t>& p, const Rows<scalar_t>& q, const Rows<s
   std::vector<acc_t> pr(kBlock), ds(kBlock);
   for (int64_t j0 = 0; j0 < p.Sk; j0 += kBlock) {
     const int64_t nk = std::min(kBlock, p.Sk - j0);
-    for (int64_t j = 0; j < nk; ++j) {
-      k.load(b, j0 + j, hk, D, kb.data() + j * D);
-      v.load(b, j0 + j, hk, D, vb.data() + j * D);
-    }
+    load_kv_block(k, v, b, hk, j0, nk, D, kb.data(), vb.data());
     std::fill(dkb.begin(), dkb.end(), acc_t(0));
     std::fill(dvb.begin(), dvb.end(), acc_t(0));
     // Under causal masking query i sees key j0 only if i >= j0 - off.
@@ -148,10 +155,7 @@ void dq_task(const BwdProblem<acc_t>& p, const Rows<scalar_t>& q, const Rows<sca
     std::vector<acc_t> sum(nq, acc_t(0));
     for (int64_t j0 = 0; j0 < j_end; j0 += kBlock) {
       const int64_t nk = std::min(kBlock, j_end - j0);
-      for (int64_t j = 0; j < nk; ++j) {
-        k.load(b, j0 + j, hk, D, kb.data() + j * D);
-        v.load(b, j0 + j, hk, D, vb.data() + j * D);
-      }
+      load_kv_block(k, v, b, hk, j0, nk, D, kb.data(), vb.data());
       for (int64_t i = 0; i < nq; ++i) {
         const acc_t lse_i = p.lse[(b * p.H + h) * p.Sq + i0 + i];
         if (std::isinf(lse_i) && lse_i < 0) continue;
@@ -164,10 +168,7 @@ void dq_task(const BwdProblem<acc_t>& p, const Rows<scalar_t>& q, const Rows<sca
   }
   for (int64_t j0 = 0; j0 < j_end; j0 += kBlock) {
     const int64_t nk = std::min(kBlock, j_end - j0);
-    for (int64_t j = 0; j < nk; ++j) {
-      k.load(b, j0 + j, hk, D, kb.data() + j * D);
-      v.load(b, j0 + j, hk, D, vb.data() + j * D);
-    }
+    load_kv_block(k, v, b, hk, j0, nk, D, kb.data(), vb.data());
     for (int64_t i = 0; i < nq; ++i) {
       const int64_t r = (b * p.H + h) * p.Sq + i0 + i;
       const acc_t lse_i = p.lse[r];
