@@ -100,7 +100,7 @@ def bench_shape(shape: Shape, dtype: torch.dtype, device: torch.device, timing: 
                                lambda: torch_unpack_seq_to_head(recv_seq, P, B, s, h, D), recv_seq.numel()),
         "pack_head_to_seq": (lambda: OPS.a2a_pack_head_to_seq(out_h, lens),
                              lambda: torch_pack_head_to_seq(out_h, lens), out_h.numel()),
-        "unpack_head_to_seq": (lambda: OPS.a2a_unpack_head_to_seq(recv_head, P, B, s, h, D),
+        "unpack_head_to_seq": (lambda: OPS.a2a_unpack_head_to_seq(recv_head, [h] * P, B, s, D),
                                lambda: torch_unpack_head_to_seq(recv_head, P, B, s, h, D), recv_head.numel()),
     }
     rows = []

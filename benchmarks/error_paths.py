@@ -28,10 +28,10 @@ def cases(dev: str) -> dict:
         "flash_attn_fwd_acc_ (lse of the wrong shape)":
             lambda: OPS.flash_attn_fwd_acc_(q, q, q, q.clone(), lse[:, :, :3], None, False, None),
         "merge_attn_states (lse of the wrong shape)": lambda: OPS.merge_attn_states(q, lse, q, lse[:, :, :3]),
-        "a2a_pack_seq_to_head (H % world_size != 0)":
-            lambda: OPS.a2a_pack_seq_to_head(q, q[:, :, :2], q[:, :, :2], 4),
+        "a2a_pack_seq_to_head (world_size > H)":
+            lambda: OPS.a2a_pack_seq_to_head(q, q[:, :, :2], q[:, :, :2], 7),
         "a2a_unpack_head_to_seq (recv of the wrong size)":
-            lambda: OPS.a2a_unpack_head_to_seq(q.reshape(-1), 2, 1, 4, 3, 7),
+            lambda: OPS.a2a_unpack_head_to_seq(q.reshape(-1), [3, 3], 1, 4, 7),
     }
 
 

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import importlib
 import math
+from typing import NamedTuple
 
 import torch
 import torch.distributed as dist
@@ -196,22 +197,55 @@ def _(out, lse, out_b, lse_b):
 
 # --------------------------------------------------------------------------------------------------------
 # Ulysses (docs/design.md, "Ulysses"): pack/unpack kernels around the two all-to-alls, and the collectives.
-def ulysses_head_split(op: str, H: int, Hkv: int, P: int) -> tuple[int, int]:
-    """(query heads, kv heads) per rank when P ranks split H query and Hkv kv heads; mirrors the C++ rule.
-    H must be divisible by P (uneven head splits are not supported). kv heads: Hkv / P each when P divides
-    Hkv; when Hkv divides P, one kv head per rank, r // (P // Hkv), shared by P // Hkv ranks (the kv head
-    that all of rank r's query heads read); other Hkv raise ValueError."""
+class RankHeads(NamedTuple):
+    """One rank's heads in a Ulysses split: query heads [q0, q0 + nq), kv heads [kv0, kv0 + nkv)."""
+    q0: int
+    nq: int
+    kv0: int
+    nkv: int
+
+
+def ulysses_head_split(op: str, H: int, Hkv: int, P: int, name: str = "world_size") -> tuple[RankHeads, ...]:
+    """Every rank's heads when P ranks split H query and Hkv kv heads; mirrors rank_heads in
+    csrc/a2a_layout.h. Query heads go in torch.tensor_split order (the first H % P ranks get one more), kv
+    heads with the query heads that read them (query head g reads kv head g // (H // Hkv)): a rank gets
+    exactly the kv heads its query heads read, and a kv head read by several ranks is copied to each.
+    Raises ValueError, naming `name` (the argument that sets P), when P < 1 or P > H (a rank would get no
+    query head), and when Hkv does not divide H."""
     if P < 1:
-        raise ValueError(f"{op}: world_size must be >= 1, got {P}")
-    if H % P != 0:
-        raise ValueError(f"{op}: the number of query heads H={H} must be divisible by world_size={P} "
-                         f"(Ulysses splits heads evenly across ranks)")
-    if Hkv % P == 0:
-        return H // P, Hkv // P
-    if P % Hkv != 0:
-        raise ValueError(f"{op}: the number of k/v heads Hkv={Hkv} must be a multiple or a divisor of "
-                         f"world_size={P} so that every rank's query heads read whole k/v heads")
-    return H // P, 1
+        raise ValueError(f"{op}: {name} must be >= 1, got {P}")
+    if P > H:
+        raise ValueError(f"{op}: {name}={P} exceeds the number of query heads H={H}: every rank of a Ulysses "
+                         f"group needs at least one query head (use ring attention, or a Unified mesh whose "
+                         f"ulysses_degree is at most H)")
+    if Hkv < 1 or H % Hkv != 0:
+        raise ValueError(f"{op}: the number of query heads H={H} must be a multiple of the number of k/v "
+                         f"heads Hkv={Hkv}")
+    base, extra, group = H // P, H % P, H // Hkv
+    split = []
+    for r in range(P):
+        q0, nq = r * base + min(r, extra), base + (1 if r < extra else 0)
+        kv0 = q0 // group
+        split.append(RankHeads(q0, nq, kv0, (q0 + nq - 1) // group + 1 - kv0))
+    return tuple(split)
+
+
+def _even_split(H: int, Hkv: int, P: int) -> bool:
+    """Whether the split is one the CUDA pack kernel implements (equal counts on every rank); there the
+    general split gives the same heads, so both kernels fill one layout."""
+    return H % P == 0 and (Hkv % P == 0 or P % Hkv == 0)
+
+
+def local_kv_index(heads: RankHeads, H: int, Hkv: int) -> list[int] | None:
+    """For each of a rank's nq query heads, the index of the kv head it reads among the rank's nkv; None
+    when the attention kernel's own GQA rule (local head i reads kv head i // (nq // nkv)) already says so.
+    Otherwise (a group cut by the split, e.g. H=12, Hkv=3, P=4: rank 1 reads kv heads 0 and 1 with 1 and 2
+    of its query heads) the caller repeats its kv heads along this index, after the transfer."""
+    group = H // Hkv
+    index = [(heads.q0 + i) // group - heads.kv0 for i in range(heads.nq)]
+    if heads.nq % heads.nkv == 0 and index == [i // (heads.nq // heads.nkv) for i in range(heads.nq)]:
+        return None
+    return index
 
 
 def _check_seq_lens(op: str, seq_lens) -> None:
@@ -231,7 +265,8 @@ def _check_recv(op: str, recv: torch.Tensor, expected: int) -> None:
 
 def a2a_pack_seq_to_head(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, world_size: int) -> torch.Tensor:
     """The seq -> head send buffer (1-D, q's dtype) of local shards q [B, S, H, D], k/v [B, S, Hkv, D]:
-    for each destination rank r, its heads of q, then of k, then of v, each as [B, S, h(k), D]."""
+    for each destination rank r, its heads of q, then of k, then of v (ulysses_head_split), each as
+    [B, S, n, D]. The CUDA kernel takes even splits only (_pack_seq_to_head routes the others)."""
     return _lib.a2a_pack_seq_to_head(q, k, v, world_size)
 
 
@@ -242,18 +277,39 @@ def _(q, k, v, world_size):
     if Sq != Sk:
         raise ValueError(f"{op}: q, k and v must be shards of one sequence (same length), got q "
                          f"{list(q.shape)}, k {list(k.shape)}")
-    h, hk = ulysses_head_split(op, H, Hkv, world_size)
-    return q.new_empty((world_size * B * Sq * (h + 2 * hk) * D,))
+    split = ulysses_head_split(op, H, Hkv, world_size)
+    return q.new_empty((B * Sq * sum(r.nq + 2 * r.nkv for r in split) * D,))
 
 
 torch.library.register_autograd("cp_attention::a2a_pack_seq_to_head", _no_backward("a2a_pack_seq_to_head"),
                                 setup_context=_setup_none)
 
 
+def pack_seq_to_head_torch(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+                           split: tuple[RankHeads, ...]) -> torch.Tensor:
+    """a2a_pack_seq_to_head's buffer by torch ops, for any split and device: one copy into the buffer. The
+    route of CUDA tensors whose heads split unevenly (no CUDA kernel for those)."""
+    B, S, _, D = q.shape
+    buf = q.new_empty((B * S * sum(r.nq + 2 * r.nkv for r in split) * D,))
+    at = 0
+    for r in split:
+        for t, h0, n in ((q, r.q0, r.nq), (k, r.kv0, r.nkv), (v, r.kv0, r.nkv)):
+            buf[at:at + B * S * n * D].view(B, S, n, D).copy_(t[:, :, h0:h0 + n])
+            at += B * S * n * D
+    return buf
+
+
+def _pack_seq_to_head(q, k, v, split: tuple[RankHeads, ...]) -> torch.Tensor:
+    if q.device.type == "cpu" or _even_split(q.shape[2], k.shape[2], len(split)):
+        return _lib.a2a_pack_seq_to_head(q, k, v, len(split))
+    return pack_seq_to_head_torch(q, k, v, split)
+
+
 def a2a_unpack_seq_to_head(recv: torch.Tensor, seq_lens: list[int], batch: int, heads: int, kv_heads: int,
                            head_dim: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """The seq -> head receive buffer (contiguous, any shape, read in memory order; source s sent sequence
-    chunk s of seq_lens[s] positions) as q [B, S, heads, D], k, v [B, S, kv_heads, D], S = sum(seq_lens)."""
+    chunk s of seq_lens[s] positions of this rank's heads) as q [B, S, heads, D], k, v [B, S, kv_heads, D],
+    S = sum(seq_lens)."""
     return _lib.a2a_unpack_seq_to_head(recv, seq_lens, batch, heads, kv_heads, head_dim)
 
 
@@ -298,27 +354,49 @@ torch.library.register_autograd("cp_attention::a2a_pack_head_to_seq", _no_backwa
                                 setup_context=_setup_none)
 
 
-def a2a_unpack_head_to_seq(recv: torch.Tensor, world_size: int, batch: int, seq_len: int, heads: int,
+def a2a_unpack_head_to_seq(recv: torch.Tensor, heads: list[int], batch: int, seq_len: int,
                            head_dim: int) -> torch.Tensor:
-    """The head -> seq receive buffer (contiguous, any shape; source r sent this rank's positions of heads
-    [r * heads, (r + 1) * heads) as [B, seq_len, heads, D]) as out [B, seq_len, world_size * heads, D]."""
-    return _lib.a2a_unpack_head_to_seq(recv, world_size, batch, seq_len, heads, head_dim)
+    """The head -> seq receive buffer (contiguous, any shape; source r sent this rank's positions of its
+    heads[r] heads, which follow those of sources < r, as [B, seq_len, heads[r], D]) as out [B, seq_len,
+    sum(heads), D]. The CUDA kernel takes equal counts only (_unpack_head_to_seq routes the others)."""
+    return _lib.a2a_unpack_head_to_seq(recv, heads, batch, seq_len, head_dim)
 
 
 @torch.library.register_fake("cp_attention::a2a_unpack_head_to_seq")
-def _(recv, world_size, batch, seq_len, heads, head_dim):
+def _(recv, heads, batch, seq_len, head_dim):
     op = "cp_attention.a2a_unpack_head_to_seq"
-    if world_size < 1:
-        raise ValueError(f"{op}: world_size must be >= 1, got {world_size}")
-    if batch < 0 or seq_len < 0 or min(heads, head_dim) < 1:
-        raise ValueError(f"{op}: batch and seq_len must be >= 0 and heads, head_dim >= 1, got batch={batch}, "
-                         f"seq_len={seq_len}, heads={heads}, head_dim={head_dim}")
-    _check_recv(op, recv, world_size * batch * seq_len * heads * head_dim)
-    return recv.new_empty((batch, seq_len, world_size * heads, head_dim))
+    if len(heads) == 0:
+        raise ValueError(f"{op}: heads must list one head count per source rank, got an empty list")
+    if min(heads) < 1:
+        raise ValueError(f"{op}: heads must be >= 1 (one count per source rank), got {list(heads)}")
+    if batch < 0 or seq_len < 0 or head_dim < 1:
+        raise ValueError(f"{op}: batch and seq_len must be >= 0 and head_dim >= 1, got batch={batch}, "
+                         f"seq_len={seq_len}, head_dim={head_dim}")
+    _check_recv(op, recv, batch * seq_len * sum(heads) * head_dim)
+    return recv.new_empty((batch, seq_len, sum(heads), head_dim))
 
 
 torch.library.register_autograd("cp_attention::a2a_unpack_head_to_seq",
                                 _no_backward("a2a_unpack_head_to_seq"), setup_context=_setup_none)
+
+
+def unpack_head_to_seq_torch(recv: torch.Tensor, heads: list[int], batch: int, seq_len: int,
+                             head_dim: int) -> torch.Tensor:
+    """a2a_unpack_head_to_seq by torch ops, for any counts and device: one copy out of the buffer. The route
+    of CUDA tensors whose heads split unevenly."""
+    B, S, D = batch, seq_len, head_dim
+    out = recv.new_empty((B, S, sum(heads), D))
+    at = h0 = 0
+    for n in heads:
+        out[:, :, h0:h0 + n].copy_(recv[at:at + B * S * n * D].view(B, S, n, D))
+        at, h0 = at + B * S * n * D, h0 + n
+    return out
+
+
+def _unpack_head_to_seq(recv, heads: list[int], B: int, S: int, D: int) -> torch.Tensor:
+    if recv.device.type == "cpu" or len(set(heads)) == 1:
+        return _lib.a2a_unpack_head_to_seq(recv, heads, B, S, D)
+    return unpack_head_to_seq_torch(recv, heads, B, S, D)
 
 
 def _all_to_all(send: torch.Tensor, send_splits: list[int], recv_splits: list[int], group_name: str
@@ -347,20 +425,21 @@ def a2a_seq_to_head(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, kv_mask: 
                     seq_lens: list[int], group_name: str) -> list[torch.Tensor]:
     """Ulysses' first all-to-all: local shards q [B, S_r, H, D], k/v [B, S_r, Hkv, D] (sequence chunk r of
     group rank r, S_r = seq_lens[r]) to this rank's heads over the whole sequence, [q, k, v] with q
-    [B, S, H/P, D] and k/v [B, S, hk, D] (S = sum(seq_lens); hk per ulysses_head_split). q, k and v travel
-    in one all_to_all_single; a kv_mask [B, S_r] (bool) is gathered to [B, S] by a second, small one and
-    appended to the list. The group is passed by name (`group.group_name`), as torch's functional
-    collectives do."""
+    [B, S, nq, D] and k/v [B, S, nkv, D] (S = sum(seq_lens); nq, nkv: this rank's entry of
+    ulysses_head_split, which may differ between ranks). q, k and v travel in one all_to_all_single; a
+    kv_mask [B, S_r] (bool) is gathered to [B, S] by a second, small one and appended to the list. The group
+    is passed by name (`group.group_name`), as torch's functional collectives do."""
     op = "cp_attention.a2a_seq_to_head"
     P, rank = _group_size_and_rank(op, group_name, seq_lens)
     B, S_r, H, D = q.shape
-    h, hk = ulysses_head_split(op, H, k.shape[2], P)
+    split = ulysses_head_split(op, H, k.shape[2], P)
+    me = split[rank]
     if S_r != seq_lens[rank]:
         raise ValueError(f"{op}: q's sequence length {S_r} must equal seq_lens[{rank}]={seq_lens[rank]}")
-    send = _lib.a2a_pack_seq_to_head(q, k, v, P)
-    width = B * (h + 2 * hk) * D
-    recv = _all_to_all(send, [width * S_r] * P, [width * s for s in seq_lens], group_name)
-    res = list(_lib.a2a_unpack_seq_to_head(recv, seq_lens, B, h, hk, D))
+    send = _pack_seq_to_head(q, k, v, split)
+    recv = _all_to_all(send, [B * S_r * (r.nq + 2 * r.nkv) * D for r in split],
+                       [B * s * (me.nq + 2 * me.nkv) * D for s in seq_lens], group_name)
+    res = list(_lib.a2a_unpack_seq_to_head(recv, seq_lens, B, me.nq, me.nkv, D))
     if kv_mask is not None:
         # Every rank needs the whole mask: each sends its own chunk to every rank (uneven lengths allowed).
         mine = kv_mask.to(torch.uint8).reshape(1, -1).expand(P, B * S_r).reshape(-1)
@@ -373,10 +452,11 @@ def a2a_seq_to_head(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, kv_mask: 
 @a2a_seq_to_head.register_fake
 def _(q, k, v, kv_mask, seq_lens, group_name):
     op = "cp_attention.a2a_seq_to_head"
+    P, rank = _group_size_and_rank(op, group_name, seq_lens)
     B, _, H, D = q.shape
-    h, hk = ulysses_head_split(op, H, k.shape[2], len(seq_lens))
+    me = ulysses_head_split(op, H, k.shape[2], P)[rank]
     S = sum(seq_lens)
-    res = [q.new_empty((B, S, h, D)), q.new_empty((B, S, hk, D)), q.new_empty((B, S, hk, D))]
+    res = [q.new_empty((B, S, me.nq, D)), q.new_empty((B, S, me.nkv, D)), q.new_empty((B, S, me.nkv, D))]
     if kv_mask is not None:
         res.append(kv_mask.new_empty((B, S), dtype=torch.bool))
     return res
@@ -384,94 +464,121 @@ def _(q, k, v, kv_mask, seq_lens, group_name):
 
 def _a2a_seq_to_head_setup(ctx, inputs, output):
     q, k, _v, _kv_mask, seq_lens, group_name = inputs
+    ctx.split = ulysses_head_split("cp_attention.a2a_seq_to_head", q.shape[2], k.shape[2], len(seq_lens))
     ctx.kv_heads, ctx.seq_lens, ctx.group_name = k.shape[2], list(seq_lens), group_name
     ctx.like = [t.new_empty(()).expand(t.shape) for t in output[:3]]  # shapes, dtype, device only
 
 
 def _a2a_seq_to_head_backward(ctx, grads):
     """The transpose of the first all-to-all is the second: the gradients of this rank's heads over the
-    whole sequence go back to the ranks that own the positions, in one all-to-all. Where ranks share a kv
-    head (Hkv < P), the gradients of its copies are summed. The mask gets no gradient."""
+    whole sequence go back to the ranks that own the positions, in one all-to-all. Where ranks hold copies
+    of one kv head, the gradients of the copies are summed, in rank order. The mask gets no gradient."""
     dq, dk, dv = (torch.zeros_like(like) if g is None else g for g, like in zip(grads[:3], ctx.like))
-    P = len(ctx.seq_lens)
-    h, hk = dq.shape[2], dk.shape[2]
-    both = torch.cat([dq, dk, dv], dim=2)  # [B, S, h + 2 hk, D]: one collective for all three
-    (back,) = a2a_head_to_seq(both, None, ctx.seq_lens, ctx.group_name)
+    both = torch.cat([dq, dk, dv], dim=2)  # [B, S, nq + 2 nkv, D]: one collective for all three
+    widths = [r.nq + 2 * r.nkv for r in ctx.split]
+    (back,) = a2a_head_to_seq(both, None, ctx.seq_lens, widths, ctx.group_name)
+    return (*assemble_seq_to_head_grads(back, ctx.split, ctx.kv_heads), None, None, None)
+
+
+def assemble_seq_to_head_grads(back: torch.Tensor, split: tuple[RankHeads, ...], kv_heads: int
+                               ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """This rank's (dq [B, S_r, H, D], dk, dv [B, S_r, Hkv, D]) from back [B, S_r, sum(nq + 2 nkv), D]: for
+    each rank r in order, the gradients of its nq query heads, then of its nkv kv heads of k, then of v.
+    Query heads partition H in rank order; kv heads copied to several ranks sum their copies' gradients."""
     B, S_r, _, D = back.shape
-    back = back.view(B, S_r, P, h + 2 * hk, D)
-    dq_r = back[:, :, :, :h].reshape(B, S_r, P * h, D)
-    dk_r, dv_r = (back[:, :, :, h + i * hk:h + (i + 1) * hk].reshape(B, S_r, P * hk, D) for i in (0, 1))
-    if P * hk != ctx.kv_heads:  # one kv head per rank, shared by P // Hkv consecutive ranks
-        dk_r, dv_r = (t.view(B, S_r, ctx.kv_heads, P // ctx.kv_heads, D).sum(3) for t in (dk_r, dv_r))
-    return dq_r, dk_r, dv_r, None, None, None
+    pieces = back.split([n for r in split for n in (r.nq, r.nkv, r.nkv)], dim=2)
+    dq = torch.cat(pieces[0::3], dim=2)
+    if all(r.kv0 == sum(x.nkv for x in split[:i]) for i, r in enumerate(split)):
+        return dq, torch.cat(pieces[1::3], dim=2), torch.cat(pieces[2::3], dim=2)
+    # Summed in float32 and rounded once: half-precision partial sums would round at every copy.
+    dk, dv = (back.new_zeros((B, S_r, kv_heads, D), dtype=torch.float32) for _ in range(2))
+    for r, pk, pv in zip(split, pieces[1::3], pieces[2::3]):  # in rank order: the same sums on every run
+        dk[:, :, r.kv0:r.kv0 + r.nkv] += pk
+        dv[:, :, r.kv0:r.kv0 + r.nkv] += pv
+    return dq, dk.to(back.dtype), dv.to(back.dtype)
 
 
 a2a_seq_to_head.register_autograd(_a2a_seq_to_head_backward, setup_context=_a2a_seq_to_head_setup)
 
 
 @torch.library.custom_op("cp_attention::a2a_head_to_seq", mutates_args=())
-def a2a_head_to_seq(out: torch.Tensor, lse: torch.Tensor | None, seq_lens: list[int],
+def a2a_head_to_seq(out: torch.Tensor, lse: torch.Tensor | None, seq_lens: list[int], heads: list[int],
                     group_name: str) -> list[torch.Tensor]:
     """Ulysses' second all-to-all: out [B, S, h, D] of this rank's heads over the whole sequence (S =
-    sum(seq_lens)) back to this rank's positions of every head, [out [B, S_r, P*h, D]]; with lse
-    [B, h, S] float32 also [B, P*h, S_r] (a second, small all_to_all_single), appended to the list."""
+    sum(seq_lens), h = heads[rank]; heads lists every rank's count, rank r's heads following those of ranks
+    < r) back to this rank's positions of every head, [out [B, S_r, sum(heads), D]]; with lse [B, h, S]
+    float32 also [B, sum(heads), S_r] (a second, small all_to_all_single), appended to the list."""
     op = "cp_attention.a2a_head_to_seq"
     P, rank = _group_size_and_rank(op, group_name, seq_lens)
+    _check_heads(op, out, heads, P, rank)
     B, _, h, D = out.shape
     S_r = seq_lens[rank]
     send = _lib.a2a_pack_head_to_seq(out, seq_lens)
-    recv = _all_to_all(send, [B * s * h * D for s in seq_lens], [B * S_r * h * D] * P, group_name)
-    res = [_lib.a2a_unpack_head_to_seq(recv, P, B, S_r, h, D)]
+    recv = _all_to_all(send, [B * s * h * D for s in seq_lens], [B * S_r * n * D for n in heads], group_name)
+    res = [_unpack_head_to_seq(recv, list(heads), B, S_r, D)]
     if lse is not None:
         lse_send = torch.cat([c.reshape(-1) for c in lse.split(list(seq_lens), dim=2)])
-        lse_recv = _all_to_all(lse_send, [B * h * s for s in seq_lens], [B * h * S_r] * P, group_name)
-        res.append(lse_recv.view(P, B, h, S_r).permute(1, 0, 2, 3).reshape(B, P * h, S_r))
+        sizes = [B * n * S_r for n in heads]
+        lse_recv = _all_to_all(lse_send, [B * h * s for s in seq_lens], sizes, group_name)
+        res.append(torch.cat([c.view(B, n, S_r) for c, n in zip(lse_recv.split(sizes), heads)], dim=1))
     return res
 
 
+def _check_heads(op: str, out: torch.Tensor, heads, P: int, rank: int) -> None:
+    if len(heads) != P or min(heads) < 1:
+        raise ValueError(f"{op}: heads must list one head count >= 1 per rank of the group ({P}), got "
+                         f"{list(heads)}")
+    if out.dim() != 4 or out.shape[2] != heads[rank]:
+        raise ValueError(f"{op}: out must be [B, S, heads[{rank}]={heads[rank]}, D] on rank {rank}, got "
+                         f"{list(out.shape)}")
+
+
 @a2a_head_to_seq.register_fake
-def _(out, lse, seq_lens, group_name):
+def _(out, lse, seq_lens, heads, group_name):
     op = "cp_attention.a2a_head_to_seq"
-    _, rank = _group_size_and_rank(op, group_name, seq_lens)
-    B, _, h, D = out.shape
-    P, S_r = len(seq_lens), seq_lens[rank]
-    res = [out.new_empty((B, S_r, P * h, D))]
+    P, rank = _group_size_and_rank(op, group_name, seq_lens)
+    _check_heads(op, out, heads, P, rank)
+    B, _, _, D = out.shape
+    S_r = seq_lens[rank]
+    res = [out.new_empty((B, S_r, sum(heads), D))]
     if lse is not None:
-        res.append(lse.new_empty((B, P * h, S_r)))
+        res.append(lse.new_empty((B, sum(heads), S_r)))
     return res
 
 
 def _a2a_head_to_seq_setup(ctx, inputs, output):
-    out, lse, seq_lens, group_name = inputs
+    out, lse, seq_lens, heads, group_name = inputs
     ctx.out_like = out.new_empty(()).expand(out.shape)  # shape, dtype and device, no storage kept
     ctx.has_lse, ctx.seq_lens, ctx.group_name = lse is not None, list(seq_lens), group_name
+    ctx.heads = list(heads)
 
 
 def _a2a_head_to_seq_backward(ctx, grads):
     """The transpose of the second all-to-all: the gradients of this rank's positions of every head go to
     the ranks that own the heads, as [B, S, h, D] (and [B, h, S] for the lse)."""
-    h = ctx.out_like.shape[2]
     if grads[0] is None:
         d_heads = torch.zeros_like(ctx.out_like)
     else:
-        d_heads = _seq_to_head_one(grads[0], h, ctx.seq_lens, ctx.group_name, seq_dim=1)
+        d_heads = _seq_to_head_one(grads[0], ctx.heads, ctx.seq_lens, ctx.group_name, seq_dim=1)
     d_lse = None
     if ctx.has_lse and len(grads) > 1 and grads[1] is not None:
-        d_lse = _seq_to_head_one(grads[1], h, ctx.seq_lens, ctx.group_name, seq_dim=2)
-    return d_heads, d_lse, None, None
+        d_lse = _seq_to_head_one(grads[1], ctx.heads, ctx.seq_lens, ctx.group_name, seq_dim=2)
+    return d_heads, d_lse, None, None, None
 
 
-def _seq_to_head_one(x: torch.Tensor, h: int, seq_lens: list[int], group_name: str, seq_dim: int
+def _seq_to_head_one(x: torch.Tensor, heads: list[int], seq_lens: list[int], group_name: str, seq_dim: int
                      ) -> torch.Tensor:
-    """One tensor from this rank's positions of every head to this rank's h heads over the whole sequence:
-    x [B, S_r, P*h, D] (seq_dim 1, head dim 2) or [B, P*h, S_r] (seq_dim 2, head dim 1) to [B, S, h, D] or
-    [B, h, S]. Plain torch ops around one all_to_all_single (a gradient path, not a hot one)."""
-    P = len(seq_lens)
+    """One tensor from this rank's positions of every head to this rank's heads over the whole sequence:
+    x [B, S_r, sum(heads), D] (seq_dim 1, head dim 2) or [B, sum(heads), S_r] (seq_dim 2, head dim 1) to
+    [B, S, h, D] or [B, h, S], h = heads[rank] (rank r's heads follow those of ranks < r). Plain torch ops
+    around one all_to_all_single (a gradient path, not a hot one)."""
+    rank = _resolve_process_group(group_name).rank()
     head_dim = 3 - seq_dim
-    parts = x.unflatten(head_dim, (P, h)).movedim(head_dim, 0).contiguous()  # [P, ...]: rank p's heads
-    per = math.prod(s for i, s in enumerate(parts.shape[1:]) if i != seq_dim)  # elements per position
-    recv = _all_to_all(parts.reshape(-1), [parts[0].numel()] * P, [per * s for s in seq_lens], group_name)
-    shape = list(parts.shape[1:])
+    parts = [p.contiguous() for p in x.split(heads, dim=head_dim)]  # rank p's heads
+    shape = list(parts[rank].shape)
+    per = math.prod(n for i, n in enumerate(shape) if i != seq_dim)  # elements per position, this rank
+    recv = _all_to_all(torch.cat([p.reshape(-1) for p in parts]), [p.numel() for p in parts],
+                       [per * s for s in seq_lens], group_name)
     chunks = []
     for c, s in zip(recv.split([per * s for s in seq_lens]), seq_lens):
         shape[seq_dim] = s

@@ -7,12 +7,14 @@
 #include <c10/util/ArrayRef.h>
 #include <c10/util/Exception.h>
 
+#include <algorithm>
 #include <vector>
 
 #include "checks.h"
 
 namespace cp_attention {
 
+// The even split the CUDA pack kernel implements: every rank the same number of query and of kv heads.
 struct HeadSplit {
   int64_t h, hk;           // query / kv heads per rank
   int64_t kv_group;        // ranks sharing one kv head (1 when P divides Hkv)
@@ -20,15 +22,41 @@ struct HeadSplit {
 };
 
 // h = H / P; hk = Hkv / P when P divides Hkv, else (Hkv dividing P) one kv head per rank, r / (P / Hkv).
+// Where it holds, rank_heads below gives the same heads to every rank, so both kernels fill one layout.
 inline HeadSplit head_split(const char* op, int64_t H, int64_t Hkv, int64_t P) {
   TORCH_CHECK_VALUE(P >= 1, op, ": world_size must be >= 1, got ", P);
-  TORCH_CHECK_VALUE(H % P == 0, op, ": the number of query heads H=", H,
-                    " must be divisible by world_size=", P, " (Ulysses splits heads evenly across ranks)");
+  TORCH_CHECK_VALUE(H % P == 0, op, ": the CUDA kernel splits heads evenly: the number of query heads H=", H,
+                    " must be divisible by world_size=", P,
+                    " (cp_attention.ops.a2a_seq_to_head packs uneven splits with torch ops)");
   if (Hkv % P == 0) return {H / P, Hkv / P, 1};
-  TORCH_CHECK_VALUE(P % Hkv == 0, op, ": the number of k/v heads Hkv=", Hkv,
-                    " must be a multiple or a divisor of world_size=", P,
-                    " so that every rank's query heads read whole k/v heads");
+  TORCH_CHECK_VALUE(P % Hkv == 0, op, ": the CUDA kernel splits heads evenly: the number of k/v heads Hkv=",
+                    Hkv, " must be a multiple or a divisor of world_size=", P,
+                    " (cp_attention.ops.a2a_seq_to_head packs other splits with torch ops)");
   return {H / P, 1, P / Hkv};
+}
+
+// Rank r's heads in the general split: query heads [q0, q0 + nq) in torch.tensor_split order (the first
+// H % P ranks one more), and kv heads [kv0, kv0 + nkv), exactly the ones those query heads read (query head
+// g reads kv head g / (H / Hkv)). A kv head read by several ranks goes to each of them.
+struct RankHeads {
+  int64_t q0, nq, kv0, nkv;
+};
+
+inline std::vector<RankHeads> rank_heads(const char* op, int64_t H, int64_t Hkv, int64_t P) {
+  TORCH_CHECK_VALUE(P >= 1, op, ": world_size must be >= 1, got ", P);
+  // A rank without a query head would have nothing to attend for; refused rather than special-cased.
+  TORCH_CHECK_VALUE(P <= H, op, ": world_size=", P, " exceeds the number of query heads H=", H,
+                    ": every rank needs at least one query head");
+  TORCH_CHECK_VALUE(Hkv >= 1 && H % Hkv == 0, op, ": the number of query heads H=", H,
+                    " must be a multiple of the number of k/v heads Hkv=", Hkv);
+  const int64_t base = H / P, extra = H % P, group = H / Hkv;
+  std::vector<RankHeads> out(P);
+  for (int64_t r = 0; r < P; ++r) {
+    const int64_t q0 = r * base + std::min(r, extra), nq = base + (r < extra ? 1 : 0);
+    const int64_t kv0 = q0 / group, kv_end = (q0 + nq - 1) / group + 1;
+    out[r] = {q0, nq, kv0, kv_end - kv0};
+  }
+  return out;
 }
 
 inline void check_seq_lens(const char* op, at::IntArrayRef seq_lens) {
@@ -82,12 +110,19 @@ inline void check_pack_head_to_seq(const char* op, const at::Tensor& out, at::In
                     ", got ", seq_lens);
 }
 
-inline void check_unpack_head_to_seq_sizes(const char* op, int64_t world_size, int64_t batch, int64_t seq_len,
-                                           int64_t heads, int64_t head_dim) {
-  TORCH_CHECK_VALUE(world_size >= 1, op, ": world_size must be >= 1, got ", world_size);
-  TORCH_CHECK_VALUE(batch >= 0 && seq_len >= 0 && heads >= 1 && head_dim >= 1, op,
-                    ": batch and seq_len must be >= 0 and heads, head_dim >= 1, got batch=", batch,
-                    ", seq_len=", seq_len, ", heads=", heads, ", head_dim=", head_dim);
+// a2a_unpack_head_to_seq: heads lists every source rank's head count. Returns their sum.
+inline int64_t check_unpack_head_to_seq_sizes(const char* op, at::IntArrayRef heads, int64_t batch,
+                                              int64_t seq_len, int64_t head_dim) {
+  TORCH_CHECK_VALUE(!heads.empty(), op, ": heads must list one head count per source rank, got an empty list");
+  int64_t total = 0;
+  for (int64_t h : heads) {
+    TORCH_CHECK_VALUE(h >= 1, op, ": heads must be >= 1 (one count per source rank), got ", heads);
+    total += h;
+  }
+  TORCH_CHECK_VALUE(batch >= 0 && seq_len >= 0 && head_dim >= 1, op,
+                    ": batch and seq_len must be >= 0 and head_dim >= 1, got batch=", batch,
+                    ", seq_len=", seq_len, ", head_dim=", head_dim);
+  return total;
 }
 
 }  // namespace cp_attention

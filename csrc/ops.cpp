@@ -30,6 +30,6 @@ TORCH_LIBRARY(cp_attention, m) {
   m.def("a2a_unpack_seq_to_head(Tensor recv, int[] seq_lens, int batch, int heads, int kv_heads, int head_dim) -> (Tensor q, Tensor k, Tensor v)");
   // Output send buffer (1-D): out [B, sum(seq_lens), h, D] cut into sequence chunks, chunk s for rank s.
   m.def("a2a_pack_head_to_seq(Tensor out, int[] seq_lens) -> Tensor");
-  // Output receive buffer (source r: heads [r*h, (r+1)*h)) -> out [B, seq_len, world_size*heads, D].
-  m.def("a2a_unpack_head_to_seq(Tensor recv, int world_size, int batch, int seq_len, int heads, int head_dim) -> Tensor");
+  // Output receive buffer (source r: heads[r] heads, after those of sources < r) -> out [B, seq_len, sum(heads), D].
+  m.def("a2a_unpack_head_to_seq(Tensor recv, int[] heads, int batch, int seq_len, int head_dim) -> Tensor");
 }

@@ -13,13 +13,19 @@ from cp_attention.demo import flux_config, flux_inputs, make_flux
 TINY_FLUX = flux_config(layers=1, single_layers=1, heads=4, head_dim=16)
 
 
-def tiny_flux(seed: int = 0):
-    return make_flux(TINY_FLUX, seed)
+def _tiny_flux_config(heads: int) -> dict:
+    return TINY_FLUX if heads == 4 else flux_config(layers=1, single_layers=1, heads=heads, head_dim=16)
 
 
-def tiny_flux_inputs(img_rows: int, img_cols: int, text_tokens: int, batch: int = 2, seed: int = 0) -> dict:
-    """img_rows * img_cols image tokens, text_tokens text tokens."""
-    return flux_inputs(TINY_FLUX, 16 * img_rows, 16 * img_cols, text_tokens, batch, seed)
+def tiny_flux(seed: int = 0, heads: int = 4):
+    return make_flux(_tiny_flux_config(heads), seed)
+
+
+def tiny_flux_inputs(img_rows: int, img_cols: int, text_tokens: int, batch: int = 2, seed: int = 0,
+                     heads: int = 4) -> dict:
+    """img_rows * img_cols image tokens, text_tokens text tokens, for tiny_flux(heads=heads) (whose text
+    width is heads * head_dim)."""
+    return flux_inputs(_tiny_flux_config(heads), 16 * img_rows, 16 * img_cols, text_tokens, batch, seed)
 
 
 def tiny_qwen(seed: int = 0):

@@ -71,6 +71,13 @@ CASES = [
     Case("ulysses-ws4-lens5,11,0,8-causal-gqa-f32-mask", "ulysses", 4, 2, (5, 11, 0, 8), 4, 2, 8, F32, True,
          "random"),
     Case("ulysses-ws4-s22-full-f16-nodlse", "ulysses", 4, 1, 22, 8, 4, 8, F16, False, dlse=False),
+    # Head counts that do not divide by the Ulysses degree (kv heads copied to several ranks: summed).
+    Case("ulysses-ws3-s10-causal-h8kv2-bf16", "ulysses", 3, 1, 10, 8, 2, 8, BF16, True),
+    Case("ulysses-ws4-s9-full-h30-f32", "ulysses", 4, 1, 9, 30, 30, 4, F32, False),
+    Case("ulysses-ws4-lens4,0,6,3-causal-h6kv2-f16-mask", "ulysses", 4, 2, (4, 0, 6, 3), 6, 2, 8, F16, True,
+         "random"),
+    Case("unified-ws4-2x2-s14-causal-h9kv3-f32-mask", "unified", 4, 2, 14, 9, 3, 8, F32, True, "random",
+         mesh=(2, 2)),
     Case("unified-ws4-2x2-s29-causal-gqa-f32-mask", "unified", 4, 2, 29, 4, 2, 16, F32, True, "random",
          mesh=(2, 2)),
     Case("unified-ws4-2x2-lens7,0,12,5-full-f16", "unified", 4, 1, (7, 0, 12, 5), 2, 2, 8, F16, False,

@@ -302,16 +302,38 @@ def test_a2a_ops_match_cpu(B, S, H, Hkv, D, P, dtype):
     m = P * B * S * h * D
     recv = randn(m + 1, dtype=dtype, gen=gen)
     for r in (recv[:m], recv[1:]):
-        want = OPS.a2a_unpack_head_to_seq(r, P, B, S, h, D)
-        got = OPS.a2a_unpack_head_to_seq(r.to(DEV), P, B, S, h, D)
+        want = OPS.a2a_unpack_head_to_seq(r, [h] * P, B, S, D)
+        got = OPS.a2a_unpack_head_to_seq(r.to(DEV), [h] * P, B, S, D)
         assert got.is_cuda and torch.equal(got.cpu(), want), "a2a_unpack_head_to_seq"
 
 
 def test_a2a_errors_match_cpu():
     q = torch.randn(1, 4, 6, 8)
-    for args in ((q, q[:, :, :2], q[:, :, :2], 4), (q, q[:, :, :4], q[:, :, :4], 3)):
+    for args in ((q, q[:, :, :2], q[:, :, :2], 7), (q, q[:, :, :4], q[:, :, :4], 3)):
         with pytest.raises(ValueError) as cpu_err:
             OPS.a2a_pack_seq_to_head(*args)
         with pytest.raises(ValueError) as cuda_err:
             OPS.a2a_pack_seq_to_head(*(a.to(DEV) if isinstance(a, torch.Tensor) else a for a in args))
         assert str(cuda_err.value).splitlines()[0] == str(cpu_err.value).splitlines()[0]
+
+
+@pytest.mark.parametrize("H,Hkv,P", [(6, 2, 4), (24, 24, 16), (12, 3, 4)])
+def test_a2a_uneven_splits_go_through_torch_ops(H, Hkv, P):
+    """The CUDA kernels take even head splits only and refuse the others; the collectives route those
+    through torch ops, which must fill the CPU ops' layouts."""
+    from cp_attention import ops
+
+    gen = torch.Generator().manual_seed(H * P)
+    q, k, v = (randn(2, 7, n, 8, dtype=F16, gen=gen) for n in (H, Hkv, Hkv))
+    split = ops.ulysses_head_split("test", H, Hkv, P)
+    with pytest.raises(ValueError, match="CUDA kernel splits heads evenly"):
+        OPS.a2a_pack_seq_to_head(q.to(DEV), k.to(DEV), v.to(DEV), P)
+    got = ops.pack_seq_to_head_torch(q.to(DEV), k.to(DEV), v.to(DEV), split)
+    assert got.is_cuda and torch.equal(got.cpu(), OPS.a2a_pack_seq_to_head(q, k, v, P))
+    heads = [r.nq for r in split]
+    recv = randn(2 * 7 * H * 8, dtype=F16, gen=gen)
+    if len(set(heads)) > 1:
+        with pytest.raises(ValueError, match="same head count from every source"):
+            OPS.a2a_unpack_head_to_seq(recv.to(DEV), heads, 2, 7, 8)
+    got = ops.unpack_head_to_seq_torch(recv.to(DEV), heads, 2, 7, 8)
+    assert got.is_cuda and torch.equal(got.cpu(), OPS.a2a_unpack_head_to_seq(recv, heads, 2, 7, 8))

@@ -8,7 +8,9 @@ Covered, at world sizes 1, 2 and 4: FLUX (FluxTransformer2DModel) and Qwen-Image
 [B, 1, 1, S_local] boolean key mask; one batch entry pads text tokens) through set_attention_backend
 ("cp_attention") and enable_parallelism: ring (P x 1), Ulysses (1 x P), Unified (2 x 2); diffusers' own
 Ulysses through the CPU workaround; the backend called the way diffusers' dispatcher calls it with
-return_lse=True, LSE in [B, S, H], uneven shards and a key mask; and sequences that do not split evenly.
+return_lse=True, LSE in [B, S, H], uneven shards and a key mask; sequences that do not split evenly; and head
+counts that the Ulysses degree does not divide (3 heads on 2 ranks, on a 2x2 mesh; 5 on 4), with and without
+ulysses_anything.
 
 Uneven sequences: diffusers' default sharding asserts divisibility; its ring_anything / ulysses_anything
 modes split with tensor_split, but their final all_gather of unequal chunks is not supported by gloo. So
@@ -130,6 +132,28 @@ def _check_uneven_anything(mode, P):
     _close(f"flux uneven {mode}_anything P={P}", cp.gather(local, dim=1), ref, base)
 
 
+def _check_uneven_heads(heads, R, U, anything):
+    """FLUX with a head count the Ulysses degree does not divide: the backend splits the heads unevenly
+    (diffusers' own Ulysses cannot: without ulysses_anything its reshape fails, with it it pads heads where
+    the padding is less than a rank's share). anything: ulysses_anything with a sequence that does not split
+    evenly (gathered by the test, as in _check_uneven_anything); else diffusers' even sharding."""
+    from diffusers_models import references, run, tiny_flux, tiny_flux_inputs
+
+    import cp_attention
+
+    model = tiny_flux(heads=heads)
+    inputs = tiny_flux_inputs(*((7, 5, 7) if anything else (4, 6, 8)), heads=heads)
+    ref, base = references(model, inputs)
+    name = f"flux {heads} heads {R}x{U}" + (" ulysses_anything" if anything else "")
+    if not anything:
+        _close(name, run(_parallel(model, "cp_attention", R, U), inputs), ref, base)
+        return
+    plan = {k: v for k, v in model._cp_plan.items() if k != "proj_out"}  # gloo cannot gather unequal chunks
+    local = run(_parallel(model, "cp_attention", R, U, cp_plan=plan, ulysses_anything=True), inputs)
+    cp = cp_attention.ContextParallel(ring_degree=R, ulysses_degree=U)
+    _close(name, cp.gather(local, dim=1), ref, base)
+
+
 def _check_dispatch_lse(R, U):
     """dispatch_attention_fn -> cp_attention backend with return_lse under diffusers' ParallelConfig: out and
     lse ([B, S_local, H], diffusers' layout) with a [B, 1, 1, S_local] key mask; then causal GQA (global
@@ -228,7 +252,16 @@ def _rank_main(rank: int, world_size: int) -> dict[str, str | None]:
     if world_size == 4:
         unified = functools.partial(_check_use_as_sdpa, 2, 2, 7, 5, 7)
         items.append(("flux-uneven-unified-use_as_sdpa", unified))
+    items += [(key, functools.partial(_check_uneven_heads, *args))
+              for key, args in UNEVEN_HEADS.get(world_size, [])]
     return run_items(items)
+
+
+# Head counts the Ulysses degree does not divide: (key, (heads, ring_degree, ulysses_degree, anything)).
+UNEVEN_HEADS = {
+    2: [("flux-3heads-ulysses", (3, 1, 2, False)), ("flux-3heads-ulysses_anything", (3, 1, 2, True))],
+    4: [("flux-3heads-unified", (3, 2, 2, False)), ("flux-5heads-ulysses_anything", (5, 1, 4, True))],
+}
 
 
 def _items(P: int) -> list[str]:
@@ -239,6 +272,7 @@ def _items(P: int) -> list[str]:
         keys += ["flux-native-ulysses", "flux-uneven-ring", "flux-uneven-ulysses", "cpu-enable-parallelism"]
     if P == 4:
         keys.append("flux-uneven-unified-use_as_sdpa")
+    keys += [key for key, _ in UNEVEN_HEADS.get(P, [])]
     return keys
 
 

@@ -231,7 +231,7 @@ def _cpu_op_calls():
         "a2a_pack_seq_to_head": lambda: OPS.a2a_pack_seq_to_head(q, k, v, 2),
         "a2a_unpack_seq_to_head": lambda: OPS.a2a_unpack_seq_to_head(q.reshape(-1)[:96], [3, 3], 1, 2, 1, 4),
         "a2a_pack_head_to_seq": lambda: OPS.a2a_pack_head_to_seq(q, [2, 4]),
-        "a2a_unpack_head_to_seq": lambda: OPS.a2a_unpack_head_to_seq(q.reshape(-1), 2, 1, 6, 2, 8),
+        "a2a_unpack_head_to_seq": lambda: OPS.a2a_unpack_head_to_seq(q.reshape(-1), [3, 1], 1, 6, 8),
     }
 
 

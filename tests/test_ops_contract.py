@@ -104,8 +104,23 @@ def _a2a_pack_head_fp16(device, gen):
 
 
 def _a2a_unpack_head_fp32(device, gen):
-    P, B, S, h, D = 3, 2, 4, 2, 8
-    return (randn(1, 1, 1, P * B * S * h * D, dtype=torch.float32, device=device, gen=gen), P, B, S, h, D), {}
+    heads, B, S, D = [2, 2, 2], 2, 4, 8
+    return (randn(1, 1, 1, B * S * sum(heads) * D, dtype=torch.float32, device=device, gen=gen), heads, B, S,
+            D), {}
+
+
+def _a2a_pack_seq_uneven_fp32(device, gen):
+    if device != "cpu":
+        pytest.skip("the CUDA pack kernel takes even head splits (torch ops pack the others)")
+    return _qkv(1, 5, 5, 6, 2, 8, torch.float32, device, gen) + (4,), {}  # 6 query, 2 kv heads, 4 ranks
+
+
+def _a2a_unpack_head_uneven_fp16(device, gen):
+    if device != "cpu":
+        pytest.skip("the CUDA unpack kernel takes even head splits (torch ops unpack the others)")
+    heads, B, S, D = [3, 3, 2], 1, 5, 8  # 8 heads from 3 ranks: the first two one head more
+    return (randn(1, 1, 1, B * S * sum(heads) * D, dtype=torch.float16, device=device, gen=gen), heads, B, S,
+            D), {}
 
 
 @functools.cache
@@ -141,14 +156,14 @@ def _a2a_head_to_seq_lse(device, gen):
     if device != "cpu":
         pytest.skip("the one-rank test group is gloo (CPU)")
     out, lse = _state(2, 6, 3, 8, torch.float32, device, gen, dead=True)
-    return (out, lse, [6], _single_rank_group_name()), {}
+    return (out, lse, [6], [3], _single_rank_group_name()), {}
 
 
 def _a2a_head_to_seq_no_lse(device, gen):
     if device != "cpu":
         pytest.skip("the one-rank test group is gloo (CPU)")
     out, _ = _state(1, 5, 2, 16, torch.bfloat16, device, gen)
-    return (out, None, [5], _single_rank_group_name()), {}
+    return (out, None, [5], [2], _single_rank_group_name()), {}
 
 
 def _ring_single_rank_causal_mask(device, gen):
@@ -253,10 +268,11 @@ SAMPLES = {
     OPS.flash_attn_fwd_acc_.default: [_acc_fp32_causal_mask, _acc_q_dtype_row_slice, _acc_empty_chunk],
     OPS.merge_attn_states.default: [_merge_fp32, _merge_mixed_dead, _merge_strided_bf16],
     OPS.merge_attn_states_.default: [_merge_inplace_acc, _merge_inplace_same],
-    OPS.a2a_pack_seq_to_head.default: [_a2a_pack_seq_fp32, _a2a_pack_seq_mqa_strided_fp16],
+    OPS.a2a_pack_seq_to_head.default: [_a2a_pack_seq_fp32, _a2a_pack_seq_mqa_strided_fp16,
+                                       _a2a_pack_seq_uneven_fp32],
     OPS.a2a_unpack_seq_to_head.default: [_a2a_unpack_seq_bf16],
     OPS.a2a_pack_head_to_seq.default: [_a2a_pack_head_fp16],
-    OPS.a2a_unpack_head_to_seq.default: [_a2a_unpack_head_fp32],
+    OPS.a2a_unpack_head_to_seq.default: [_a2a_unpack_head_fp32, _a2a_unpack_head_uneven_fp16],
     OPS.a2a_seq_to_head.default: [_a2a_seq_to_head_mask],
     OPS.a2a_head_to_seq.default: [_a2a_head_to_seq_lse, _a2a_head_to_seq_no_lse],
     OPS.ring_attn_fwd.default: [_ring_single_rank_causal_mask, _ring_single_rank_fp32],

@@ -1,6 +1,7 @@
-"""Ulysses attention (cp_attention.distributed.ulysses_attention) on 1 to 4 gloo ranks: every rank's output
-and LSE against the float64 reference over the whole sequence, sliced to the rank, under the tolerance rule;
-and misuse that must raise on every rank (torch.compile: tests/test_cp_compile.py).
+"""Ulysses attention (cp_attention.distributed.ulysses_attention) on 1 to 5 gloo ranks: every rank's output
+and LSE against the float64 reference over the whole sequence, sliced to the rank, under the tolerance rule,
+head counts that do not divide by the group size included (and their gradients on 5 ranks); and misuse that
+must raise on every rank (torch.compile: tests/test_cp_compile.py).
 
 Each world size is spawned once (the `runs` fixture) and runs all of its items; each test then reports its
 own item's outcome on every rank.
@@ -16,6 +17,8 @@ import pytest
 import torch
 from conftest import make_kv_mask, randn
 from dist_harness import SpawnedItems, run_items
+from test_cp_backward import Case as GradCase
+from test_cp_backward import _run_case as _run_grad_case
 from test_ring import _check_shard, _lengths, _shard
 
 SPAWN_TIMEOUT_S = 120.0
@@ -49,8 +52,16 @@ CASES = [
     Case("ws4-lens10,0,30,5-causal-gqa-f16-mask", 4, 2, (10, 0, 30, 5), 8, 2, 16, F16, True, "random"),
     Case("ws4-s50-causal-f32-rankmask", 4, 2, 50, 4, 4, 16, F32, True, "rank"),
     Case("ws4-s23-full-gqa8-bf16", 4, 1, 23, 8, 8, 8, BF16, False),
+    # Heads that do not divide evenly: the first H % P ranks get one query head more.
+    Case("ws3-s10-causal-h8kv2-f32-4d", 3, 1, 10, 8, 2, 8, F32, True, "4d"),  # rank 1 reads kv heads 0 and 1
+    Case("ws4-s9-full-h30-f16", 4, 1, 9, 30, 30, 4, F16, False),
+    Case("ws4-lens3,0,5,2-causal-h6kv2-bf16-mask", 4, 2, (3, 0, 5, 2), 6, 2, 8, BF16, True, "random"),
+    Case("ws5-s13-causal-h8-f32-mask", 5, 1, 13, 8, 8, 8, F32, True, "random"),
 ]
-WORLD_SIZES = [1, 2, 3, 4]
+WORLD_SIZES = [1, 2, 3, 4, 5]
+# Gradients on 5 ranks (tests/test_cp_backward.py covers 1 to 4), run in this file's 5-rank spawn.
+GRAD_CASES = [GradCase("ulysses-ws5-s12-causal-h8-f32", "ulysses", 5, 1, 12, 8, 8, 8, F32, True, "random"),
+              GradCase("ulysses-ws5-s11-full-h7kv1-f16", "ulysses", 5, 2, 11, 7, 1, 8, F16, False)]
 MISUSE_WS = [2, 3]
 
 
@@ -105,13 +116,9 @@ def _check_misuse(rank: int, world_size: int):
     # dtypes differ on rank 0.
     z = x.half() if rank == 0 else x
     expect("disagree on the dtype", z, z, z)
-    # H not divisible by the group size: heads split evenly only.
-    w = torch.randn(1, 4, world_size + 1, 8)
-    expect(f"H={world_size + 1} must be divisible by world_size={world_size}", w, w, w)
-    # kv heads that neither divide nor are divided by the group size.
-    if world_size == 3:
-        kv = torch.randn(1, 4, 2, 8)
-        expect("Hkv=2 must be a multiple or a divisor", x, kv, kv)
+    # Fewer query heads than ranks: some rank would get none.
+    w = torch.randn(1, 4, world_size - 1, 8)
+    expect(f"group.size\\(\\)={world_size} exceeds the number of query heads H={world_size - 1}", w, w, w)
     # One rank's own inputs are invalid (its k has another head dim): it raises its own error, the others
     # learn of it from the exchange.
     bad = torch.randn(1, 4, 6, 4) if rank == 0 else x
@@ -125,18 +132,23 @@ def _check_misuse(rank: int, world_size: int):
 
 
 def _item_list(world_size: int):
-    items = [(c.name, c) for c in CASES if c.world_size == world_size]
+    items = [(c.name, c) for c in CASES + GRAD_CASES if c.world_size == world_size]
     if world_size in MISUSE_WS:
         items.append((f"misuse-ws{world_size}", _check_misuse))
     return items
 
 
+def _call(rank: int, world_size: int, item):
+    if isinstance(item, Case):
+        return functools.partial(_run_case, rank, item)
+    if isinstance(item, GradCase):
+        return functools.partial(_run_grad_case, rank, item)
+    return functools.partial(item, rank, world_size)
+
+
 def _rank_main(rank: int, world_size: int) -> dict[str, str | None]:
     torch.manual_seed(0)
-    return run_items(
-        (key, functools.partial(_run_case, rank, item) if isinstance(item, Case)
-         else functools.partial(item, rank, world_size))
-        for key, item in _item_list(world_size))
+    return run_items((key, _call(rank, world_size, item)) for key, item in _item_list(world_size))
 
 
 @pytest.fixture(scope="module")
@@ -150,6 +162,11 @@ def _assert_item(runs, world_size: int, key: str):
 
 @pytest.mark.parametrize("case", CASES, ids=[c.name for c in CASES])
 def test_ulysses_matches_reference(runs, case):
+    _assert_item(runs, case.world_size, case.name)
+
+
+@pytest.mark.parametrize("case", GRAD_CASES, ids=[c.name for c in GRAD_CASES])
+def test_ulysses_grads_on_5_ranks(runs, case):
     _assert_item(runs, case.world_size, case.name)
 
 

@@ -41,6 +41,9 @@ CASES = [
     Case("2x2-s50-full-mqa-f32-mask", 2, 2, 2, 50, 2, 1, 24, F32, False, True),
     Case("1x4-s45-causal-gqa-f32-mask", 1, 4, 2, 45, 8, 2, 16, F32, True, True),
     Case("4x1-s45-causal-gqa-f16-mask", 4, 1, 2, 45, 4, 2, 16, F16, True, True),
+    # 9 heads over rows of 2: 5 and 4; kv heads 0-1 and 1-2 (kv head 1 on both, repeated locally on rank 0).
+    Case("2x2-s21-causal-h9kv3-f16-mask", 2, 2, 1, 21, 9, 3, 8, F16, True, True),
+    Case("1x4-s10-full-h6kv2-f32", 1, 4, 1, 10, 6, 2, 8, F32, False),
 ]
 
 
@@ -83,7 +86,8 @@ def _run_case(rank: int, case: Case, groups):
 
 def _check_misuse(rank: int, groups):
     """A head-count mismatch inside row 1 of a 2x2 mesh raises ValueError on all four ranks (row 0's ranks
-    learn it through the column exchange) instead of leaving row 0 waiting in the ring."""
+    learn it through the column exchange) instead of leaving row 0 waiting in the ring; so does a row with
+    more ranks than heads."""
     from cp_attention.distributed import unified_attention
 
     ring_group, ulysses_group = groups
@@ -91,6 +95,10 @@ def _check_misuse(rank: int, groups):
     x = torch.zeros(1, 5, H, 8)
     with pytest.raises(ValueError, match="unified_attention"):
         unified_attention(x, x, x, ring_group=ring_group, ulysses_group=ulysses_group)
+    # One head for rows of two ranks: refused on every rank, naming the group.
+    y = torch.zeros(1, 5, 1, 8)
+    with pytest.raises(ValueError, match=r"ulysses_group.size\(\)=2 exceeds the number of query heads H=1"):
+        unified_attention(y, y, y, ring_group=ring_group, ulysses_group=ulysses_group)
 
 
 def _rank_main(rank: int, world_size: int) -> dict[str, str | None]:

@@ -2,14 +2,16 @@
 trading the sequence split for a head split (docs/design.md, "Ulysses").
 
 Rank r holds sequence chunk r (torch.tensor_split order; lengths may differ, even be 0) of q, k, v with all
-heads. One all-to-all (`cp_attention::a2a_seq_to_head`, q, k and v packed into one buffer) gives rank r
-query heads [r H/P, (r + 1) H/P) over the whole sequence, attention runs there with the ordinary kernel, and
-a second all-to-all (`cp_attention::a2a_head_to_seq`) brings each rank its positions of every head back.
+heads. One all-to-all (`cp_attention::a2a_seq_to_head`, q, k and v packed into one buffer) gives rank r its
+share of the query heads over the whole sequence, attention runs there with the ordinary kernel, and a second
+all-to-all (`cp_attention::a2a_head_to_seq`) brings each rank its positions of every head back.
 
-Heads: H must be divisible by the group size P (uneven head splits are not supported: ValueError). k/v
-heads split as Hkv / P per rank when P divides Hkv; when Hkv divides P (e.g. MQA), each rank gets the one kv
-head its query heads read, kv head r // (P // Hkv), so P // Hkv ranks carry a copy of it. Other Hkv raise
-ValueError.
+Heads (ops.ulysses_head_split): any H >= P. Query heads split in torch.tensor_split order, so when P does
+not divide H the first H % P ranks get one head more. Each rank receives exactly the kv heads its query
+heads read; a kv head read by several ranks' query heads (MQA, or a GQA group cut by the split) is copied to
+each of them, and their gradients are summed. Where a rank's query heads do not fall on its kv heads in
+equal runs (a group cut by the split), the rank repeats its kv heads locally after the transfer, so that the
+kernel's GQA rule holds; only the heads read cross the wire. P > H raises ValueError.
 
 The ranks' lengths are stated (`seq_lens`) or exchanged, and their agreement settled once per signature
 (see _agreement). A failure of the attention between the two all-to-alls does not strand the other ranks:
@@ -68,10 +70,10 @@ def failed_row() -> tuple[int, ...]:
     return (1,) + (0,) * (len(FIELDS) - 1)
 
 
-def head_split_check(op: str, P: int):
+def head_split_check(op: str, P: int, name: str):
     def validate(metas):
-        # The same on every rank, since H and Hkv agree.
-        ops.ulysses_head_split(op, metas[0]["H"], metas[0]["Hkv"], P)
+        # The same on every rank, since H and Hkv agree. name: the argument that sets P, for the error.
+        ops.ulysses_head_split(op, metas[0]["H"], metas[0]["Hkv"], P, name)
     return validate
 
 
@@ -86,16 +88,26 @@ def resolve_backend(backend: str, device_type: str) -> str:
     return _auto_backend(device_type) if backend == "auto" else backend
 
 
-def through_heads(q, k, v, kv_mask, seq_lens: list[int], group_name: str, attend, return_lse: bool):
-    """The Ulysses round trip: the seq -> head all-to-all, attend(q_h, k_h, v_h, mask_h) -> (out_h [B, S, h,
-    D], lse_h [B, h, S]) on this rank's heads over the whole sequence, the head -> seq all-to-all back.
-    Returns ([out(, lse)] for this rank's positions, the failure of `attend` or None).
+def through_heads(q, k, v, kv_mask, seq_lens: list[int], group_name: str, rank: int, attend,
+                  return_lse: bool):
+    """The Ulysses round trip on the group `group_name`, of which this is rank `rank`: the seq -> head
+    all-to-all, attend(q_h [B, S, nq, D], k_h, v_h [B, S, n, D], mask_h [B, S] or None) -> (out_h [B, S, nq,
+    D], lse_h [B, nq, S]) on this rank's nq query heads over the whole sequence (k_h, v_h: its kv heads, n =
+    nkv, or repeated to n = nq where the kernel's GQA rule needs it), the head -> seq all-to-all back.
+    Returns ([out [B, S_r, H, D](, lse [B, H, S_r])] for this rank's positions, the failure of `attend` or
+    None).
 
     In eager code a failure of `attend` is kept, not raised, and NaN stands in for its result, so that this
     rank still takes part in the second all-to-all (the other ranks wait in it); the caller raises after."""
+    H, Hkv, P = q.shape[2], k.shape[2], len(seq_lens)
+    split = ops.ulysses_head_split("cp_attention.ulysses", H, Hkv, P)
     parts = ops.a2a_seq_to_head(q, k, v, kv_mask, seq_lens, group_name)
     q_h, k_h, v_h = parts[:3]
     mask_h = parts[3] if kv_mask is not None else None
+    index = ops.local_kv_index(split[rank], H, Hkv)
+    if index is not None:
+        # One kv head per query head on this rank (a copy, not sent): autograd sums the repeats' gradients.
+        k_h, v_h = k_h[:, :, index], v_h[:, :, index]
     failure = None
     if torch.compiler.is_compiling():
         out_h, lse_h = attend(q_h, k_h, v_h, mask_h)
@@ -107,7 +119,8 @@ def through_heads(q, k, v, kv_mask, seq_lens: list[int], group_name: str, attend
             out_h = q_h.new_full((B, S, h, D), float("nan"))
             lse_h = q_h.new_full((B, h, S), float("nan"), dtype=torch.float32)
             failure = e
-    back = ops.a2a_head_to_seq(out_h, lse_h if return_lse else None, seq_lens, group_name)
+    back = ops.a2a_head_to_seq(out_h, lse_h if return_lse else None, seq_lens, [r.nq for r in split],
+                               group_name)
     return back, failure
 
 
@@ -128,8 +141,9 @@ def ulysses_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *,
         q, k, v: [B, S_r, H, D] and [B, S_r, Hkv, D], this rank's chunk of the global sequence (chunk r on
             group rank r, torch.tensor_split order; lengths may differ between ranks, even be 0). q and k/v
             share S_r (self-attention). dtype float32, float16 or bfloat16, one device, last dim contiguous.
-        group: the process group (None: the default group); the Ulysses degree is its size P. H must be
-            divisible by P (uneven head splits raise ValueError), and Hkv a multiple or a divisor of P.
+        group: the process group (None: the default group); the Ulysses degree is its size P <= H. Query
+            heads split in torch.tensor_split order (the first H % P ranks one more); each rank receives
+            the kv heads its query heads read (ops.ulysses_head_split).
         scale: multiplies q.k; defaults to 1 / sqrt(D). Must be the same on every rank.
         causal: causal over the global sequence (global query i sees global key j iff j <= i).
         kv_mask: bool [B, S_r] or [B, 1, 1, S_r], True = attend: this rank's slice of the key-padding mask
@@ -151,7 +165,7 @@ def ulysses_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *,
     Raises:
         ValueError on every rank of the group when any rank's inputs are invalid, the ranks disagree on B,
         H, Hkv, D, dtype, device type, causal, the presence of kv_mask, scale or the stated lengths, or the
-        heads cannot be split across the group (once per signature unless check="always").
+        group has more ranks than q has heads (once per signature unless check="always").
     """
     group = require_process_group(_OP, group)
     P, r = dist.get_world_size(group), dist.get_rank(group)
@@ -166,7 +180,7 @@ def ulysses_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *,
             key = ("ulysses", stated, *row[1:2], *row[3:])
     except (ValueError, TypeError) as e:
         error = e
-    head_split = head_split_check(_OP, P)
+    head_split = head_split_check(_OP, P, "group.size()")
 
     def validate(metas):
         head_split(metas)
@@ -181,7 +195,7 @@ def ulysses_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *,
         return cp_attention.flash_attn(q_h, k_h, v_h, scale=scale, causal=causal, kv_mask=mask_h,
                                        return_lse=True, backend=backend)
 
-    back, failure = through_heads(q, k, v, kv_mask, seq_lens, group.group_name, attend, return_lse)
+    back, failure = through_heads(q, k, v, kv_mask, seq_lens, group.group_name, r, attend, return_lse)
     finish(_OP, [group], failure, check)
     return (back[0], back[1]) if return_lse else back[0]
 

@@ -4,9 +4,11 @@ row of the mesh, ring across rows.
 The mesh has shape (ring_degree, ulysses_degree) with Ulysses the inner dimension, global rank
 ring_rank * ulysses_degree + ulysses_rank. The ranks of one row therefore hold consecutive chunks of the
 global sequence, and after the row's seq -> head all-to-all every rank of the row holds the row's whole
-segment for H / ulysses_degree heads. Those segments are in ring-rank order along the sequence, so ring
-attention over the column group (same ulysses rank, one per row) with them is exact, causal included; a
-head -> seq all-to-all brings the output back. 1 x P is plain Ulysses and P x 1 plain ring.
+segment for its share of the heads (ops.ulysses_head_split: any H >= ulysses_degree, the first
+H % ulysses_degree ranks of a row one head more; the ranks of a column hold the same heads). Those segments
+are in ring-rank order along the sequence, so ring attention over the column group (same ulysses rank, one
+per row) with them is exact, causal included; a head -> seq all-to-all brings the output back. 1 x P is
+plain Ulysses and P x 1 plain ring.
 
 Agreement: the row's ranks settle theirs as Ulysses does; the column then settles the rows' segments (the
 ring's view), carrying a row's failure along, so no row is left waiting. Both are settled once per
@@ -47,8 +49,8 @@ def unified_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *,
             global mesh rank g = ring_rank * ulysses_degree + ulysses_rank, torch.tensor_split order; lengths
             may differ, even be 0). dtype float32, float16 or bfloat16, one device, last dim contiguous.
         ring_group: this rank's column of the mesh (the ranks with its ulysses rank, one per row, in row
-            order). ulysses_group: this rank's row. H must be divisible by the row size; Hkv a multiple or
-            a divisor of it.
+            order). ulysses_group: this rank's row, of at most H ranks; heads split over it as in
+            ulysses_attention.
         scale, causal, kv_mask ([B, S_r] or [B, 1, 1, S_r]), return_lse, backend, check: as for
             ulysses_attention.
         seq_lens: the global length (an int, split in ring_degree * ulysses_degree chunks as
@@ -104,7 +106,8 @@ def unified_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *,
                                          scale, bool(causal), backend, False)
         return out_h.to(q_h.dtype), lse_h  # the float32 accumulator, rounded before the all-to-all
 
-    back, failure = through_heads(q, k, v, kv_mask, row_lens, ulysses_group.group_name, attend, return_lse)
+    back, failure = through_heads(q, k, v, kv_mask, row_lens, ulysses_group.group_name, ur, attend,
+                                  return_lse)
     finish(_OP, [ring_group, ulysses_group], failure, check)
     return (back[0], back[1]) if return_lse else back[0]
 
@@ -116,7 +119,7 @@ def _settle_mesh(row, error, R: int, U: int, row_stated, segs_stated, ulysses_gr
     if error is None:
         try:
             check_agreement(_OP, metas)
-            head_split_check(_OP, U)(metas)
+            head_split_check(_OP, U, "ulysses_group.size()")(metas)
             check_stated_lengths(_OP, "seq_lens", row_stated, "S", metas)
         except ValueError as e:
             error = e

@@ -3,16 +3,17 @@
 // all_to_all_single buffer, instead of permute + contiguous + split + cat (several full copies).
 //
 // Buffer layouts (all contiguous, in the tensors' dtype):
-// - seq -> head send buffer: for destination r = 0..P-1 in order, q's heads of r as [B, S_local, h, D],
-//   then k's kv heads of r as [B, S_local, hk, D], then v's likewise. Every destination block has the same
-//   size, B * S_local * (h + 2 hk) * D elements.
+// - seq -> head send buffer: for destination r = 0..P-1 in order, q's heads of r as [B, S_local, nq_r, D],
+//   then k's kv heads of r as [B, S_local, nkv_r, D], then v's likewise. Destination r's block holds
+//   B * S_local * (nq_r + 2 nkv_r) * D elements; the blocks differ in size when the heads split unevenly.
 // - seq -> head receive buffer: the same blocks from source s = 0..P-1, each over s's S_s positions.
 // - head -> seq send buffer: for destination s, positions [start_s, start_s + S_s) of out as [B, S_s, h, D].
-// - head -> seq receive buffer: from source r, this rank's positions of heads [r h, (r + 1) h) as
-//   [B, S_local, h, D].
-// Head split: h = H / P (H % P == 0 is required). kv heads: hk = Hkv / P when P divides Hkv; when Hkv < P
-// and Hkv divides P every rank gets one kv head, r / (P / Hkv), which is the kv head all its query heads
-// read (query head g reads kv head g / (H / Hkv)); other Hkv are rejected.
+// - head -> seq receive buffer: from source r, this rank's positions of r's heads as [B, S_local, h_r, D];
+//   source r's heads follow those of the ranks before it.
+// Head split (rank_heads in a2a_layout.h): rank r gets query heads [q0_r, q0_r + nq_r) in
+// torch.tensor_split order (the first H % P ranks one more) and the kv heads [kv0_r, kv0_r + nkv_r) that
+// those query heads read (query head g reads kv head g / (H / Hkv)); ranks whose query heads read one kv
+// head each get a copy of it. P <= H; no padding heads are sent.
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
 #include <torch/library.h>
@@ -43,26 +44,32 @@ at::Tensor a2a_pack_seq_to_head_cpu(const at::Tensor& q, const at::Tensor& k, co
   const char* op = "cp_attention.a2a_pack_seq_to_head";
   check_cpu_isa(op);
   const AttnDims d = check_pack_seq_to_head(op, q, k, v);
-  const HeadSplit hs = head_split(op, d.H, d.Hkv, world_size);
+  const std::vector<RankHeads> split = rank_heads(op, d.H, d.Hkv, world_size);
   const int64_t B = d.B, S = d.Sq, D = d.D, P = world_size, elem = q.element_size();
-  const int64_t block = B * S * (hs.h + 2 * hs.hk) * D;
-  at::Tensor buf = at::empty({P * block}, q.options().memory_format(at::MemoryFormat::Contiguous));
+  // Destination r's block starts at block_start[r] (elements); within it q, then k, then v.
+  std::vector<int64_t> block_start(P + 1, 0);
+  int64_t widest = 1;
+  for (int64_t r = 0; r < P; ++r) {
+    block_start[r + 1] = block_start[r] + B * S * (split[r].nq + 2 * split[r].nkv) * D;
+    widest = std::max(widest, split[r].nq);
+  }
+  at::Tensor buf = at::empty({block_start[P]}, q.options().memory_format(at::MemoryFormat::Contiguous));
   if (buf.numel() == 0) return buf;
   char* dst = static_cast<char*>(buf.mutable_data_ptr());
   const at::Tensor* src[3] = {&q, &k, &v};
   const char* base[3] = {static_cast<const char*>(q.const_data_ptr()),
                          static_cast<const char*>(k.const_data_ptr()),
                          static_cast<const char*>(v.const_data_ptr())};
-  const int64_t nheads[3] = {hs.h, hs.hk, hs.hk};
-  const int64_t t_off[3] = {0, B * S * hs.h * D, B * S * (hs.h + hs.hk) * D};
   // One row = one (destination, tensor, b, s): a dense run of n * D elements on the buffer side.
   const int64_t rows = P * 3 * B * S;
-  at::parallel_for(0, rows, std::max<int64_t>(1, 16384 / ((hs.h + 1) * D)), [&](int64_t begin, int64_t end) {
+  at::parallel_for(0, rows, std::max<int64_t>(1, 16384 / ((widest + 1) * D)), [&](int64_t begin, int64_t end) {
     for (int64_t row = begin; row < end; ++row) {
       const int64_t s = row % S, b = (row / S) % B, t = (row / (S * B)) % 3, r = row / (S * B * 3);
-      const int64_t n = nheads[t];
-      const int64_t h0 = t == 0 ? r * hs.h : hs.kv_start(r);
-      char* out = dst + (r * block + t_off[t] + (b * S + s) * n * D) * elem;
+      const RankHeads& rh = split[r];
+      const int64_t n = t == 0 ? rh.nq : rh.nkv;
+      const int64_t h0 = t == 0 ? rh.q0 : rh.kv0;
+      const int64_t t_off = t == 0 ? 0 : B * S * (rh.nq + (t - 1) * rh.nkv) * D;
+      char* out = dst + (block_start[r] + t_off + (b * S + s) * n * D) * elem;
       copy_heads(out, *src[t], base[t], b, s, h0, n, D, elem);
     }
   });
@@ -135,25 +142,28 @@ at::Tensor a2a_pack_head_to_seq_cpu(const at::Tensor& out, at::IntArrayRef seq_l
   return buf;
 }
 
-at::Tensor a2a_unpack_head_to_seq_cpu(const at::Tensor& recv, int64_t world_size, int64_t batch,
-                                      int64_t seq_len, int64_t heads, int64_t head_dim) {
+at::Tensor a2a_unpack_head_to_seq_cpu(const at::Tensor& recv, at::IntArrayRef heads, int64_t batch,
+                                      int64_t seq_len, int64_t head_dim) {
   const char* op = "cp_attention.a2a_unpack_head_to_seq";
   check_cpu_isa(op);
-  check_unpack_head_to_seq_sizes(op, world_size, batch, seq_len, heads, head_dim);
-  const int64_t P = world_size, B = batch, S = seq_len, h = heads, D = head_dim;
-  check_recv(op, recv, P * B * S * h * D);
+  const int64_t H = check_unpack_head_to_seq_sizes(op, heads, batch, seq_len, head_dim);
+  const int64_t P = static_cast<int64_t>(heads.size()), B = batch, S = seq_len, D = head_dim;
+  check_recv(op, recv, B * S * H * D);
+  // Source r's heads start at head_start[r] in out; its block at B * S * head_start[r] * D in recv.
+  std::vector<int64_t> head_start(P + 1, 0);
+  for (int64_t r = 0; r < P; ++r) head_start[r + 1] = head_start[r] + heads[r];
   const int64_t elem = recv.element_size();
-  at::Tensor out = at::empty({B, S, P * h, D}, recv.options());
+  at::Tensor out = at::empty({B, S, H, D}, recv.options());
   if (out.numel() == 0) return out;
   const char* src = static_cast<const char*>(recv.const_data_ptr());
   char* dst = static_cast<char*>(out.mutable_data_ptr());
-  at::parallel_for(0, B * S * P, std::max<int64_t>(1, 16384 / (h * D)), [&](int64_t begin, int64_t end) {
+  at::parallel_for(0, B * S * P, std::max<int64_t>(1, 16384 / (H / P * D + D)), [&](int64_t begin, int64_t end) {
     for (int64_t row = begin; row < end; ++row) {
-      // Row (b, i, r): source r's heads land at [r h, (r + 1) h) of position i, next to each other, so
-      // consecutive rows write consecutive memory.
-      const int64_t r = row % P, i = (row / P) % S, b = row / (P * S);
-      std::memcpy(dst + row * h * D * elem, src + (r * B * S * h * D + (b * S + i) * h * D) * elem,
-                  h * D * elem);
+      // Row (b, i, r): source r's heads land at [head_start[r], head_start[r + 1]) of position i, after
+      // those of source r - 1, so consecutive rows write consecutive memory.
+      const int64_t r = row % P, bi = row / P, h = heads[r];
+      std::memcpy(dst + (bi * H + head_start[r]) * D * elem,
+                  src + (B * S * head_start[r] + bi * h) * D * elem, h * D * elem);
     }
   });
   return out;

@@ -471,11 +471,15 @@ void launch_unpack_head(int64_t W, const UnpackHeadParams<Idx>& p, int64_t total
   C10_CUDA_KERNEL_LAUNCH_CHECK();
 }
 
-at::Tensor a2a_unpack_head_to_seq_cuda(const at::Tensor& recv, int64_t world_size, int64_t batch,
-                                       int64_t seq_len, int64_t heads, int64_t head_dim) {
+at::Tensor a2a_unpack_head_to_seq_cuda(const at::Tensor& recv, at::IntArrayRef heads, int64_t batch,
+                                       int64_t seq_len, int64_t head_dim) {
   const char* op = "cp_attention.a2a_unpack_head_to_seq";
-  check_unpack_head_to_seq_sizes(op, world_size, batch, seq_len, heads, head_dim);
-  const int64_t P = world_size, B = batch, S = seq_len, h = heads, D = head_dim;
+  check_unpack_head_to_seq_sizes(op, heads, batch, seq_len, head_dim);
+  // The kernel below reads equal blocks; uneven splits are unpacked with torch ops by the caller.
+  for (int64_t n : heads)
+    TORCH_CHECK_VALUE(n == heads[0], op, ": the CUDA kernel takes the same head count from every source, got ",
+                      heads, " (cp_attention.ops.a2a_head_to_seq unpacks uneven splits with torch ops)");
+  const int64_t P = static_cast<int64_t>(heads.size()), B = batch, S = seq_len, h = heads[0], D = head_dim;
   check_recv(op, recv, P * B * S * h * D);
   TORCH_CHECK_VALUE(recv.is_cuda(), op, ": the CUDA kernel needs CUDA tensors, got ", recv.device());
   c10::cuda::CUDAGuard device_guard(recv.device());
