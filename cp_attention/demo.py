@@ -258,6 +258,7 @@ class Demo:
         on the CPU, or with --train the gradients of grads()."""
         for _ in range(self.args.warmup):
             self.step(model, inputs)
+        model.zero_grad(set_to_none=True)  # a training step's peak counts the gradients it makes
         self.mem.start()
         times, out = [], None
         for _ in range(max(1, self.args.iters)):
