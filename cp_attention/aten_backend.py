@@ -152,3 +152,103 @@ def merge_states_torch(op: str, out_a: torch.Tensor, lse_a: torch.Tensor, out_b:
         into[1].copy_(lse)
         return into
     return out.to(torch.promote_types(out_a.dtype, out_b.dtype)).contiguous(), lse.contiguous()
+
+
+def merge_states_grad(dout: torch.Tensor | None, dlse: torch.Tensor | None, out_a: torch.Tensor,
+                      lse_a: torch.Tensor, out_b: torch.Tensor, lse_b: torch.Tensor, lse: torch.Tensor
+                      ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The backward of merge_attn_states in plain torch ops, float32 math: gradients (dout_a, dlse_a,
+    dout_b, dlse_b) from dout [B, S, H, D] and dlse [B, H, S] (None: no gradient reaches that output),
+    given the inputs and the merged lse [B, H, S].
+
+    With weights w_x = exp(lse_x - lse) (docs/design.md, "Merging partial results"), out = sum_x w_x out_x
+    and lse = log sum_x exp(lse_x), so dout_x = w_x dout and dlse_x = w_x (dlse + <dout, out_x - out>).
+    A side of weight 0 (lse_x -inf) gets zero gradients, its out never read (it may hold NaN)."""
+    seen = torch.isfinite(lse)  # both sides -inf: lse -inf, no weight anywhere
+    ref = torch.where(seen, lse, 0.0)
+    wa, wb = (torch.where(seen, torch.exp(lx.float() - ref), 0.0) for lx in (lse_a, lse_b))  # [B, H, S]
+    wa_o, wb_o = (w.transpose(1, 2)[..., None] for w in (wa, wb))  # [B, S, H, 1], like out
+    oa = torch.where(wa_o > 0, out_a.float(), 0.0)
+    ob = torch.where(wb_o > 0, out_b.float(), 0.0)
+    g = torch.zeros_like(oa) if dout is None else dout.float()
+    dl = torch.zeros_like(wa) if dlse is None else dlse.float()
+    out = wa_o * oa + wb_o * ob
+    g_out = (g * out).sum(-1)  # [B, S, H]
+    dlse_a = wa * (dl + ((g * oa).sum(-1) - g_out).transpose(1, 2))
+    dlse_b = wb * (dl + ((g * ob).sum(-1) - g_out).transpose(1, 2))
+    return (wa_o * g).to(out_a.dtype), dlse_a, (wb_o * g).to(out_b.dtype), dlse_b
+
+
+def aten_attention_bwd(dout: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+                       out: torch.Tensor, lse: torch.Tensor, scale: float, causal: bool,
+                       kv_mask: torch.Tensor | None, dlse: torch.Tensor | None
+                       ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The gradients of aten_attention's (out, lse) by torch's CPU flash-attention backward kernel, run on
+    our saved out and lse (flash_attn_bwd's contract: dq like q, dk and dv like k, summed over the query
+    heads of each kv head). The lse may be any lse over a superset of these keys (a ring step passes the
+    global one): the kernel recomputes P = exp(scale q.k - lse) and D = rowsum(dout * out).
+
+    torch's kernel takes no lse gradient. A nonzero dlse is folded in exactly by one extra head-dim column:
+    v gets a column of ones, out a column of zeros and dout the column dlse, so that dP gains dlse_i on
+    row i while D stays rowsum(dout * out), which is the lse term of dS = P (dP - D + dlse); q and k get a
+    zero column (no score changes). Rows that see no key (lse -inf) get lse +inf here, so P = 0."""
+    if q.device.type != "cpu":
+        raise RuntimeError(
+            f"cp_attention.flash_attn_bwd: backend 'aten' has a backward for CPU tensors only, got "
+            f"{q.device.type}. On CUDA, flash_attn(backend='aten') backpropagates through out by torch's "
+            "own autograd.")
+    B, Sq, H, D = q.shape
+    Sk, Hkv = k.shape[1], k.shape[2]
+    if B * Sq * H == 0 or Sk == 0:
+        return torch.zeros_like(q), torch.zeros_like(k), torch.zeros_like(v)
+    mask = visibility_mask(B, Sq, Sk, causal, kv_mask, q.device)
+    is_causal_arg = causal and Sq == Sk and kv_mask is None
+    bias = None if is_causal_arg or mask is None else _float_bias(mask, q.dtype)
+    ke, ve = _expand_kv_heads(k, H), _expand_kv_heads(v, H)
+    lse_in = lse.float().masked_fill(torch.isneginf(lse), float("inf"))
+    if dlse is not None:
+        pad = torch.nn.functional.pad
+        q, ke, out = pad(q, (0, 1)), pad(ke, (0, 1)), pad(out, (0, 1))
+        ve = torch.cat([ve, ve.new_ones((B, Sk, H, 1))], dim=-1)
+        dout = torch.cat([dout, dlse.transpose(1, 2)[..., None].to(dout.dtype)], dim=-1)
+    dq, dk, dv = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu_backward(
+        dout.transpose(1, 2), q.transpose(1, 2), ke.transpose(1, 2), ve.transpose(1, 2), out.transpose(1, 2),
+        lse_in, 0.0, is_causal_arg, attn_mask=bias, scale=scale)
+    dq, dk, dv = (t.transpose(1, 2)[..., :D] for t in (dq, dk, dv))
+    if Hkv != H:
+        dk, dv = (t.unflatten(2, (Hkv, H // Hkv)).sum(3) for t in (dk, dv))
+    return dq.contiguous(), dk.contiguous(), dv.contiguous()
+
+
+class AtenAttention(torch.autograd.Function):
+    """aten_attention on CPU tensors with an exact backward through out and lse (aten_attention_bwd);
+    torch's own autograd would treat the lse as a constant."""
+
+    @staticmethod
+    def forward(ctx, q, k, v, scale, causal, kv_mask, kernel):
+        out, lse = aten_attention(q, k, v, scale, causal, kv_mask, kernel)
+        ctx.save_for_backward(q, k, v, out, lse, kv_mask)
+        ctx.scale, ctx.causal = scale, causal
+        return out, lse
+
+    @staticmethod
+    def backward(ctx, dout, dlse):
+        q, k, v, out, lse, kv_mask = ctx.saved_tensors
+        dout = torch.zeros_like(out) if dout is None else dout
+        dq, dk, dv = aten_attention_bwd(dout, q, k, v, out, lse, ctx.scale, ctx.causal, kv_mask, dlse)
+        return dq, dk, dv, None, None, None, None
+
+
+class LseWithoutGrad(torch.autograd.Function):
+    """Passes the lse through and refuses a gradient through it: torch's CUDA attention kernels treat their
+    lse as non-differentiable, so without this a loss using the lse would get silently wrong gradients."""
+
+    @staticmethod
+    def forward(ctx, lse, q):
+        return lse.view_as(lse)
+
+    @staticmethod
+    def backward(ctx, dlse, _dq=None):
+        raise RuntimeError(
+            "cp_attention.flash_attn: with backend 'aten' on CUDA, gradients flow through out only (torch's "
+            "kernels treat the lse as a constant); a loss that uses the lse needs the CPU backends here")

@@ -9,8 +9,15 @@ import torch
 
 from . import _C, ops, triton_kernels
 from . import kernel_variants as kv
-from ._checks import check_acc_state, check_attn_inputs
-from .aten_backend import ATEN_KERNELS, aten_attention, merge_states_torch
+from ._checks import check_acc_state, check_attn_inputs, check_bwd_inputs
+from .aten_backend import (
+    ATEN_KERNELS,
+    AtenAttention,
+    LseWithoutGrad,
+    aten_attention,
+    aten_attention_bwd,
+    merge_states_torch,
+)
 
 # Our own kernels, by the device type they run on.
 _OWN_BACKENDS = {"cpu": "cpu", "cuda": "cuda"}
@@ -173,6 +180,8 @@ def flash_attn(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, scale: floa
     check_attn_inputs(op, q, k, v, kv_mask)
     if backend == "auto":
         backend = available_backends(q.device)[0]
+        if backend not in _DIFFERENTIABLE and _needs_grad(q, k, v):
+            backend = "aten"  # our GPU kernels have no backward yet: torch's kernels and autograd train
     if backend == "cpu":
         _check_own_device(op, backend, "cpu", q.device)
         kv.log_choice(op, backend, "cpu", "default", q)
@@ -189,10 +198,51 @@ def flash_attn(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, scale: floa
             out, lse = ops.triton_flash_attn_fwd(q, k, v, scale, causal, kv_mask, kernel)
     elif backend == "aten" or backend in ATEN_KERNELS:
         s = 1.0 / math.sqrt(q.shape[-1]) if scale is None else float(scale)
-        out, lse = aten_attention(q, k, v, s, causal, kv_mask, kernel=backend)
+        if not _needs_grad(q, k, v):
+            out, lse = aten_attention(q, k, v, s, causal, kv_mask, kernel=backend)
+        elif q.device.type == "cpu":
+            out, lse = AtenAttention.apply(q, k, v, s, bool(causal), kv_mask, backend)
+        else:  # torch's autograd differentiates out; the lse must not pass for differentiable
+            out, lse = aten_attention(q, k, v, s, causal, kv_mask, kernel=backend)
+            lse = LseWithoutGrad.apply(lse, q)
     else:
         raise ValueError(f"{op}: unknown backend {backend!r}; expected 'auto' or one of {_ALL_BACKENDS}")
     return (out, lse) if return_lse else out
+
+
+# Backends whose forward backpropagates (through out and lse) wherever they run.
+_DIFFERENTIABLE = ("cpu", "aten", "aten_cpu_flash")
+
+
+def _needs_grad(*tensors) -> bool:
+    return torch.is_grad_enabled() and any(t.requires_grad for t in tensors)
+
+
+def flash_attn_bwd(dout: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, out: torch.Tensor,
+                   lse: torch.Tensor, *, scale: float | None = None, causal: bool = False,
+                   kv_mask: torch.Tensor | None = None, dlse: torch.Tensor | None = None,
+                   backend: str = "auto") -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Gradients of flash_attn's (out, lse) with respect to q, k and v, from the forward's inputs and
+    outputs (docs/design.md, "Backward"); no Sq x Sk matrix is kept.
+
+    dout, out: [B, Sq, H, D] in q's dtype, last dim contiguous; lse, dlse: [B, H, Sq] float32 (dlse None: no
+    gradient reaches the lse). q, k, v, scale, causal and kv_mask as in flash_attn. The lse may be the lse
+    over a superset of these keys, with out and dout of that superset too: the gradients are then this key
+    chunk's share (a ring step, docs/design.md "Ring").
+    backend: "auto" or "cpu" (our C++ kernel), or "aten" / "aten_cpu_flash" (torch's CPU flash backward);
+    CPU tensors only.
+
+    Returns (dq [B, Sq, H, D], dk, dv [B, Sk, Hkv, D]) in q's dtype; with GQA dk and dv are summed over the
+    query heads of each kv head. Rows that see no key contribute nothing."""
+    op = "cp_attention.flash_attn_bwd"
+    if backend in ("auto", "cpu"):
+        return ops.flash_attn_bwd(dout, q, k, v, out, lse, scale, causal, kv_mask, dlse)
+    if backend in ("aten", "aten_cpu_flash"):
+        check_bwd_inputs(op, dout, q, k, v, out, lse, kv_mask, dlse)
+        s = 1.0 / math.sqrt(q.shape[-1]) if scale is None else float(scale)
+        return aten_attention_bwd(dout, q, k, v, out, lse, s, causal, kv_mask, dlse)
+    raise ValueError(f"{op}: backend {backend!r} has no backward; expected 'auto', 'cpu', 'aten' or "
+                     "'aten_cpu_flash' (CPU tensors)")
 
 
 def _check_own_device(op: str, backend: str, device_type: str, device: torch.device) -> None:

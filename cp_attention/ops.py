@@ -9,6 +9,7 @@ exp(scale * <q_i, k_j>) over the visible keys (natural log); a row that sees no 
 from __future__ import annotations
 
 import importlib
+import math
 
 import torch
 import torch.distributed as dist
@@ -16,6 +17,7 @@ from torch.distributed.distributed_c10d import _resolve_process_group
 
 from . import _C  # noqa: F401  (loads the library: schemas and kernels register on import)
 from ._checks import ATTN_DTYPES, check_acc_state, check_attn_inputs, check_bwd_inputs, check_merge_inputs
+from .aten_backend import merge_states_grad
 from .kernel_variants import check_variant
 
 _lib = torch.ops.cp_attention
@@ -154,8 +156,17 @@ def _(out_a, lse_a, out_b, lse_b):
     return out, lse_a.new_empty(lse_a.shape)
 
 
-torch.library.register_autograd("cp_attention::merge_attn_states", _no_backward("merge_attn_states"),
-                                setup_context=_setup_none)
+def _merge_setup(ctx, inputs, output):
+    ctx.save_for_backward(*inputs, output[1])
+
+
+def _merge_backward(ctx, dout, dlse):
+    out_a, lse_a, out_b, lse_b, lse = ctx.saved_tensors
+    return merge_states_grad(dout, dlse, out_a, lse_a, out_b, lse_b, lse)
+
+
+torch.library.register_autograd("cp_attention::merge_attn_states", _merge_backward,
+                                setup_context=_merge_setup)
 
 
 # --------------------------------------------------------------------------------------------------------
@@ -371,7 +382,31 @@ def _(q, k, v, kv_mask, seq_lens, group_name):
     return res
 
 
-a2a_seq_to_head.register_autograd(_no_backward("a2a_seq_to_head"), setup_context=_setup_none)
+def _a2a_seq_to_head_setup(ctx, inputs, output):
+    q, k, _v, _kv_mask, seq_lens, group_name = inputs
+    ctx.kv_heads, ctx.seq_lens, ctx.group_name = k.shape[2], list(seq_lens), group_name
+    ctx.like = [t.new_empty(()).expand(t.shape) for t in output[:3]]  # shapes, dtype, device only
+
+
+def _a2a_seq_to_head_backward(ctx, grads):
+    """The transpose of the first all-to-all is the second: the gradients of this rank's heads over the
+    whole sequence go back to the ranks that own the positions, in one all-to-all. Where ranks share a kv
+    head (Hkv < P), the gradients of its copies are summed. The mask gets no gradient."""
+    dq, dk, dv = (torch.zeros_like(like) if g is None else g for g, like in zip(grads[:3], ctx.like))
+    P = len(ctx.seq_lens)
+    h, hk = dq.shape[2], dk.shape[2]
+    both = torch.cat([dq, dk, dv], dim=2)  # [B, S, h + 2 hk, D]: one collective for all three
+    (back,) = a2a_head_to_seq(both, None, ctx.seq_lens, ctx.group_name)
+    B, S_r, _, D = back.shape
+    back = back.view(B, S_r, P, h + 2 * hk, D)
+    dq_r = back[:, :, :, :h].reshape(B, S_r, P * h, D)
+    dk_r, dv_r = (back[:, :, :, h + i * hk:h + (i + 1) * hk].reshape(B, S_r, P * hk, D) for i in (0, 1))
+    if P * hk != ctx.kv_heads:  # one kv head per rank, shared by P // Hkv consecutive ranks
+        dk_r, dv_r = (t.view(B, S_r, ctx.kv_heads, P // ctx.kv_heads, D).sum(3) for t in (dk_r, dv_r))
+    return dq_r, dk_r, dv_r, None, None, None
+
+
+a2a_seq_to_head.register_autograd(_a2a_seq_to_head_backward, setup_context=_a2a_seq_to_head_setup)
 
 
 @torch.library.custom_op("cp_attention::a2a_head_to_seq", mutates_args=())
@@ -406,7 +441,45 @@ def _(out, lse, seq_lens, group_name):
     return res
 
 
-a2a_head_to_seq.register_autograd(_no_backward("a2a_head_to_seq"), setup_context=_setup_none)
+def _a2a_head_to_seq_setup(ctx, inputs, output):
+    out, lse, seq_lens, group_name = inputs
+    ctx.out_like = out.new_empty(()).expand(out.shape)  # shape, dtype and device, no storage kept
+    ctx.has_lse, ctx.seq_lens, ctx.group_name = lse is not None, list(seq_lens), group_name
+
+
+def _a2a_head_to_seq_backward(ctx, grads):
+    """The transpose of the second all-to-all: the gradients of this rank's positions of every head go to
+    the ranks that own the heads, as [B, S, h, D] (and [B, h, S] for the lse)."""
+    h = ctx.out_like.shape[2]
+    if grads[0] is None:
+        d_heads = torch.zeros_like(ctx.out_like)
+    else:
+        d_heads = _seq_to_head_one(grads[0], h, ctx.seq_lens, ctx.group_name, seq_dim=1)
+    d_lse = None
+    if ctx.has_lse and len(grads) > 1 and grads[1] is not None:
+        d_lse = _seq_to_head_one(grads[1], h, ctx.seq_lens, ctx.group_name, seq_dim=2)
+    return d_heads, d_lse, None, None
+
+
+def _seq_to_head_one(x: torch.Tensor, h: int, seq_lens: list[int], group_name: str, seq_dim: int
+                     ) -> torch.Tensor:
+    """One tensor from this rank's positions of every head to this rank's h heads over the whole sequence:
+    x [B, S_r, P*h, D] (seq_dim 1, head dim 2) or [B, P*h, S_r] (seq_dim 2, head dim 1) to [B, S, h, D] or
+    [B, h, S]. Plain torch ops around one all_to_all_single (a gradient path, not a hot one)."""
+    P = len(seq_lens)
+    head_dim = 3 - seq_dim
+    parts = x.unflatten(head_dim, (P, h)).movedim(head_dim, 0).contiguous()  # [P, ...]: rank p's heads
+    per = math.prod(s for i, s in enumerate(parts.shape[1:]) if i != seq_dim)  # elements per position
+    recv = _all_to_all(parts.reshape(-1), [parts[0].numel()] * P, [per * s for s in seq_lens], group_name)
+    shape = list(parts.shape[1:])
+    chunks = []
+    for c, s in zip(recv.split([per * s for s in seq_lens]), seq_lens):
+        shape[seq_dim] = s
+        chunks.append(c.view(shape))
+    return torch.cat(chunks, dim=seq_dim)
+
+
+a2a_head_to_seq.register_autograd(_a2a_head_to_seq_backward, setup_context=_a2a_head_to_seq_setup)
 
 
 @torch.library.custom_op("cp_attention::ring_attn_fwd", mutates_args=())
@@ -430,7 +503,44 @@ def _(q, k, v, kv_mask, q_lens, k_lens, group_name, scale, causal, backend, chec
     return q.new_empty(q.shape), q.new_empty((B, H, Sq), dtype=torch.float32)
 
 
-ring_attn_fwd.register_autograd(_no_backward("ring_attn_fwd"), setup_context=_setup_none)
+def _ring_attn_fwd_setup(ctx, inputs, output):
+    q, k, v, kv_mask, q_lens, k_lens, group_name, scale, causal, backend, check_always = inputs
+    ctx.save_for_backward(q, k, v, kv_mask, *output)
+    ctx.args = (list(q_lens), list(k_lens), group_name, scale, causal, backend, check_always)
+
+
+def _ring_attn_fwd_backward(ctx, dout, dlse):
+    q, k, v, kv_mask, out, lse = ctx.saved_tensors
+    dout = torch.zeros_like(out) if dout is None else dout.contiguous()
+    dq, dk, dv = ring_attn_bwd(dout, q, k, v, out, lse, dlse, kv_mask, *ctx.args)
+    return dq, dk, dv, None, None, None, None, None, None, None, None
+
+
+ring_attn_fwd.register_autograd(_ring_attn_fwd_backward, setup_context=_ring_attn_fwd_setup)
+
+
+@torch.library.custom_op("cp_attention::ring_attn_bwd", mutates_args=())
+def ring_attn_bwd(dout: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, out: torch.Tensor,
+                  lse: torch.Tensor, dlse: torch.Tensor | None, kv_mask: torch.Tensor | None,
+                  q_lens: list[int], k_lens: list[int], group_name: str, scale: float, causal: bool,
+                  backend: str, check_always: bool) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The backward of ring_attn_fwd (a collective over the group): from this rank's dout [B, q_lens[r], H,
+    D] (q's dtype) and dlse [B, H, q_lens[r]] float32 or None, and the forward's inputs and outputs, returns
+    (dq like q, dk and dv like k: this rank's chunk, summed over every rank's queries). K/V travel the ring
+    again with their dK/dV accumulators (docs/design.md, "Ring"). CPU tensors."""
+    from .distributed.ring import run_ring_bwd
+
+    return run_ring_bwd(dout, q, k, v, out, lse, dlse, kv_mask, list(q_lens), list(k_lens), group_name, scale,
+                        causal, backend, check_always)
+
+
+@ring_attn_bwd.register_fake
+def _(dout, q, k, v, out, lse, dlse, kv_mask, q_lens, k_lens, group_name, scale, causal, backend,
+      check_always):
+    return q.new_empty(q.shape), k.new_empty(k.shape), v.new_empty(v.shape)
+
+
+ring_attn_bwd.register_autograd(_no_backward("ring_attn_bwd"), setup_context=_setup_none)
 
 
 # ========================================================================================================
@@ -546,8 +656,7 @@ def _(out_a, lse_a, out_b, lse_b):
     return out, lse_a.new_empty(lse_a.shape)
 
 
-triton_merge_attn_states.register_autograd(_no_backward("triton_merge_attn_states"),
-                                           setup_context=_setup_none)
+triton_merge_attn_states.register_autograd(_merge_backward, setup_context=_merge_setup)
 
 
 @torch.library.custom_op("cp_attention::triton_merge_attn_states_", mutates_args=("out", "lse"))
@@ -589,5 +698,6 @@ ALL_OPS = (
     _lib.a2a_seq_to_head.default,
     _lib.a2a_head_to_seq.default,
     _lib.ring_attn_fwd.default,
+    _lib.ring_attn_bwd.default,
     *TRITON_OPS,
 )

@@ -159,14 +159,12 @@ def sdpa(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, attn_mask:
         signature has none; use cp_attention.flash_attn for it: lse [B, H, Sq] float32, natural log).
 
     Anything else (dropout, float or per-query masks, other dtypes or ranks, GQA without enable_gqa, causal
-    with Sq != Sk, inputs that need gradients: our kernels are forward-only) runs torch's function on the
-    same arguments, after a warning naming the reason, once per reason.
+    with Sq != Sk) runs torch's function on the same arguments, after a warning naming the reason, once
+    per reason. Inputs that require grad are differentiated through flash_attn (docs/design.md,
+    "Backward"): backend "auto" trains on every device.
     """
     _check_scalars(dropout_p, is_causal, scale)
     try:
-        if torch.is_grad_enabled() and any(isinstance(t, torch.Tensor) and t.requires_grad
-                                           for t in (query, key, value)):
-            raise Unsupported("inputs require grad and cp_attention's kernels are forward-only")
         if not all(isinstance(t, torch.Tensor) and t.dim() == 4 for t in (query, key, value)):
             raise Unsupported("inputs are not 4-D [B, H, S, D]")
         q, k, v = _to_bshd(query), _to_bshd(key), _to_bshd(value)

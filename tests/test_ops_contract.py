@@ -1,6 +1,6 @@
 """The registered ops as torch sees them: schemas and fake kernels (opcheck), FakeTensor/meta shape
-inference, torch.compile, and autograd (forward-only ops must refuse backward loudly; flash_attn_fwd
-backpropagates on CPU tensors)."""
+inference, torch.compile, and autograd (forward-only ops must refuse backward loudly; the attention,
+merge, all-to-all and ring ops backpropagate on CPU tensors)."""
 
 from __future__ import annotations
 
@@ -13,6 +13,7 @@ from torch._subclasses.fake_tensor import FakeTensorMode
 
 import cp_attention
 from cp_attention import ops
+from cp_attention.ops import TRITON_OPS
 
 OPS = torch.ops.cp_attention
 NEG_INF = float("-inf")
@@ -165,6 +166,17 @@ def _ring_single_rank_fp32(device, gen):
     return (q, k, v, None, [5], [5], _single_rank_group_name(), 0.25, False, "cpu", False), {}
 
 
+def _ring_bwd_single_rank(device, gen):
+    if device != "cpu":
+        pytest.skip("the one-rank test group is gloo (CPU)")
+    (q, k, v, mask, q_lens, k_lens, group, scale, causal, backend, check), _ = _ring_single_rank_causal_mask(
+        device, gen)
+    out, lse = OPS.ring_attn_fwd(q, k, v, mask, q_lens, k_lens, group, scale, causal, backend, check)
+    dout = randn(*out.shape, dtype=out.dtype, device=device, gen=gen)
+    dlse = torch.randn(*lse.shape, generator=gen)
+    return (dout, q, k, v, out, lse, dlse, mask, q_lens, k_lens, group, scale, causal, backend, check), {}
+
+
 def _on_triton(build):
     """The sample builder `build` for a Triton op: skipped where Triton does not run on the device (on the
     CPU it runs only under TRITON_INTERPRET=1; tests/test_triton.py runs these cases that way)."""
@@ -248,6 +260,7 @@ SAMPLES = {
     OPS.a2a_seq_to_head.default: [_a2a_seq_to_head_mask],
     OPS.a2a_head_to_seq.default: [_a2a_head_to_seq_lse, _a2a_head_to_seq_no_lse],
     OPS.ring_attn_fwd.default: [_ring_single_rank_causal_mask, _ring_single_rank_fp32],
+    OPS.ring_attn_bwd.default: [_ring_bwd_single_rank],
     OPS.triton_flash_attn_fwd.default: [
         _on_triton(b) for b in (_fwd_plain, _fwd_gqa_causal_fp16, _fwd_mask_bf16, _fwd_empty_keys)],
     OPS.triton_flash_attn_fwd_acc_.default: [
@@ -264,7 +277,8 @@ SAMPLE_CASES = [pytest.param(op, b, id=f"{op.name().split('::')[1]}-{b.__name__.
 # The inputs that an autograd test marks requires_grad (the float tensors an op only reads).
 FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16, torch.float64)
 # The ops with a backward (on CPU tensors): every other op is forward-only and must refuse backward.
-BACKPROP = {OPS.flash_attn_fwd.default}
+BACKPROP = {OPS.flash_attn_fwd.default, OPS.merge_attn_states.default, OPS.triton_merge_attn_states.default,
+            OPS.a2a_seq_to_head.default, OPS.a2a_head_to_seq.default, OPS.ring_attn_fwd.default}
 
 
 def test_samples_cover_every_op():
@@ -407,14 +421,40 @@ def test_backward_raises(op, build):
         res.float().sum().backward()
 
 
+def _grad_inputs(args):
+    """args with every floating tensor (4-D inputs, and 3-D lse inputs of a merge or all-to-all) marked
+    requires_grad; and the list of them."""
+    args, leaves = list(args), []
+    for i, a in enumerate(args):
+        if isinstance(a, torch.Tensor) and a.dtype in FLOAT_DTYPES and a.dim() in (3, 4):
+            args[i] = a.detach().requires_grad_()
+            leaves.append(args[i])
+    return args, leaves
+
+
 @pytest.mark.parametrize("op,build", [c for c in SAMPLE_CASES if c.values[0] in BACKPROP])
 def test_backward_runs_on_cpu(op, build):
-    # flash_attn_fwd backpropagates on CPU tensors (tests/test_flash_attn_bwd.py checks the values): every
-    # float input gets a finite gradient of its own shape and dtype, through out and lse alike.
+    # These ops backpropagate on CPU tensors (tests/test_flash_attn_bwd.py, test_merge.py, test_a2a_ops.py
+    # and the context-parallel tests check the values): every float input gets a finite gradient of its
+    # own shape and dtype, through every float output.
+    if "triton" not in cp_attention.available_backends("cpu") and op in TRITON_OPS:
+        pytest.skip("Triton does not run on the CPU here (TRITON_INTERPRET=1 needed)")
     args, kwargs = build("cpu", torch.Generator().manual_seed(6))
-    args = [a.detach().requires_grad_() if isinstance(a, torch.Tensor) and a.dim() == 4 else a for a in args]
-    out, lse = op(*args, **kwargs)
-    (out.float().sum() + torch.where(torch.isfinite(lse), lse, 0.0).sum()).backward()
-    for a in args[:3]:
+    args, leaves = _grad_inputs(args)
+    res = op(*args, **kwargs)
+    loss = sum(torch.where(torch.isfinite(r), r, 0.0).float().sum() for r in res if r.is_floating_point())
+    loss.backward()
+    for a in leaves:
         assert a.grad is not None and a.grad.shape == a.shape and a.grad.dtype == a.dtype
         assert torch.isfinite(a.grad).all()
+
+
+@pytest.mark.parametrize("op,build", [c for c in SAMPLE_CASES if c.values[0] in BACKPROP])
+def test_opcheck_with_grad(op, build):
+    # The full opcheck, test_aot_dispatch_dynamic included (it runs the backward under AOT autograd), with
+    # every float input requiring grad.
+    args, kwargs = build("cpu", torch.Generator().manual_seed(7))
+    if op in TRITON_OPS and "triton" not in cp_attention.available_backends("cpu"):
+        pytest.skip("Triton does not run on the CPU here (TRITON_INTERPRET=1 needed)")
+    args, _ = _grad_inputs(args)
+    torch.library.opcheck(op, tuple(args), kwargs)

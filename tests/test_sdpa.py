@@ -9,7 +9,13 @@ import pytest
 import torch
 import torch.nn.functional as F
 from conftest import randn
-from reference import assert_close_to_ref, attention_ref, same_dtype_math_path
+from reference import (
+    assert_close_to_ref,
+    attention_bwd_ref,
+    attention_ref,
+    same_dtype_math_path,
+    same_dtype_math_path_bwd,
+)
 
 import cp_attention
 from cp_attention import sdpa_drop_in
@@ -156,14 +162,21 @@ def test_other_fallbacks():
     assert any("without enable_gqa" in r for r in reasons)
 
 
-def test_inputs_that_need_grad_fall_back_and_backprop():
-    q, k, v = (_bhsd(1, 2, 6, 8, seed=s).requires_grad_() for s in (1, 2, 3))
-    with pytest.warns(UserWarning, match="forward-only"):
-        out = cp_attention.sdpa(q, k, v)
-    out.sum().backward()
-    assert q.grad is not None
-    with torch.no_grad():  # no graph recorded: our kernel
-        _check_vs_ref(cp_attention.sdpa(q, k, v), q.detach(), k.detach(), v.detach())
+@pytest.mark.parametrize("backend", ["auto", "aten"])
+@pytest.mark.parametrize("is_causal", [False, True])
+def test_inputs_that_need_grad_backprop_through_our_kernels(backend, is_causal):
+    # No fallback: the gradients are ours (flash_attn's backward), checked against float64 autograd.
+    q, k, v = (_bhsd(2, 3, 11, 8, seed=s).requires_grad_() for s in (1, 2, 3))
+    dout = _bhsd(2, 3, 11, 8, seed=4)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # a fallback would warn
+        out = cp_attention.sdpa(q, k, v, is_causal=is_causal, backend=backend)
+    out.backward(dout)
+    bshd = [t.detach().transpose(1, 2) for t in (q, k, v, dout)]
+    ref = attention_bwd_ref(*bshd, causal=is_causal)
+    base = same_dtype_math_path_bwd(*bshd, causal=is_causal)
+    for name, t, r, b in zip(("dq", "dk", "dv"), (q, k, v), ref, base):
+        assert_close_to_ref(name, t.grad.transpose(1, 2), r, b, torch.float32)
 
 
 @pytest.mark.parametrize("kwargs,name", [(dict(dropout_p=-0.1), "dropout_p"),

@@ -96,3 +96,27 @@ def attend_chunk(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, acc_out: tor
         cp_attention.flash_attn_acc_(q[:, r0:r1], k[:, :k1], v[:, :k1], acc_out[:, r0:r1],
                                      acc_lse[:, :, r0:r1], scale=scale, causal=causal, kv_mask=mask,
                                      backend=backend)
+
+
+def attend_chunk_bwd(dout: torch.Tensor, q: torch.Tensor, out: torch.Tensor, lse: torch.Tensor,
+                     dlse: torch.Tensor | None, k: torch.Tensor, v: torch.Tensor, dq_acc: torch.Tensor, *,
+                     scale: float, causal_offset: int | None = None,
+                     kv_mask_chunk: torch.Tensor | None = None, backend: str = "auto"
+                     ) -> list[tuple[int, torch.Tensor, torch.Tensor]]:
+    """The backward of attend_chunk for one K/V chunk, given the final (out, lse) over all chunks and their
+    gradients dout [B, Sq, H, D], dlse [B, H, Sq] float32 or None (docs/design.md, "Backward"): with the
+    global lse, P = exp(scale q.k - lse) is already the final probability, so the chunk's share of the
+    gradients needs no merge. Adds the chunk's share of dq into dq_acc [B, Sq, H, D] float32 and returns its
+    shares of dk and dv as pieces (key_end, dk [B, key_end, Hkv, D], dv likewise) in q's dtype, which the
+    caller adds to keys [0, key_end) of the chunk (an empty list when no row sees this chunk). Same cuts as
+    attend_chunk (plan_chunk); backend: a flash_attn_bwd backend."""
+    pieces = []
+    for r0, r1, k1, causal in plan_chunk(q.shape[1], k.shape[1], causal_offset):
+        mask = None if kv_mask_chunk is None else kv_mask_chunk[:, :k1]
+        part_dlse = None if dlse is None else dlse[:, :, r0:r1]
+        dq, dk, dv = cp_attention.flash_attn_bwd(dout[:, r0:r1], q[:, r0:r1], k[:, :k1], v[:, :k1],
+                                                 out[:, r0:r1], lse[:, :, r0:r1], scale=scale, causal=causal,
+                                                 kv_mask=mask, dlse=part_dlse, backend=backend)
+        dq_acc[:, r0:r1] += dq
+        pieces.append((k1, dk, dv))
+    return pieces

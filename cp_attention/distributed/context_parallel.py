@@ -125,21 +125,36 @@ class ContextParallel:
     def gather(self, x: torch.Tensor, dim: int = 1) -> torch.Tensor:
         """Inverse of shard: concatenates every rank's chunk along dim in mesh-rank order (chunks may differ
         in length along dim; every other dim must match). A collective over the mesh; returns the global
-        tensor on every rank."""
+        tensor on every rank. Differentiable: the backward hands this rank the slice of the gradient that
+        lies over its own chunk (every rank computes the same function of the gathered tensor, so each
+        chunk's gradient is read where the chunk lives; nothing is summed across ranks)."""
         if not isinstance(x, torch.Tensor):
             raise ValueError(f"{_OP}.gather: x must be a torch.Tensor, got {type(x).__name__}")
         dim = dim % x.dim() if x.dim() else 0
+        return _Gather.apply(x, dim, self.ulysses_group, self.ring_group)
+
+
+class _Gather(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x, dim, ulysses_group, ring_group):
         # Within the row first (its chunks are consecutive), then the rows in ring order.
-        row = _gather_uneven(x, dim, self.ulysses_group)
-        return _gather_uneven(row, dim, self.ring_group)
+        row, in_row = _gather_uneven(x, dim, ulysses_group)
+        full, row_start = _gather_uneven(row, dim, ring_group)
+        ctx.dim, ctx.start, ctx.length = dim, row_start + in_row, x.shape[dim]
+        return full
+
+    @staticmethod
+    def backward(ctx, grad):
+        return grad.narrow(ctx.dim, ctx.start, ctx.length), None, None, None
 
 
-def _gather_uneven(x: torch.Tensor, dim: int, group) -> torch.Tensor:
+def _gather_uneven(x: torch.Tensor, dim: int, group) -> tuple[torch.Tensor, int]:
     """all_gather of tensors whose sizes along dim may differ across the group's ranks, concatenated in
-    group-rank order. Lengths are exchanged first; chunks are padded to the longest for the collective."""
+    group-rank order; and where this rank's chunk starts along dim. Lengths are exchanged first; chunks
+    are padded to the longest for the collective."""
     n = dist.get_world_size(group)
     if n == 1:
-        return x
+        return x, 0
     sizes = torch.tensor(list(x.shape), dtype=torch.int64, device=exchange_device(group))
     all_sizes = [torch.empty_like(sizes) for _ in range(n)]
     dist.all_gather(all_sizes, sizes, group=group)
@@ -157,7 +172,8 @@ def _gather_uneven(x: torch.Tensor, dim: int, group) -> torch.Tensor:
         padded = torch.cat([x, x.new_zeros(pad_shape)], dim=dim)
     parts = [torch.empty_like(padded.contiguous()) for _ in range(n)]
     dist.all_gather(parts, padded.contiguous(), group=group)
-    return torch.cat([p.narrow(dim, 0, n_r) for p, n_r in zip(parts, lengths)], dim=dim)
+    full = torch.cat([p.narrow(dim, 0, n_r) for p, n_r in zip(parts, lengths)], dim=dim)
+    return full, sum(lengths[:dist.get_rank(group)])
 
 
 __all__ = ["ContextParallel"]

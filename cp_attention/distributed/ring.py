@@ -41,7 +41,7 @@ from ._agreement import (
     scale_bits,
     settle,
 )
-from ._step import attend_chunk, new_accumulator
+from ._step import attend_chunk, attend_chunk_bwd, new_accumulator
 
 _OP = "cp_attention.distributed.ring_attention"
 
@@ -256,9 +256,124 @@ def run_ring(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, kv_mask: torch.T
     return out, acc_lse
 
 
+def run_ring_bwd(dout: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, out: torch.Tensor,
+                 lse: torch.Tensor, dlse: torch.Tensor | None, kv_mask: torch.Tensor | None,
+                 q_lens: list[int], k_lens: list[int], group_name: str, scale: float, causal: bool,
+                 backend: str, check_always: bool) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The ring backward behind `cp_attention::ring_attn_bwd` (docs/design.md, "Ring"): the gradients
+    (dq like q; dk, dv like k) of run_ring's (out, lse), given dout and dlse (or None).
+
+    K/V travel the ring again, in the forward's order. Each chunk's dK/dV accumulator (float32) travels one
+    hop behind it: at step t rank r adds its share for chunk src = r - t into the accumulator that arrived
+    from rank r - 1 (a fresh one at step 0, where the chunk starts) and sends it on; after the last step it
+    reaches its owner. Shares use the final (out, lse), so nothing is merged again; each accumulator sums
+    its shares in ring order, so the result is deterministic. Alive at once on a rank: at most two foreign
+    K/V chunks (the one attended, the one arriving) and two accumulators (the one sent, the one arriving).
+    A failed step poisons the accumulator it would have added to with NaN (its owner's gradients would
+    otherwise be silently short of a share); the rank finishes the schedule, then raises."""
+    group = dist.distributed_c10d._resolve_process_group(group_name)
+    P, r = group.size(), group.rank()
+    if q.device.type != "cpu":
+        raise RuntimeError(
+            f"{_OP}: the ring backward runs on CPU tensors only for now (its per-chunk backward kernel is "
+            f"the CPU one), got {q.device.type}; use ulysses_attention, which backpropagates through torch's "
+            "kernels on GPUs")
+    B, Sq, H, D = q.shape
+    Hkv = k.shape[2]
+    q_start = sum(q_lens[:r])
+    k_starts = [sum(k_lens[:i]) for i in range(P)]
+    shift = sum(k_lens) - sum(q_lens)
+    has_mask = kv_mask is not None
+    dtype, device = q.dtype, q.device
+    bwd_backend = "aten" if backend.startswith("aten") else "auto"
+
+    def chunk_bytes(i: int) -> int:
+        return 2 * B * k_lens[i] * Hkv * D * q.element_size() + (B * k_lens[i] if has_mask else 0)
+
+    def acc_bytes(i: int) -> int:
+        return 2 * B * k_lens[i] * Hkv * D * 4
+
+    send_to = dist.get_global_rank(group, (r + 1) % P) if P > 1 else None
+    recv_from = dist.get_global_rank(group, (r - 1) % P) if P > 1 else None
+
+    def hop(buf, send_bytes, recv_bytes, first, tag):
+        return _post_hop(buf, send_bytes, recv_bytes, send_to, recv_from, group, device, None, None, first,
+                         tag)
+
+    dq = torch.zeros((B, Sq, H, D), dtype=torch.float32, device=device)
+    failure, held = None, None
+    acc_works, acc_in = [], None  # the accumulator arriving for the next step's chunk
+    sending = []  # the accumulator on its way to rank r + 1
+    for t in range(P):
+        src = (r - t) % P
+        works, incoming = [], None
+        if t + 1 < P:
+            if t == 0 and chunk_bytes(src) > 0:
+                held = _pack(k, v, kv_mask)
+            works, incoming = hop(held, chunk_bytes(src), chunk_bytes((src - 1) % P), t == 0, 0)
+
+        pieces = []
+        if failure is None and B * H > 0:
+            try:
+                if t == 0:
+                    k_t, v_t, m_t = k, v, kv_mask
+                elif held is None:
+                    k_t = v_t = q.new_empty((B, k_lens[src], Hkv, D))
+                    m_t = None
+                else:
+                    k_t, v_t, m_t = _unpack(held, (B, k_lens[src], Hkv, D), dtype, has_mask)
+                offset = q_start - k_starts[src] + shift if causal else None
+                pieces = attend_chunk_bwd(dout, q, out, lse, dlse, k_t, v_t, dq, scale=scale,
+                                          causal_offset=offset, kv_mask_chunk=m_t, backend=bwd_backend)
+            except Exception as e:  # noqa: BLE001 (kept, the schedule finished, then raised)
+                failure = e
+            k_t = v_t = m_t = None
+
+        # Chunk src's accumulator: fresh at step 0 (the chunk starts here), else the one from rank r - 1.
+        _wait_hop(acc_works, None, None)  # also the send of the previous one: its buffer may go
+        sending.clear()
+        if t == 0:
+            acc = _new_recv_buffer(acc_bytes(src), device).zero_() if acc_bytes(src) > 0 else None
+        else:
+            acc = acc_in
+        if acc is not None:
+            dkv = acc.view(torch.float32).view(2, B, k_lens[src], Hkv, D)
+            if failure is not None:
+                dkv.fill_(float("nan"))
+            for k1, dk_part, dv_part in pieces:
+                dkv[0, :, :k1] += dk_part
+                dkv[1, :, :k1] += dv_part
+        del pieces
+        if P > 1:  # on to rank r + 1 (after the last step: the chunk's owner); the next one comes in
+            acc_works, acc_in = hop(acc, acc_bytes(src), acc_bytes((src - 1) % P), False, 1)
+            sending.append(acc)  # kept alive until its send is waited on
+        else:
+            acc_in = acc
+        acc = None
+        if t + 1 < P:
+            _wait_hop(works, None, None)
+            held = incoming
+            del works, incoming
+    _wait_hop(acc_works, None, None)
+    sending.clear()
+    held = None
+
+    if check_always:
+        raise_if_any_failed(_OP, [group], failure)
+    elif failure is not None:
+        raise failure
+    if acc_in is None:  # this rank's own chunk is empty
+        dk, dv = torch.zeros_like(k), torch.zeros_like(v)
+    else:
+        own = acc_in.view(torch.float32).view(2, B, k_lens[r], Hkv, D)
+        dk, dv = own[0].to(dtype, copy=True), own[1].to(dtype, copy=True)
+    return dq.to(dtype), dk, dv
+
+
 def _post_hop(send_buf, send_bytes, recv_bytes, send_to, recv_from, group, device, compute_stream,
-              comm_stream, first):
-    """Posts one hop (send the held chunk, receive the next); returns (work handles, receive buffer)."""
+              comm_stream, first, tag=0):
+    """Posts one hop (send the held chunk, receive the next); returns (work handles, receive buffer). The
+    backward's dK/dV accumulators travel with tag 1, beside K/V with tag 0."""
     ctx = torch.cuda.stream(comm_stream) if comm_stream is not None else contextlib.nullcontext()
     if comm_stream is not None and first:
         comm_stream.wait_stream(compute_stream)  # the local chunk was packed on the compute stream
@@ -266,9 +381,9 @@ def _post_hop(send_buf, send_bytes, recv_bytes, send_to, recv_from, group, devic
         incoming = _new_recv_buffer(recv_bytes, device) if recv_bytes > 0 else None
         ops_ = []
         if send_bytes > 0:
-            ops_.append(dist.P2POp(dist.isend, send_buf, send_to, group))
+            ops_.append(dist.P2POp(dist.isend, send_buf, send_to, group, tag))
         if incoming is not None:
-            ops_.append(dist.P2POp(dist.irecv, incoming, recv_from, group))
+            ops_.append(dist.P2POp(dist.irecv, incoming, recv_from, group, tag))
         works = dist.batch_isend_irecv(ops_) if ops_ else []
     return works, incoming
 
