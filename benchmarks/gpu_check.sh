@@ -143,7 +143,7 @@ step "tests"
 # are appended to the main log once all have ended, and the whole logs travel in one archive.
 SHARD_NAMES=()
 SHARD_PIDS=()
-if [ "$DRY" -eq 0 ]; then N_SHARDS=10; else N_SHARDS=1; fi
+if [ "$DRY" -eq 0 ]; then N_SHARDS=11; else N_SHARDS=1; fi
 SHARD_THREADS=$(( ($(nproc) + N_SHARDS - 1) / N_SHARDS ))
 shard() {  # shard NAME PYTEST_ARGS...: starts one pytest process in the background
   local name="$1"; shift
@@ -170,6 +170,8 @@ if [ "$DRY" -eq 0 ]; then
   # test_triton.py compiles a Triton variant for most of its cases (the TMA ones too): a shard of its own.
   shard triton -m gpu tests/test_triton.py
   shard merge_contract -m gpu tests/test_merge.py tests/test_ops_contract.py
+  # Training on the GPU: "auto" through torch's kernels and autograd (out), and the lse-gradient refusal.
+  shard backward -m gpu tests/test_flash_attn_bwd.py
 else
   # What the GPU run selects, and a small CPU sample of the same tests.
   run "$PY" -m pytest -q -m gpu --collect-only -p no:cacheprovider tests/ | tail -n 3

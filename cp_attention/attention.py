@@ -173,8 +173,10 @@ def flash_attn(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, scale: floa
     Returns:
         out [B, Sq, H, D] in q's dtype, contiguous; with return_lse also lse [B, H, Sq] float32,
         lse[b, h, i] = log(sum_j exp(scale * <q[b, i, h], k[b, j, h // (H // Hkv)]>)) over the visible keys
-        (natural log). A row that sees no key gets out 0 and lse -inf. With backend "cpu" (or "auto" where it
-        picks "cpu") both are differentiable with respect to q, k and v; the other backends are forward-only.
+        (natural log). A row that sees no key gets out 0 and lse -inf. With backends "cpu" and "aten" on CPU
+        tensors both are differentiable with respect to q, k and v (docs/design.md, "Backward"); on CUDA,
+        "auto" picks "aten" for inputs that require grad, which differentiates out only (a loss that uses
+        the lse raises at backward). Our CUDA and Triton kernels are forward-only.
     """
     op = "cp_attention.flash_attn"
     check_attn_inputs(op, q, k, v, kv_mask)
@@ -226,9 +228,10 @@ def flash_attn_bwd(dout: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torc
     outputs (docs/design.md, "Backward"); no Sq x Sk matrix is kept.
 
     dout, out: [B, Sq, H, D] in q's dtype, last dim contiguous; lse, dlse: [B, H, Sq] float32 (dlse None: no
-    gradient reaches the lse). q, k, v, scale, causal and kv_mask as in flash_attn. The lse may be the lse
-    over a superset of these keys, with out and dout of that superset too: the gradients are then this key
-    chunk's share (a ring step, docs/design.md "Ring").
+    gradient reaches the lse). q, k, v, scale, causal and kv_mask as in flash_attn. With float32 inputs the
+    lse and out may be those over a superset of these keys: the gradients are then this key chunk's share
+    (a ring step; for float16/bfloat16 inputs our kernel takes every key of the row, docs/design.md,
+    "Backward").
     backend: "auto" or "cpu" (our C++ kernel), or "aten" / "aten_cpu_flash" (torch's CPU flash backward);
     CPU tensors only.
 

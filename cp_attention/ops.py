@@ -26,10 +26,10 @@ _lib = torch.ops.cp_attention
 def _no_backward(op_name: str):
     def backward(ctx, *grads):
         raise RuntimeError(
-            f"cp_attention::{op_name} has no backward: it is forward-only (inference; of cp_attention's ops "
-            "only flash_attn_fwd on CPU tensors backpropagates). "
-            "Call it under torch.no_grad() / torch.inference_mode(), or use torch's "
-            "scaled_dot_product_attention where gradients are needed."
+            f"cp_attention::{op_name} has no backward: it is forward-only. cp_attention.flash_attn with "
+            "backend 'auto', 'cpu' or 'aten', merge_attn_states and the context-parallel functions "
+            "backpropagate (docs/design.md, \"Backward\"). Call this one under torch.no_grad() / "
+            "torch.inference_mode()."
         )
 
     return backward
@@ -488,9 +488,10 @@ def ring_attn_fwd(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, kv_mask: to
                   backend: str, check_always: bool) -> tuple[torch.Tensor, torch.Tensor]:
     """The ring loop of ring attention: this rank's queries q [B, q_lens[r], H, D] attend to every rank's
     k, v [B, k_lens[s], Hkv, D] (and kv_mask bool [B, k_lens[s]] or None), which travel peer to peer around
-    the group (by name); returns (out [B, q_lens[r], H, D] q.dtype contiguous, lse [B, H, q_lens[r]]
-    float32) over the global keys. Causal is bottom-right over the global sequences. The inputs are checked
-    and agreed across ranks by cp_attention.ring_attention, which is the public entry point."""
+    the group (by name); returns (out [B, q_lens[r], H, D] float32 contiguous: the accumulator, which the
+    backward reads; lse [B, H, q_lens[r]] float32) over the global keys. Causal is bottom-right over the
+    global sequences. The inputs are checked and agreed across ranks by cp_attention.ring_attention, which
+    is the public entry point."""
     from .distributed.ring import run_ring
 
     return run_ring(q, k, v, kv_mask, list(q_lens), list(k_lens), group_name, scale, causal, backend,
@@ -500,7 +501,7 @@ def ring_attn_fwd(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, kv_mask: to
 @ring_attn_fwd.register_fake
 def _(q, k, v, kv_mask, q_lens, k_lens, group_name, scale, causal, backend, check_always):
     B, Sq, H, _ = q.shape
-    return q.new_empty(q.shape), q.new_empty((B, H, Sq), dtype=torch.float32)
+    return q.new_empty(q.shape, dtype=torch.float32), q.new_empty((B, H, Sq), dtype=torch.float32)
 
 
 def _ring_attn_fwd_setup(ctx, inputs, output):
@@ -525,7 +526,8 @@ def ring_attn_bwd(dout: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch
                   q_lens: list[int], k_lens: list[int], group_name: str, scale: float, causal: bool,
                   backend: str, check_always: bool) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """The backward of ring_attn_fwd (a collective over the group): from this rank's dout [B, q_lens[r], H,
-    D] (q's dtype) and dlse [B, H, q_lens[r]] float32 or None, and the forward's inputs and outputs, returns
+    D] and out (float32, like the forward's) and dlse [B, H, q_lens[r]] float32 or None, and the forward's
+    inputs and lse, returns
     (dq like q, dk and dv like k: this rank's chunk, summed over every rank's queries). K/V travel the ring
     again with their dK/dV accumulators (docs/design.md, "Ring"). CPU tensors."""
     from .distributed.ring import run_ring_bwd

@@ -139,6 +139,44 @@ def merge_math_path(out_a, lse_a, out_b, lse_b):
     return out.to(dtype), lse
 
 
+def _merge_grads(out_a, lse_a, out_b, lse_b, dout, dlse, dtype):
+    """Gradients (dout_a, dlse_a, dout_b, dlse_b) of the loss sum(dout * out) + sum(dlse * lse) (rows where
+    lse is finite) through the merge written in `dtype` (float64: the reference; float32: the math path),
+    by torch.autograd. Written so that autograd gives no NaN: a -inf side's out (which may hold NaN) is
+    replaced by 0 before it is weighted, and both sides -inf leave lse -inf with zero gradients."""
+    xs = [t.detach().to("cpu", dtype).requires_grad_() for t in (out_a, lse_a, out_b, lse_b)]
+    oa, la, ob, lb = xs
+    with torch.enable_grad():
+        m = torch.maximum(la, lb).detach()  # a shift: the result does not depend on it
+        m = torch.where(torch.isfinite(m), m, torch.zeros_like(m))
+        wa, wb = torch.exp(la - m), torch.exp(lb - m)
+        total = wa + wb
+        seen = total > 0
+        lse = torch.where(seen, m + torch.log(torch.where(seen, total, torch.ones_like(total))), NEG_INF)
+        denom = torch.where(seen, total, torch.ones_like(total))
+        dead_a = torch.isneginf(la).transpose(1, 2)[..., None]
+        dead_b = torch.isneginf(lb).transpose(1, 2)[..., None]
+        out = (torch.where(dead_a, 0.0, oa) * (wa / denom).transpose(1, 2)[..., None]
+               + torch.where(dead_b, 0.0, ob) * (wb / denom).transpose(1, 2)[..., None])
+        loss = (out * dout.detach().to("cpu", dtype)).sum()
+        if dlse is not None:
+            dl = dlse.detach().to("cpu", dtype)
+            loss = loss + torch.where(torch.isfinite(lse), lse * dl, torch.zeros_like(lse)).sum()
+        return torch.autograd.grad(loss, xs)
+
+
+def merge_bwd_ref(out_a, lse_a, out_b, lse_b, dout, dlse=None):
+    """(dout_a, dlse_a, dout_b, dlse_b) float64 on the CPU: the merge of merge_ref, differentiated."""
+    return _merge_grads(out_a, lse_a, out_b, lse_b, dout, dlse, torch.float64)
+
+
+def merge_math_path_bwd(out_a, lse_a, out_b, lse_b, dout, dlse=None):
+    """The same gradients in float32 arithmetic, out gradients rounded to their inputs' dtypes: the
+    yardstick for merge backward formulas."""
+    da, dla, db, dlb = _merge_grads(out_a, lse_a, out_b, lse_b, dout, dlse, torch.float32)
+    return da.to(out_a.dtype), dla, db.to(out_b.dtype), dlb
+
+
 # ---------------------------------------------------------------------------------------------------------
 def _max_abs_err(x: torch.Tensor, ref: torch.Tensor, valid: torch.Tensor) -> tuple[float, int | None]:
     """Largest |x - ref| over the valid entries (NaN counts as infinitely wrong) and its flat index."""

@@ -326,3 +326,15 @@ def test_gpu_check_steps_keep_their_own_time_limits(tmp_path):
     bad = subprocess.run(cmd, capture_output=True, text=True, timeout=60, cwd=ROOT,
                          env={**env, "GPU_CHECK_BENCH_S": "3m"})
     assert bad.returncode == 2 and "GPU_CHECK_BENCH_S must be a whole number of seconds" in bad.stderr
+
+
+def test_flash_bwd_benchmark_quick_mode_runs():
+    # As test_benchmark_quick_mode_runs, for the backward benchmark: gradients checked against torch's
+    # before timing, fwd+bwd and bwd-only timings tabulated beside torch's, and each backward's peak memory.
+    script = os.path.join(ROOT, "benchmarks", "bench_flash_bwd.py")
+    proc = subprocess.run([sys.executable, script, "--quick", "--no-json"], capture_output=True, text=True,
+                          timeout=300, cwd=ROOT)
+    assert proc.returncode == 0, (
+        f"bench_flash_bwd.py --quick failed:\n{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}")
+    for column in ("torch f+b ms", "torch bwd ms", "ours bwd peak MB", "---"):
+        assert column in proc.stdout, f"no {column!r} in bench_flash_bwd.py --quick:\n{proc.stdout[-2000:]}"

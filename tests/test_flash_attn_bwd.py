@@ -7,6 +7,7 @@ from __future__ import annotations
 import pytest
 import torch
 from reference import (
+    EPS,
     assert_close_to_ref,
     attention_bwd_ref,
     attention_ref,
@@ -66,21 +67,28 @@ def _make(B, Sq, Sk, H, Hkv, D, mask, strided, dtype, seed=0):
     return q, k, v, kv_mask, dout, dlse
 
 
-def _cpu_grads(q, k, v, dout, dlse, scale, causal, kv_mask):
+def _cpu_grads(q, k, v, dout, dlse, scale, causal, kv_mask, backend="cpu"):
     q, k, v = (t.detach().requires_grad_() for t in (q, k, v))
     out, lse = cp_attention.flash_attn(q, k, v, scale=scale, causal=causal, kv_mask=kv_mask, return_lse=True,
-                                       backend="cpu")
+                                       backend=backend)
     grads = [dout] if dlse is None else [dout, dlse]
     torch.autograd.backward([out, lse][:len(grads)], grads)
     return q.grad, k.grad, v.grad
 
 
-@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+# (dtype, backend): "cpu" is our kernel; "aten" is torch's CPU flash backward run on our saved (out, lse),
+# with the lse gradient folded in by cp_attention (aten_backend.aten_attention_bwd). In half precision that
+# kernel rounds its per-head gradients to the dtype (up to about 2x our bound here): torch's accuracy, not
+# held to the rule, so the aten backend is checked in float32 (where the ring runs it).
+DTYPE_BACKENDS = [(dtype, "cpu") for dtype in DTYPES] + [(torch.float32, "aten")]
+
+
+@pytest.mark.parametrize("dtype,backend", DTYPE_BACKENDS, ids=lambda x: str(x).removeprefix("torch."))
 @pytest.mark.parametrize("case", CASES, ids=CASE_IDS)
-def test_grads_match_reference(case, dtype):
+def test_grads_match_reference(case, dtype, backend):
     B, Sq, Sk, H, Hkv, D, causal, mask, strided, scale = case
     q, k, v, kv_mask, dout, dlse = _make(B, Sq, Sk, H, Hkv, D, mask, strided, dtype)
-    got = _cpu_grads(q, k, v, dout, dlse, scale, causal, kv_mask)
+    got = _cpu_grads(q, k, v, dout, dlse, scale, causal, kv_mask, backend)
     ref = attention_bwd_ref(q, k, v, dout, dlse, scale, causal, kv_mask)
     base = same_dtype_math_path_bwd(q, k, v, dout, dlse, scale, causal, kv_mask)
     for name, x, t, r, b in zip(("dq", "dk", "dv"), got, (q, k, v), ref, base):
@@ -210,3 +218,40 @@ def test_bwd_rejects_bad_input():
         ops.flash_attn_bwd(dout, q, k, v, out, lse, dlse=dlse[:, :, 1:])
     with pytest.raises(ValueError, match=f"{op}: dout's last dimension must be contiguous"):
         ops.flash_attn_bwd(torch.randn(*dout.shape[:3], 2 * dout.shape[3])[..., ::2], q, k, v, out, lse)
+
+
+# ---------------------------------------------------------------------------------------------------------
+# On CUDA, "auto" trains through torch's kernels (backend "aten"): gradients through out, and a loss that
+# uses the lse refuses at backward rather than treating it as a constant.
+CUDA_CASES = [CASES[1], CASES[2], CASES[4]]
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA device on this machine")
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("case", CUDA_CASES, ids=lambda c: CASE_IDS[CASES.index(c)])
+def test_cuda_auto_trains_through_out(case, dtype):
+    B, Sq, Sk, H, Hkv, D, causal, mask, strided, scale = case
+    q, k, v, kv_mask, dout, _ = _make(B, Sq, Sk, H, Hkv, D, mask, strided, dtype)
+    q, k, v, dout = (t.cuda() for t in (q, k, v, dout))
+    kv_mask = None if kv_mask is None else kv_mask.cuda()
+    leaves = [t.detach().requires_grad_() for t in (q, k, v)]
+    out = cp_attention.flash_attn(*leaves, scale=scale, causal=causal, kv_mask=kv_mask)
+    out.backward(dout)
+    ref = attention_bwd_ref(q, k, v, dout, None, scale, causal, kv_mask)
+    base = same_dtype_math_path_bwd(q, k, v, dout, None, scale, causal, kv_mask)
+    for name, leaf, r, b in zip(("dq", "dk", "dv"), leaves, ref, base):
+        # torch's tensor-core kernels round P and dS to the dtype before their products: a first bound of
+        # 4 EPS x max|ref| for half precision, to be tightened by what a GPU run shows.
+        extra = 4.0 * EPS[dtype] * float(r.abs().max()) if dtype != torch.float32 else 0.0
+        assert_close_to_ref(name, leaf.grad.cpu(), r, b, dtype, extra_atol=extra)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA device on this machine")
+def test_cuda_lse_gradient_refuses():
+    q, k, v, _, _, _ = _make(1, 8, 8, 2, 2, 16, None, False, torch.float16)
+    leaves = [t.cuda().requires_grad_() for t in (q, k, v)]
+    out, lse = cp_attention.flash_attn(*leaves, return_lse=True)
+    with pytest.raises(RuntimeError, match="lse"):
+        (out.float().sum() + lse.sum()).backward()

@@ -7,7 +7,14 @@ from __future__ import annotations
 import pytest
 import torch
 from conftest import kernel_kind, randn
-from reference import assert_close_to_ref, merge_math_path, merge_ref, out_allowance
+from reference import (
+    assert_close_to_ref,
+    merge_bwd_ref,
+    merge_math_path,
+    merge_math_path_bwd,
+    merge_ref,
+    out_allowance,
+)
 
 import cp_attention
 
@@ -201,3 +208,39 @@ def test_merge_inplace_strided_destination(merge_target):
     check_merge(out, lse, out_a, lse_a, out_b, lse_b, F32, kernel_kind(merge_target))
     assert (big_out[:, 0] == sentinel).all() and (big_out[:, H + 1] == sentinel).all(), "wrote outside out"
     assert (big_lse[:, :, H] == sentinel).all(), "wrote outside lse"
+
+
+# ---------------------------------------------------------------------------------------------------------
+# The backward of merge_attn_states (docs/design.md, "Backward"): chunks merged in Python backpropagate.
+GRAD_SHAPES = [(1, 1, 1, 1), (2, 17, 3, 64), (3, 5, 2, 5)]
+
+
+@pytest.mark.parametrize("with_dlse", [True, False], ids=["dlse", "no_dlse"])
+@pytest.mark.parametrize("dtypes", DTYPE_PAIRS, ids=_ids)
+@pytest.mark.parametrize("shape", GRAD_SHAPES, ids=str)
+def test_merge_backward_matches_reference(merge_target, shape, dtypes, with_dlse):
+    device, backend = merge_target
+    gen = torch.Generator().manual_seed(7 + sum(shape))
+    out_a, lse_a = _state(shape, dtypes[0], device, gen, dead=0.2)
+    out_b, lse_b = _state(shape, dtypes[1], device, gen, dead=0.2)
+    lse_b[:, :, :1] = NEG_INF  # some rows dead on both sides too
+    lse_a[:, :, :1] = NEG_INF
+    B, S, H, D = shape
+    dout = randn(B, S, H, D, dtype=torch.promote_types(*dtypes), device=device, gen=gen)
+    dlse = torch.randn(B, H, S, generator=gen).to(device) if with_dlse else None
+    leaves = [t.detach().requires_grad_() for t in (out_a, lse_a, out_b, lse_b)]
+    out, lse = cp_attention.merge_attn_states(*leaves, backend=backend)
+    loss = (out.float() * dout.float()).sum()
+    if with_dlse:
+        loss = loss + torch.where(torch.isfinite(lse), lse * dlse, 0.0).sum()
+    loss.backward()
+    ref = merge_bwd_ref(out_a, lse_a, out_b, lse_b, dout, dlse)
+    base = merge_math_path_bwd(out_a, lse_a, out_b, lse_b, dout, dlse)
+    for name, leaf, r, b in zip(("dout_a", "dlse_a", "dout_b", "dlse_b"), leaves, ref, base):
+        g = leaf.grad
+        assert g is not None and g.shape == leaf.shape and g.dtype == leaf.dtype, f"{name}: {g}"
+        assert torch.isfinite(g).all(), f"{name} has NaN or inf (a -inf side's out was read?)"
+        assert_close_to_ref(name, g.cpu(), r, b, g.dtype if name.startswith("dout") else F32)
+    dead_a = torch.isneginf(lse_a).cpu()
+    assert (leaves[0].grad.cpu()[_bshd(dead_a, shape)] == 0).all(), "a -inf side's out must get 0"
+    assert (leaves[1].grad.cpu()[dead_a] == 0).all(), "a -inf side's lse must get 0"

@@ -142,6 +142,7 @@ def ring_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *,
     k_lens = list(k_stated) if metas is None else [m["Sk"] for m in metas]
     out, lse = ops.ring_attn_fwd(q, k, v, kv_mask, q_lens, k_lens, group.group_name, scale, bool(causal),
                                  backend, check == "always")
+    out = out.to(q.dtype)  # the op's out is the float32 accumulator: the backward reads it
     return (out, lse) if return_lse else out
 
 
@@ -252,8 +253,7 @@ def run_ring(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, kv_mask: torch.T
         raise_if_any_failed(_OP, [group], failure)
     elif failure is not None:
         raise failure
-    out = acc_out if dtype == torch.float32 else acc_out.to(dtype)
-    return out, acc_lse
+    return acc_out, acc_lse
 
 
 def run_ring_bwd(dout: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, out: torch.Tensor,
@@ -300,6 +300,10 @@ def run_ring_bwd(dout: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.
         return _post_hop(buf, send_bytes, recv_bytes, send_to, recv_from, group, device, None, None, first,
                          tag)
 
+    # Shares are computed in float32 whatever the inputs' dtype: Delta_i = rowsum(dout_i * out_i) must come
+    # from the float32 out (a half-precision out's rounding would reach dq and dk), and dK/dV shares are
+    # summed in float32 anyway. Each K/V chunk is upcast when its step comes.
+    q32, dout32 = q.float(), dout.float()
     dq = torch.zeros((B, Sq, H, D), dtype=torch.float32, device=device)
     failure, held = None, None
     acc_works, acc_in = [], None  # the accumulator arriving for the next step's chunk
@@ -323,14 +327,16 @@ def run_ring_bwd(dout: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.
                 else:
                     k_t, v_t, m_t = _unpack(held, (B, k_lens[src], Hkv, D), dtype, has_mask)
                 offset = q_start - k_starts[src] + shift if causal else None
-                pieces = attend_chunk_bwd(dout, q, out, lse, dlse, k_t, v_t, dq, scale=scale,
-                                          causal_offset=offset, kv_mask_chunk=m_t, backend=bwd_backend)
+                pieces = attend_chunk_bwd(dout32, q32, out, lse, dlse, k_t.float(), v_t.float(), dq,
+                                          scale=scale, causal_offset=offset, kv_mask_chunk=m_t,
+                                          backend=bwd_backend)
             except Exception as e:  # noqa: BLE001 (kept, the schedule finished, then raised)
                 failure = e
             k_t = v_t = m_t = None
 
         # Chunk src's accumulator: fresh at step 0 (the chunk starts here), else the one from rank r - 1.
         _wait_hop(acc_works, None, None)  # also the send of the previous one: its buffer may go
+        acc_works = []  # work handles hold their tensors
         sending.clear()
         if t == 0:
             acc = _new_recv_buffer(acc_bytes(src), device).zero_() if acc_bytes(src) > 0 else None
@@ -343,6 +349,7 @@ def run_ring_bwd(dout: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.
             for k1, dk_part, dv_part in pieces:
                 dkv[0, :, :k1] += dk_part
                 dkv[1, :, :k1] += dv_part
+            dkv = None  # a view keeps the buffer alive
         del pieces
         if P > 1:  # on to rank r + 1 (after the last step: the chunk's owner); the next one comes in
             acc_works, acc_in = hop(acc, acc_bytes(src), acc_bytes((src - 1) % P), False, 1)

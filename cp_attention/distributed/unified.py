@@ -100,8 +100,9 @@ def unified_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *,
     def attend(q_h, k_h, v_h, mask_h):
         # The row's segment, for this rank's heads, around the column's ring (whose failure handling keeps
         # the column's transfers whole).
-        return ops.ring_attn_fwd(q_h, k_h, v_h, mask_h, seg_lens, seg_lens, ring_group.group_name, scale,
-                                 bool(causal), backend, False)
+        out_h, lse_h = ops.ring_attn_fwd(q_h, k_h, v_h, mask_h, seg_lens, seg_lens, ring_group.group_name,
+                                         scale, bool(causal), backend, False)
+        return out_h.to(q_h.dtype), lse_h  # the float32 accumulator, rounded before the all-to-all
 
     back, failure = through_heads(q, k, v, kv_mask, row_lens, ulysses_group.group_name, attend, return_lse)
     finish(_OP, [ring_group, ulysses_group], failure, check)

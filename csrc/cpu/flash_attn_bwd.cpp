@@ -6,7 +6,11 @@
 // Two passes, each writing every gradient element from one task only (no atomics, so the result does not
 // depend on the number of threads): dK and dV per (batch, kv head), summed over that kv head's query heads
 // (GQA) in a fixed order; dQ per (batch, head, block of queries). Accumulation is float32 for float32,
-// float16 and bfloat16 inputs and float64 for float64 inputs (gradcheck). Plain loops: correctness first.
+// float16 and bfloat16 inputs and float64 for float64 inputs (gradcheck).
+//
+// float64 runs the plain loops below (the reference path, kept simple for gradcheck). float32, float16 and
+// bfloat16 run the blocked kernel further down (run_bwd_f32): one task per (batch, head), key blocks
+// outer, its five products register-tiled float32 matmuls on the forward's micro tiles (vec_tiles.h).
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
 #include <torch/library.h>
@@ -14,11 +18,14 @@
 #include <algorithm>
 #include <cmath>
 #include <limits>
+#include <memory>
+#include <new>
 #include <type_traits>
 #include <vector>
 
 #include "checks.h"
 #include "cpu/cpu_isa.h"
+#include "cpu/vec_tiles.h"
 
 namespace cp_attention::cpu {
 namespace {
@@ -187,6 +194,252 @@ void dq_task(const BwdProblem<acc_t>& p, const Rows<scalar_t>& q, const Rows<sca
   for (int64_t i = 0; i < nq; ++i) std::copy_n(dqb.data() + i * D, D, dq + ((b * p.Sq + i0 + i) * p.H + h) * D);
 }
 
+// ------------------------------------------------------------------------------ blocked float32 kernel
+// One task per (b, h). For each block of kBwdKeys keys j and each block of kBwdQueries queries i:
+//   S = Q_i K_j^T, dP = dO_i V_j^T                           (queries x keys: keys on the vector axis)
+//   P = exp(scale * S - lse), dS = scale * P * (dP - Delta)  (element-wise; hidden keys give P = 0)
+//   dV_j += P^T dO_i, dK_j += dS^T Q_i, dQ_i += dS K_j.
+// dK_j and dV_j stay in per-thread buffers across the query blocks, and dQ of the whole head in a per-thread
+// [Sq, Dp] buffer across the key blocks: O(S * D) scratch, never Sq x Sk. Every sum runs in a fixed order
+// inside its task, so the result depends neither on the thread count nor on the run. With GQA each query
+// head writes its own dK, dV into a [B, Sk, H, D] buffer, summed over the group in head order afterwards.
+
+constexpr int64_t kBwdKeys = 64;     // keys per block: the vector axis of S and dP
+constexpr int64_t kBwdQueries = 64;  // queries per block: the inner dimension of the dV and dK products
+constexpr float kNegInf = -std::numeric_limits<float>::infinity();
+
+struct AlignedDelete {
+  void operator()(float* p) const { ::operator delete[](p, std::align_val_t(64)); }
+};
+using Buffer = std::unique_ptr<float[], AlignedDelete>;
+inline Buffer make_buffer(int64_t n) {
+  const size_t bytes = sizeof(float) * static_cast<size_t>(std::max<int64_t>(n, 1));
+  return Buffer(static_cast<float*>(::operator new[](bytes, std::align_val_t(64))));
+}
+
+inline int64_t round_up(int64_t x, int64_t m) { return (x + m - 1) / m * m; }
+
+// C[r, c] (+)= sum_k A(r, k) * B[k, c] for r < M, c < N (N a multiple of kTileCols), where
+// A(r, k) = A[r * a_rs + k * a_ks] and B, C are row-major with row strides ldb, ldc.
+template <bool kAccumulate>
+void gemm(int64_t M, int64_t N, int64_t K, const float* A, int64_t a_rs, int64_t a_ks, const float* B, int64_t ldb,
+          float* C, int64_t ldc) {
+  for (int64_t c = 0; c < N; c += kTileCols) {
+    int64_t r = 0;
+    for (; r + kTileRows <= M; r += kTileRows)
+      micro_tile<kTileRows, kAccumulate>(K, A + r * a_rs, a_rs, a_ks, B + c, ldb, C + r * ldc + c, ldc);
+    const float* a = A + r * a_rs;
+    float* cr = C + r * ldc + c;
+    switch (M - r) {
+      case 5: micro_tile<5, kAccumulate>(K, a, a_rs, a_ks, B + c, ldb, cr, ldc); break;
+      case 4: micro_tile<4, kAccumulate>(K, a, a_rs, a_ks, B + c, ldb, cr, ldc); break;
+      case 3: micro_tile<3, kAccumulate>(K, a, a_rs, a_ks, B + c, ldb, cr, ldc); break;
+      case 2: micro_tile<2, kAccumulate>(K, a, a_rs, a_ks, B + c, ldb, cr, ldc); break;
+      case 1: micro_tile<1, kAccumulate>(K, a, a_rs, a_ks, B + c, ldb, cr, ldc); break;
+      default: break;
+    }
+  }
+}
+
+// Per-thread buffers. Dp is D rounded up to kTileCols; padding columns are zero, so they add nothing.
+struct BwdScratch {
+  Buffer qf, dof, dqf;    // [Sq, Dp]: the head's Q, dO and its dQ accumulator
+  Buffer kf, vf, kt, vt;  // K_j, V_j [kBwdKeys, Dp]; K_j^T, V_j^T [Dp, kBwdKeys]
+  Buffer dkf, dvf;        // dK_j, dV_j [kBwdKeys, Dp]
+  Buffer s, dp;           // S then P, dP then dS [kBwdQueries, kBwdKeys]
+  Buffer lse, bias, sum;  // [Sq], [kBwdKeys], [Sq]
+  BwdScratch(int64_t Sq, int64_t Dp)
+      : qf(make_buffer(Sq * Dp)), dof(make_buffer(Sq * Dp)), dqf(make_buffer(Sq * Dp)),
+        kf(make_buffer(kBwdKeys * Dp)), vf(make_buffer(kBwdKeys * Dp)), kt(make_buffer(Dp * kBwdKeys)),
+        vt(make_buffer(Dp * kBwdKeys)), dkf(make_buffer(kBwdKeys * Dp)), dvf(make_buffer(kBwdKeys * Dp)),
+        s(make_buffer(kBwdQueries * kBwdKeys)), dp(make_buffer(kBwdQueries * kBwdKeys)), lse(make_buffer(Sq)),
+        bias(make_buffer(kBwdKeys)), sum(make_buffer(Sq)) {}
+};
+
+struct BwdF32 {
+  int64_t B, Sq, Sk, H, Hkv, D, Dp;
+  float scale;
+  bool causal;
+  const bool* mask;  // [B, Sk] or nullptr
+  int64_t mask_s0, mask_s1;
+  const float* lse;  // [B, H, Sq] contiguous
+  float* delta;      // [B, H, Sq] contiguous: Delta, or -dlse on entry with delta_from_p (see run_bwd)
+  bool delta_from_p;
+};
+
+// src[0:D] as float into dst[0:Dp], zero-padded.
+template <typename scalar_t>
+inline void load_row(const scalar_t* src, int64_t D, int64_t Dp, float* dst) {
+  row_to_float(src, dst, D);
+  std::fill(dst + D, dst + Dp, 0.f);
+}
+
+// Keys [j0, j0 + nk) of kv head hk as rows (kf, vf) and transposed (kt, vt: nkp columns, the padding zero),
+// and the block's bias: 0 for a visible key, -inf for one hidden by kv_mask or past nk. Returns the
+// number of visible keys.
+template <typename scalar_t>
+int64_t load_key_block(const BwdF32& p, const Rows<scalar_t>& k, const Rows<scalar_t>& v, int64_t b, int64_t hk,
+                       int64_t j0, int64_t nk, int64_t nkp, BwdScratch& w) {
+  const int64_t D = p.D, Dp = p.Dp;
+  float *kf = w.kf.get(), *vf = w.vf.get(), *kt = w.kt.get(), *vt = w.vt.get(), *bias = w.bias.get();
+  int64_t visible = 0;
+  for (int64_t j = 0; j < nkp; ++j) {
+    const bool on = j < nk && (p.mask == nullptr || p.mask[b * p.mask_s0 + (j0 + j) * p.mask_s1]);
+    bias[j] = on ? 0.f : kNegInf;
+    visible += on;
+  }
+  if (visible == 0) return 0;
+  for (int64_t j = 0; j < nk; ++j) {
+    load_row(k.p + b * k.s0 + (j0 + j) * k.s1 + hk * k.s2, D, Dp, kf + j * Dp);
+    load_row(v.p + b * v.s0 + (j0 + j) * v.s1 + hk * v.s2, D, Dp, vf + j * Dp);
+  }
+  for (int64_t d = 0; d < Dp; ++d) {
+    for (int64_t j = 0; j < nk; ++j) {
+      kt[d * nkp + j] = kf[j * Dp + d];
+      vt[d * nkp + j] = vf[j * Dp + d];
+    }
+    for (int64_t j = nk; j < nkp; ++j) kt[d * nkp + j] = vt[d * nkp + j] = 0.f;
+  }
+  return visible;
+}
+
+// For queries [i0, i0 + nq) of the loaded key block (nkp columns): P into w.s and, with with_ds, dS =
+// scale * P * (dP - Delta) into w.dp, else P * dP (Delta's terms). Rows without a key carry lse +inf in
+// w.lse, so their P is 0 like that of hidden keys. Causal: query i sees key j0 + j iff j <= i + off - j0.
+inline void probs_block(const BwdF32& p, BwdScratch& w, const float* delta, int64_t i0, int64_t nq, int64_t j0,
+                        int64_t nkp, bool with_ds) {
+  const int64_t Dp = p.Dp, ld = kBwdKeys, off = p.Sk - p.Sq;
+  float *s = w.s.get(), *dp = w.dp.get();
+  const float *lse = w.lse.get(), *bias = w.bias.get();
+  gemm<false>(nq, nkp, Dp, w.qf.get() + i0 * Dp, Dp, 1, w.kt.get(), nkp, s, ld);    // S = Q_i K_j^T
+  gemm<false>(nq, nkp, Dp, w.dof.get() + i0 * Dp, Dp, 1, w.vt.get(), nkp, dp, ld);  // dP = dO_i V_j^T
+  const Vec scale(p.scale);
+  for (int64_t i = 0; i < nq; ++i) {
+    float* sr = s + i * ld;
+    float* dr = dp + i * ld;
+    const Vec l(lse[i0 + i]), dl(delta[i0 + i]);
+    for (int64_t j = 0; j < nkp; j += kVecLen) {
+      const Vec pr = (at::vec::fmadd(Vec::loadu(sr + j), scale, Vec::loadu(bias + j)) - l).exp_u20();
+      pr.store(sr + j);
+      const Vec dpr = Vec::loadu(dr + j);
+      (with_ds ? scale * pr * (dpr - dl) : pr * dpr).store(dr + j);
+    }
+    if (p.causal) {
+      for (int64_t j = std::max<int64_t>(i0 + i + off - j0 + 1, 0); j < nkp; ++j) sr[j] = dr[j] = 0.f;
+    }
+  }
+}
+
+// The gradients of head h in batch b: dq [B, Sq, H, D] float32, and dk, dv [B, Sk, dkv_heads, D] float32
+// at head hk (dkv_heads = Hkv) or, with GQA, at head h of the per-head buffers (dkv_heads = H).
+template <typename scalar_t>
+void bwd_head(const BwdF32& p, const Rows<scalar_t>& q, const Rows<scalar_t>& k, const Rows<scalar_t>& v,
+              const Rows<scalar_t>& dout, float* dq, float* dk, float* dv, int64_t dkv_heads, int64_t b, int64_t h,
+              BwdScratch& w) {
+  const int64_t D = p.D, Dp = p.Dp, Sq = p.Sq, hk = h / (p.H / p.Hkv), off = p.Sk - p.Sq;
+  const int64_t dkv_h = dkv_heads == p.H ? h : hk;
+  float *qf = w.qf.get(), *dof = w.dof.get(), *dqf = w.dqf.get(), *lse = w.lse.get();
+  for (int64_t i = 0; i < Sq; ++i) {
+    load_row(q.p + b * q.s0 + i * q.s1 + h * q.s2, D, Dp, qf + i * Dp);
+    load_row(dout.p + b * dout.s0 + i * dout.s1 + h * dout.s2, D, Dp, dof + i * Dp);
+    const float l = p.lse[(b * p.H + h) * Sq + i];
+    lse[i] = l == kNegInf ? std::numeric_limits<float>::infinity() : l;
+  }
+  std::fill(dqf, dqf + Sq * Dp, 0.f);
+  float* delta = p.delta + (b * p.H + h) * Sq;
+  // Causal: query i sees key j0 iff i >= j0 - off, so the queries before that skip the block.
+  auto q_begin = [&](int64_t j0) { return p.causal ? std::clamp<int64_t>(j0 - off, 0, Sq) : int64_t(0); };
+
+  if (p.delta_from_p) {
+    // Delta_i = sum_j p_ij dp_ij - dlse_i in float32 (see run_bwd): one sweep over the keys first.
+    float* sum = w.sum.get();
+    std::fill(sum, sum + Sq, 0.f);
+    for (int64_t j0 = 0; j0 < p.Sk; j0 += kBwdKeys) {
+      const int64_t nk = std::min(kBwdKeys, p.Sk - j0), nkp = round_up(nk, kVecLen);
+      if (load_key_block(p, k, v, b, hk, j0, nk, nkp, w) == 0) continue;
+      for (int64_t i0 = q_begin(j0); i0 < Sq; i0 += kBwdQueries) {
+        const int64_t nq = std::min(kBwdQueries, Sq - i0);
+        probs_block(p, w, delta, i0, nq, j0, nkp, /*with_ds=*/false);
+        for (int64_t i = 0; i < nq; ++i) {
+          const float* r = w.dp.get() + i * kBwdKeys;
+          float acc = 0.f;
+          for (int64_t j = 0; j < nkp; ++j) acc += r[j];
+          sum[i0 + i] += acc;
+        }
+      }
+    }
+    for (int64_t i = 0; i < Sq; ++i) delta[i] += sum[i];
+  }
+
+  float *dkf = w.dkf.get(), *dvf = w.dvf.get(), *pm = w.s.get(), *ds = w.dp.get();
+  for (int64_t j0 = 0; j0 < p.Sk; j0 += kBwdKeys) {
+    const int64_t nk = std::min(kBwdKeys, p.Sk - j0), nkp = round_up(nk, kVecLen);
+    std::fill(dkf, dkf + nk * Dp, 0.f);
+    std::fill(dvf, dvf + nk * Dp, 0.f);
+    if (load_key_block(p, k, v, b, hk, j0, nk, nkp, w) > 0) {
+      for (int64_t i0 = q_begin(j0); i0 < Sq; i0 += kBwdQueries) {
+        const int64_t nq = std::min(kBwdQueries, Sq - i0);
+        probs_block(p, w, delta, i0, nq, j0, nkp, /*with_ds=*/true);
+        gemm<true>(nk, Dp, nq, pm, 1, kBwdKeys, dof + i0 * Dp, Dp, dvf, Dp);            // dV_j += P^T dO_i
+        gemm<true>(nk, Dp, nq, ds, 1, kBwdKeys, qf + i0 * Dp, Dp, dkf, Dp);             // dK_j += dS^T Q_i
+        gemm<true>(nq, Dp, nk, ds, kBwdKeys, 1, w.kf.get(), Dp, dqf + i0 * Dp, Dp);     // dQ_i += dS K_j
+      }
+    }
+    for (int64_t j = 0; j < nk; ++j) {
+      const int64_t o = ((b * p.Sk + j0 + j) * dkv_heads + dkv_h) * D;
+      std::copy_n(dkf + j * Dp, D, dk + o);
+      std::copy_n(dvf + j * Dp, D, dv + o);
+    }
+  }
+  for (int64_t i = 0; i < Sq; ++i) std::copy_n(dqf + i * Dp, D, dq + ((b * Sq + i) * p.H + h) * D);
+}
+
+// float32, float16 and bfloat16: dq, dk, dv are the float32 outputs; delta as run_bwd prepared it.
+template <typename scalar_t>
+void run_bwd_f32(const AttnDims& d, const at::Tensor& dout, const at::Tensor& q, const at::Tensor& k,
+                 const at::Tensor& v, const at::Tensor& lse, const at::Tensor& delta, bool delta_from_p, double scale,
+                 bool causal, const std::optional<at::Tensor>& kv_mask, const at::Tensor& dq, const at::Tensor& dk,
+                 const at::Tensor& dv) {
+  BwdF32 p{d.B, d.Sq, d.Sk, d.H, d.Hkv, d.D, round_up(d.D, kTileCols), static_cast<float>(scale), causal, nullptr,
+           0, 0, lse.const_data_ptr<float>(), delta.mutable_data_ptr<float>(), delta_from_p};
+  if (kv_mask.has_value()) {
+    p.mask = kv_mask->const_data_ptr<bool>();
+    p.mask_s0 = kv_mask->stride(0);
+    p.mask_s1 = kv_mask->stride(1);
+  }
+  const Rows<scalar_t> qr(q), kr(k), vr(v), doutr(dout);
+  const bool gqa = d.H != d.Hkv;
+  // With GQA, per query head dK, dV ([B, Sk, H, D]), summed below; else each task owns its rows of dk, dv.
+  const at::Tensor dk_h = gqa ? at::empty({d.B, d.Sk, d.H, d.D}, dk.options()) : dk;
+  const at::Tensor dv_h = gqa ? at::empty({d.B, d.Sk, d.H, d.D}, dv.options()) : dv;
+  float *dqp = dq.mutable_data_ptr<float>(), *dkp = dk_h.mutable_data_ptr<float>(), *dvp = dv_h.mutable_data_ptr<float>();
+  const int64_t dkv_heads = gqa ? d.H : d.Hkv;
+  at::parallel_for(0, d.B * d.H, 1, [&](int64_t begin, int64_t end) {
+    BwdScratch w(d.Sq, p.Dp);
+    for (int64_t t = begin; t < end; ++t)
+      bwd_head<scalar_t>(p, qr, kr, vr, doutr, dqp, dkp, dvp, dkv_heads, t / d.H, t % d.H, w);
+  });
+  if (!gqa) return;
+  const int64_t group = d.H / d.Hkv;
+  float *dk_out = dk.mutable_data_ptr<float>(), *dv_out = dv.mutable_data_ptr<float>();
+  at::parallel_for(0, d.B * d.Sk * d.Hkv, 64, [&](int64_t begin, int64_t end) {
+    for (int64_t r = begin; r < end; ++r) {  // r = (b * Sk + j) * Hkv + hk; its query heads hk * group + g
+      const int64_t bj = r / d.Hkv, hk = r % d.Hkv;
+      const float* sk = dkp + (bj * d.H + hk * group) * d.D;
+      const float* sv = dvp + (bj * d.H + hk * group) * d.D;
+      for (int64_t x = 0; x < d.D; ++x) {
+        float ak = 0.f, av = 0.f;
+        for (int64_t g = 0; g < group; ++g) {
+          ak += sk[g * d.D + x];
+          av += sv[g * d.D + x];
+        }
+        dk_out[r * d.D + x] = ak;
+        dv_out[r * d.D + x] = av;
+      }
+    }
+  });
+}
+
 template <typename scalar_t, typename acc_t>
 void run_bwd(const AttnDims& d, const at::Tensor& dout, const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
              const at::Tensor& out, const at::Tensor& lse, const std::optional<at::Tensor>& dlse, double scale,
@@ -218,6 +471,10 @@ void run_bwd(const AttnDims& d, const at::Tensor& dout, const at::Tensor& q, con
         dp[r] = rowsum - (dl ? dl[r] : acc_t(0));
       }
     });
+  }
+  if constexpr (std::is_same_v<acc_t, float>) {
+    run_bwd_f32<scalar_t>(d, dout, q, k, v, lse_a, delta, delta_from_p, scale, causal, kv_mask, dq, dk, dv);
+    return;
   }
   BwdProblem<acc_t> p{d.B, d.Sq, d.Sk, d.H, d.Hkv, d.D, static_cast<acc_t>(scale), causal, nullptr, 0, 0,
                       lse_a.const_data_ptr<acc_t>(), delta.const_data_ptr<acc_t>()};
