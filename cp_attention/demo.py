@@ -2,6 +2,7 @@
 
     torchrun --standalone --nproc_per_node 4 -m cp_attention.demo      # what `make demo` runs
     python -m cp_attention.demo --world-size 2 --layers 1              # launches torchrun itself
+    python -m cp_attention.demo --train                                # one training step instead
 
 Every rank builds the same diffusers FluxTransformer2DModel (random weights from --seed, no download) and the
 same inputs. Rank 0 runs the step single-process with diffusers' native attention (torch SDPA) in float64
@@ -10,6 +11,14 @@ it under context parallelism: ring, Ulysses and Unified through the cp_attention
 diffusers' own Ulysses (native backend) for comparison. A mode passes when its error against the float64
 reference is at most twice the single-process native error plus a small floor (the tolerance rule of
 tests/reference.py). Rank 0 prints progress, a table and a final PASS/FAIL line; the exit code is 0 on PASS.
+
+--train runs one training step per mode instead: forward and backward of loss = sum(output * W), W a fixed
+random tensor of the output's shape, from zeroed gradients. Every rank computes the loss of the whole
+(gathered) output; diffusers' gather keeps this rank's part of the output gradient in backward, so each
+rank's parameter gradients are its tokens' share and their sum over the ranks (all_reduce SUM, in float32)
+is the full gradient, which is compared with the single-process step's. The tolerance applies to each
+parameter's gradient: twice the single-process native gradient's error against float64, plus one rounding
+step of the dtype at the gradient's rms and 16 float32 epsilons at its largest entry (tests/reference.py).
 
 CPU runs use gloo ("cpu:gloo") and give each rank cores // world_size threads, so with more ranks than
 cores the ranks share cores and context-parallel timings are slower than single-process ones: on a CPU the
@@ -23,6 +32,7 @@ import copy
 import ctypes
 import datetime
 import gc
+import math
 import os
 import resource
 import statistics
@@ -38,6 +48,10 @@ import torch.distributed as dist
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 # Floor of the tolerance rule, relative to 1 + max|reference| (tests/reference.py uses the same numbers).
 EPS = {torch.float32: 1e-5, torch.float16: 2e-3, torch.bfloat16: 1.6e-2}
+# The gradients' floor (--train), tests/reference.py's: the dtype's unit roundoff at the gradient's rms, plus
+# F32_NOISE at its largest entry.
+UNIT_ROUNDOFF = {torch.float32: 2.0**-24, torch.float16: 2.0**-11, torch.bfloat16: 2.0**-8}
+F32_NOISE = 2.0**-19
 ALL_MODES = ("ring", "ulysses", "unified", "native-ulysses")
 
 
@@ -69,6 +83,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     g.add_argument("--warmup", type=int, default=1, help="untimed steps per mode")
     g.add_argument("--iters", type=int, default=2, help="timed steps per mode (the median is shown)")
     g.add_argument("--seed", type=int, default=0)
+    g.add_argument("--train", action="store_true",
+                   help="one training step (forward and backward) per mode; the table shows gradient errors")
     g.add_argument("--timeout", type=float, default=900.0, help="seconds a collective may wait")
     return p.parse_args(argv)
 
@@ -197,22 +213,52 @@ class Demo:
         self.cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
         self.rank_threads = max(1, self.cores // self.world)
         self.mem = PeakMemory(self.device)
+        self.train = bool(getattr(args, "train", False))
+        self._weights: dict = {}
 
     def log(self, *a):
         if self.rank == 0:
             print("[demo]", *a, flush=True)
 
+    def loss_weight(self, out: torch.Tensor) -> torch.Tensor:
+        """W of the training loss sum(out * W): standard normal of out's shape drawn from --seed in float64
+        on the CPU (the same on every rank and in every dtype), then cast to out's dtype and device."""
+        key = (tuple(out.shape), out.dtype, out.device)
+        if key not in self._weights:
+            g = torch.Generator().manual_seed(self.args.seed + 2)
+            w = torch.randn(tuple(out.shape), generator=g, dtype=torch.float64)
+            self._weights[key] = w.to(device=out.device, dtype=out.dtype)
+        return self._weights[key]
+
     def step(self, model, inputs):
+        if self.train:
+            model.zero_grad(set_to_none=True)
+            out = model(**inputs, return_dict=False)[0]
+            (out * self.loss_weight(out)).sum().backward()
+            return out.detach()
         with torch.no_grad():
             out = model(**inputs, return_dict=False)[0]
             # Under parallelism diffusers gathers the output with a functional collective that completes at
             # the tensor's first use: use it here, so that the gather counts in the step's time.
             return out.clone()
 
+    def grads(self, model, parallel: bool) -> list[torch.Tensor]:
+        """The last step's parameter gradients, one float64 CPU tensor per parameter (named_parameters order,
+        zeros where the loss does not reach). Parallel: summed over the ranks, in float32 (float64 for a
+        float64 model), the full gradient (see the module docstring)."""
+        gs = [torch.zeros_like(p) if p.grad is None else p.grad.detach() for _, p in model.named_parameters()]
+        acc = torch.float64 if self.dtype == torch.float64 or gs[0].dtype == torch.float64 else torch.float32
+        flat = torch.cat([g.to(acc).reshape(-1) for g in gs])
+        if parallel:
+            dist.all_reduce(flat)
+        return list(flat.to("cpu", torch.float64).split([g.numel() for g in gs]))
+
     def timed(self, model, inputs, parallel: bool):
-        """(output float64 on the CPU, median seconds per step, peak bytes above the start)."""
+        """(result, median seconds per step, peak bytes above the start). The result is the output float64
+        on the CPU, or with --train the gradients of grads()."""
         for _ in range(self.args.warmup):
             self.step(model, inputs)
+        model.zero_grad(set_to_none=True)  # a training step's peak counts the gradients it makes
         self.mem.start()
         times, out = [], None
         for _ in range(max(1, self.args.iters)):
@@ -226,7 +272,41 @@ class Demo:
                 torch.cuda.synchronize(self.device)
             times.append(time.perf_counter() - t0)
         peak = self.mem.stop()
-        return out.detach().to("cpu", torch.float64), statistics.median(times), peak
+        result = self.grads(model, parallel) if self.train else out.detach().to("cpu", torch.float64)
+        model.zero_grad(set_to_none=True)
+        return result, statistics.median(times), peak
+
+    def set_tolerance(self, ref, base):
+        """The tolerance from the float64 reference and the single-process native baseline (rank 0)."""
+        if not self.train:
+            ref_max = float(ref.abs().max())
+            base_err = float((base - ref).abs().max())
+            self.tol = 2 * base_err + EPS[self.dtype] * (1 + ref_max)
+            self.log(f"tolerance: 2 x {base_err:.3g} (single-process native vs float64) + "
+                     f"{EPS[self.dtype]:g} x (1 + {ref_max:.3g}) = {self.tol:.3g}")
+            return
+        self.tols = []
+        for r, b in zip(ref, base):
+            rms = float(r.square().mean().sqrt()) if r.numel() else 0.0
+            peak = float(r.abs().max()) if r.numel() else 0.0
+            base_err = float((b - r).abs().max())
+            self.tols.append(2 * base_err + UNIT_ROUNDOFF[self.dtype] * rms + F32_NOISE * peak)
+        self.log(f"tolerance per parameter gradient: 2 x its single-process native error against float64 + "
+                 f"{UNIT_ROUNDOFF[self.dtype]:.3g} x its rms + {F32_NOISE:.3g} x its max; {len(self.tols)} "
+                 f"parameters, gradient max {max(float(r.abs().max()) for r in ref):.3g}")
+
+    def compare(self, result, ref, single) -> tuple[float, float, float, bool]:
+        """(max |result - single-process native|, max |result - float64 reference|, worst error / tolerance,
+        passed). With --train the errors are the largest over all parameter gradients and the ratio the
+        largest over the parameters of each one's error over its own tolerance."""
+        if not self.train:
+            err_ref = float((result - ref).abs().max())
+            return float((result - single).abs().max()), err_ref, err_ref / self.tol, err_ref <= self.tol
+        err_single = max(float((g - s).abs().max()) for g, s in zip(result, single))
+        errs = [float((g - r).abs().max()) for g, r in zip(result, ref)]
+        ok = all(e <= t for e, t in zip(errs, self.tols))
+        ratio = max((e / t if t > 0 else (0.0 if e == 0 else math.inf)) for e, t in zip(errs, self.tols))
+        return err_single, max(errs), ratio, ok
 
     def modes(self) -> list[tuple[str, str, int, int]]:
         """(mode, attention backend, ring degree, ulysses degree) to run at this world size."""
@@ -257,8 +337,9 @@ class Demo:
         cfg = flux_config(a.layers, a.single_layers, a.heads, a.head_dim)
         inputs = flux_inputs(cfg, a.height, a.width, a.text_tokens, a.batch, a.seed)
         img, txt = inputs["hidden_states"].shape[1], inputs["encoder_hidden_states"].shape[1]
+        what = "training step (forward + backward)" if self.train else "denoising step (forward)"
         self.log(f"diffusers {diffusers.__version__}, torch {torch.__version__}, {self.world} rank(s) on "
-                 f"{self.device.type} ({dist.get_backend()}), {self.dtype}, {self.cores} cores")
+                 f"{self.device.type} ({dist.get_backend()}), {self.dtype}, {self.cores} cores; one {what}")
         self.log(f"FLUX-shaped transformer: {a.layers} joint + {a.single_layers} single blocks, "
                  f"{a.heads} heads x {a.head_dim}, {a.height}x{a.width} image = {img} image + {txt} text "
                  f"tokens, batch {a.batch}")
@@ -274,28 +355,23 @@ class Demo:
             self.log("single process, native attention, float64 (reference) ...")
             m = copy.deepcopy(base).to(self.device, torch.float64)
             m.set_attention_backend("native")
-            ref = self.step(m, cast_inputs(inputs, self.device, torch.float64)).cpu()
+            ref_out = self.step(m, cast_inputs(inputs, self.device, torch.float64))
+            ref = self.grads(m, False) if self.train else ref_out.to("cpu", torch.float64)
             del m
-            ref_max = float(ref.abs().max())
             single = []
             for backend in ("native", "cp_attention"):
                 self.log(f"single process, {backend} attention ...")
                 m = copy.deepcopy(base).to(self.device, self.dtype)
                 m.set_attention_backend(backend)
-                out, t, peak = self.timed(m, work, parallel=False)
-                single.append((backend, out, t, peak))
+                result, t, peak = self.timed(m, work, parallel=False)
+                single.append((backend, result, t, peak))
                 del m
-            native_out = single[0][1]
-            base_err = float((native_out - ref).abs().max())
-            tol = 2 * base_err + EPS[self.dtype] * (1 + ref_max)
-            self.log(f"tolerance: 2 x {base_err:.3g} (single-process native vs float64) + "
-                     f"{EPS[self.dtype]:g} x (1 + {ref_max:.3g}) = {tol:.3g}")
-            for backend, out, t, peak in single:
-                err_ref = float((out - ref).abs().max())
-                passed = err_ref <= tol
+            native = single[0][1]
+            self.set_tolerance(ref, native)
+            for backend, result, t, peak in single:
+                err_single, err_ref, ratio, passed = self.compare(result, ref, native)
                 ok &= passed
-                rows.append(("single", backend, "1", float((out - native_out).abs().max()), err_ref, t,
-                             [peak], passed))
+                rows.append(("single", backend, "1", err_single, err_ref, ratio, t, [peak], passed))
         dist.barrier()
         torch.set_num_threads(self.rank_threads)
 
@@ -304,25 +380,25 @@ class Demo:
             m = copy.deepcopy(base).to(self.device, self.dtype)
             m.set_attention_backend(backend)
             cpd.enable_parallelism(m, ContextParallelConfig(ring_degree=R, ulysses_degree=U))
-            out, t, peak = self.timed(m, work, parallel=True)
+            result, t, peak = self.timed(m, work, parallel=True)
             del m
             peaks = [None] * self.world
             dist.all_gather_object(peaks, peak)
             times = [None] * self.world
             dist.all_gather_object(times, t)
             if self.rank == 0:
-                err_ref = float((out - ref).abs().max())
-                passed = err_ref <= tol
+                err_single, err_ref, ratio, passed = self.compare(result, ref, native)
                 ok &= passed
-                rows.append((mode, backend, f"{R}x{U}", float((out - native_out).abs().max()), err_ref,
-                             max(times), peaks, passed))
-                self.log(f"  max |out - single-process native| = {rows[-1][3]:.3g}, "
+                rows.append((mode, backend, f"{R}x{U}", err_single, err_ref, ratio, max(times), peaks,
+                             passed))
+                what = "grad" if self.train else "out"
+                self.log(f"  max |{what} - single-process native| = {err_single:.3g}, "
                          f"{'ok' if passed else 'FAILED'}, {max(times) * 1e3:.0f} ms/step")
         verdict = torch.tensor([1 if ok else 0], dtype=torch.int64,
                                device=self.device if self.device.type == "cuda" else "cpu")
         dist.broadcast(verdict, src=0)
         if self.rank == 0:
-            print_table(rows, tol, self)
+            print_table(rows, self)
         return bool(verdict.item())
 
 
@@ -339,14 +415,18 @@ def unified_mesh(P: int, spec: str | None) -> tuple[int, int]:
     return R, P // R
 
 
-def print_table(rows, tol, demo):
+def print_table(rows, demo):
     mib = 1 << 20
-    head = ("mode", "attention", "mesh", "max err vs single", "err vs fp64", "ms/step", "peak MiB/rank", "")
+    if demo.train:
+        errs = ("grad err vs single", "grad err vs fp64", "worst err/tol")
+    else:
+        errs = ("max err vs single", "err vs fp64")
+    head = ("mode", "attention", "mesh", *errs, "ms/step", "peak MiB/rank", "")
     lines = []
-    for mode, backend, mesh, err_single, err_ref, t, peaks, passed in rows:
+    for mode, backend, mesh, err_single, err_ref, ratio, t, peaks, passed in rows:
         peak = f"{max(peaks) / mib:.0f}" + ("" if len(peaks) == 1 else f" (max of {len(peaks)})")
-        lines.append((mode, backend, mesh, f"{err_single:.2e}", f"{err_ref:.2e}", f"{t * 1e3:.0f}", peak,
-                      "ok" if passed else "FAIL"))
+        cells = [f"{err_single:.2e}", f"{err_ref:.2e}"] + ([f"{ratio:.2f}"] if demo.train else [])
+        lines.append((mode, backend, mesh, *cells, f"{t * 1e3:.0f}", peak, "ok" if passed else "FAIL"))
     widths = [max(len(str(r[i])) for r in [head, *lines]) for i in range(len(head))]
     fmt = "| " + " | ".join(f"{{:<{w}}}" for w in widths) + " |"
     print()
@@ -354,7 +434,14 @@ def print_table(rows, tol, demo):
     print("|" + "|".join("-" * (w + 2) for w in widths) + "|")
     for r in lines:
         print(fmt.format(*r))
-    print(f"\ntolerance on err vs fp64: {tol:.2e}. ms/step: median of {demo.args.iters} step(s) after "
+    if demo.train:
+        check = ("grad err: the largest |gradient - single-process native (or float64) gradient| over all "
+                 "parameters, context-parallel gradients summed over the ranks; worst err/tol: the largest "
+                 "over the parameters of each gradient's error against float64 over its own tolerance (ok: "
+                 "every one <= 1). ms/step: forward + backward")
+    else:
+        check = f"tolerance on err vs fp64: {demo.tol:.2e}. ms/step"
+    print(f"\n{check}: median of {demo.args.iters} step(s) after "
           f"{demo.args.warmup} warm-up, slowest rank; single-process rows use {demo.cores} threads, "
           f"parallel rows {demo.rank_threads} per rank. peak MiB: memory a step adds above the model and "
           f"inputs "

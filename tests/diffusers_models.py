@@ -67,3 +67,49 @@ def references(model, inputs: dict) -> tuple[torch.Tensor, torch.Tensor]:
     base_model = copy.deepcopy(model)
     base_model.set_attention_backend("native")
     return run(ref_model, to_double(inputs)), run(base_model, inputs)
+
+
+# ---------------------------------------------------------------------------------------------------------
+# One training step (forward and backward) and its gradients.
+
+def loss_weight(out_shape, seed: int = 123) -> torch.Tensor:
+    """The fixed random tensor W of loss = sum(output * W): every output entry counts, each with its own
+    weight, so a gradient that misses or misplaces part of the output shows. float64; cast to the output's."""
+    return torch.randn(*out_shape, generator=torch.Generator().manual_seed(seed), dtype=torch.float64)
+
+
+def input_grad_names(inputs: dict) -> list[str]:
+    """The inputs that get a gradient in a training step: the token sequences."""
+    return [n for n in ("hidden_states", "encoder_hidden_states") if n in inputs]
+
+
+def train_step(model, inputs: dict, weight: torch.Tensor) -> tuple[torch.Tensor, dict, dict]:
+    """Forward and backward of loss = sum(model(**inputs) * weight) from zeroed gradients. Returns (output
+    detached, {parameter name: gradient}, {input name: gradient}); gradients detached clones, zeros where
+    autograd left None (a parameter the loss does not reach)."""
+    model.zero_grad(set_to_none=True)
+    inputs = dict(inputs)
+    leaves = {}
+    for name in input_grad_names(inputs):
+        leaves[name] = inputs[name] = inputs[name].detach().clone().requires_grad_(True)
+    with torch.enable_grad():
+        out = model(**inputs, return_dict=False)[0]
+        loss = (out * weight.to(out.dtype)).sum()
+        loss.backward()
+    params = {n: (torch.zeros_like(p) if p.grad is None else p.grad.detach().clone())
+              for n, p in model.named_parameters()}
+    grads_in = {n: (torch.zeros_like(t) if t.grad is None else t.grad.detach().clone())
+                for n, t in leaves.items()}
+    model.zero_grad(set_to_none=True)
+    return out.detach(), params, grads_in
+
+
+def grad_references(model, inputs: dict, weight: torch.Tensor) -> tuple[tuple, tuple]:
+    """(float64 step: the reference, float32 step: the baseline), each train_step's (output, parameter
+    gradients, input gradients), both single-process with diffusers' native attention backend (torch
+    SDPA)."""
+    ref_model = copy.deepcopy(model).double()
+    ref_model.set_attention_backend("native")
+    base_model = copy.deepcopy(model)
+    base_model.set_attention_backend("native")
+    return train_step(ref_model, to_double(inputs), weight), train_step(base_model, inputs, weight)

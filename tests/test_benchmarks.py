@@ -41,6 +41,18 @@ def test_cp_benchmark_quick_mode_runs_under_torchrun():
         assert mode in proc.stdout, f"bench_cp.py --quick printed no {mode} row:\n{proc.stdout[-2000:]}"
 
 
+def test_cp_benchmark_train_quick_mode_runs_under_torchrun():
+    # --train: forward and backward of every mode, output and q, k, v gradients checked, tabulated.
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+           os.path.join(ROOT, "benchmarks", "bench_cp.py"), "--quick", "--no-json", "--train"]
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=300, cwd=ROOT)
+    assert proc.returncode == 0, (f"bench_cp.py --quick --train failed:\n{proc.stdout[-3000:]}\n"
+                                  f"{proc.stderr[-3000:]}")
+    assert "forward + backward" in proc.stdout and "ms/fwd+bwd" in proc.stdout, proc.stdout[-2000:]
+    for mode in ("single-process", "allgather+sdpa", "ring", "ulysses"):
+        assert mode in proc.stdout, f"bench_cp.py --train printed no {mode} row:\n{proc.stdout[-2000:]}"
+
+
 # What the Python of the dry run below adds to the kernel probe's report: a line a GPU run prints when the
 # TMA wgmma kernel hung, so that the skip travels through the script on the CPU too.
 FAKE_PROBE_LINES = "SKIP_BENCH cuda_sm90 because cuda_sm90_tma (HANG) failed the probe\n"

@@ -33,6 +33,21 @@ def test_demo_tiny_on_two_ranks_passes():
     assert "[demo] ring (cp_attention attention" in proc.stdout  # progress lines
 
 
+def test_demo_train_tiny_on_four_ranks_passes():
+    # One training step per mode; four ranks, so that Unified (2 x 2) runs too.
+    proc = _demo("--train", "--world-size", "4", *TINY)
+    out = proc.stdout + proc.stderr
+    assert proc.returncode == 0, f"demo --train failed (exit {proc.returncode}):\n{out[-4000:]}"
+    assert proc.stdout.rstrip().endswith("PASS"), out[-3000:]
+    assert "training step (forward + backward)" in proc.stdout
+    assert "| grad err vs single | grad err vs fp64 | worst err/tol |" in proc.stdout, proc.stdout[-3000:]
+    for row in ("| single         | native", "| single         | cp_attention", "| ring ", "| ulysses ",
+                "| unified ", "| native-ulysses "):
+        assert row in proc.stdout, f"missing table row {row!r}:\n{proc.stdout[-3000:]}"
+    rows = [r for r in proc.stdout.splitlines() if r.startswith("| ") and not r.startswith("| mode")]
+    assert len(rows) == 6 and all(line.rstrip().endswith("| ok |") for line in rows), proc.stdout[-3000:]
+
+
 @pytest.mark.parametrize("args,message", [
     (["--height", "112", "--width", "80"], "must both divide by the world size 4"),
     (["--modes", "ring,bogus"], "unknown mode"),
@@ -54,5 +69,6 @@ def test_demo_help_lists_options(capsys):
         demo.main(["--help"])
     assert exit_info.value.code == 0
     out = capsys.readouterr().out
-    for option in ("--layers", "--heads", "--height", "--width", "--world-size", "--modes", "--unified"):
+    for option in ("--layers", "--heads", "--height", "--width", "--world-size", "--modes", "--unified",
+                   "--train"):
         assert option in out
