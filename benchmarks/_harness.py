@@ -405,6 +405,8 @@ def print_table(rows: list[dict], columns: Sequence[tuple[str, str, str]]) -> No
 
 # --------------------------------------------------------------------------------------------- CLI
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+# The short names of the tables and JSON rows.
+SHORT = {torch.float32: "fp32", torch.bfloat16: "bf16", torch.float16: "fp16"}
 
 
 def parse_dtypes(text: str) -> list[torch.dtype]:

@@ -36,6 +36,7 @@ import torch
 import torch.nn.functional as F
 from _harness import (
     DTYPES,
+    SHORT,
     TIME_UP_EXIT,
     apply_common,
     attn_fwd_flops,
@@ -53,8 +54,6 @@ from torch.nn.attention import SDPBackend, sdpa_kernel
 
 import cp_attention
 from cp_attention import ops
-
-SHORT = {torch.float32: "fp32", torch.bfloat16: "bf16", torch.float16: "fp16"}
 
 # Gradient error allowed relative to max|grad| of torch's result. Both kernels accumulate in float32; half
 # types differ by where each rounds (torch takes Delta from the rounded out, ours recomputes it in float32).

@@ -24,6 +24,7 @@ import torch
 import torch.nn.functional as F
 from _harness import (
     DTYPES,
+    SHORT,
     TIME_UP_EXIT,
     apply_common,
     attn_fwd_flops,
@@ -41,8 +42,6 @@ from torch.nn.attention import SDPBackend, sdpa_kernel
 
 import cp_attention
 from cp_attention import ops
-
-SHORT = {torch.float32: "fp32", torch.bfloat16: "bf16", torch.float16: "fp16"}
 
 # Output error allowed relative to max|out| of torch's result. For half types the two kernels may round
 # at different points (e.g. P to 16 bits before the PV product); float32 differs by summation order only.

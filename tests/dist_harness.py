@@ -10,6 +10,7 @@ stuck waiting for the failed rank) before they are killed too.
 from __future__ import annotations
 
 import datetime
+import functools
 import time
 import traceback
 from multiprocessing.connection import wait
@@ -166,3 +167,16 @@ def run_items(items) -> dict[str, str | None]:
             results[key] = traceback.format_exc()
         dist.barrier()
     return results
+
+
+def run_case_items(rank: int, world_size: int, items, runners: dict) -> dict[str, str | None]:
+    """run_items over (key, item) pairs, seeded alike on every rank: an item whose type is a key of
+    `runners` runs as runners[type](rank, item) (a numeric case), any other item is a check function,
+    called as item(rank, world_size)."""
+    torch.manual_seed(0)
+
+    def call(item):
+        run = runners.get(type(item))
+        return functools.partial(run, rank, item) if run else functools.partial(item, rank, world_size)
+
+    return run_items((key, call(item)) for key, item in items)

@@ -9,7 +9,6 @@ Each world size is spawned once (the `runs` fixture) and runs all of its items.
 
 from __future__ import annotations
 
-import functools
 import time
 import zlib
 from typing import NamedTuple
@@ -17,7 +16,7 @@ from typing import NamedTuple
 import pytest
 import torch
 from conftest import make_kv_mask, randn
-from dist_harness import SpawnedItems, run_items
+from dist_harness import SpawnedItems, run_case_items
 from reference import assert_close_to_ref, attention_bwd_ref, same_dtype_math_path_bwd
 from test_ring import _lengths, _shard
 
@@ -255,11 +254,7 @@ def _item_list(world_size: int) -> list[tuple[str, object]]:
 
 
 def _rank_main(rank: int, world_size: int) -> dict[str, str | None]:
-    torch.manual_seed(0)
-    return run_items(
-        (key, functools.partial(_run_case, rank, item) if isinstance(item, Case)
-         else functools.partial(item, rank, world_size))
-        for key, item in _item_list(world_size))
+    return run_case_items(rank, world_size, _item_list(world_size), {Case: _run_case})
 
 
 @pytest.fixture(scope="module")

@@ -8,7 +8,6 @@ of its items; each test then reports its own item's outcome on every rank.
 
 from __future__ import annotations
 
-import functools
 import time
 import zlib
 from typing import NamedTuple
@@ -16,7 +15,7 @@ from typing import NamedTuple
 import pytest
 import torch
 from conftest import make_kv_mask, randn
-from dist_harness import SpawnedItems, run_items
+from dist_harness import SpawnedItems, run_case_items
 from reference import assert_close_to_ref, assert_lse_float32_grade, attention_ref, same_dtype_math_path
 
 from cp_attention.distributed import plan_chunk
@@ -313,11 +312,7 @@ def _item_list(world_size: int) -> list[tuple[str, object]]:
 
 def _rank_main(rank: int, world_size: int) -> dict[str, str | None]:
     """Runs every item of this world size on this rank; returns {item: None or the traceback}."""
-    torch.manual_seed(0)
-    return run_items(
-        (key, functools.partial(_run_case, rank, item) if isinstance(item, Case)
-         else functools.partial(item, rank, world_size))
-        for key, item in _item_list(world_size))
+    return run_case_items(rank, world_size, _item_list(world_size), {Case: _run_case})
 
 
 @pytest.fixture(scope="module")

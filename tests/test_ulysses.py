@@ -9,14 +9,13 @@ own item's outcome on every rank.
 
 from __future__ import annotations
 
-import functools
 import zlib
 from typing import NamedTuple
 
 import pytest
 import torch
 from conftest import make_kv_mask, randn
-from dist_harness import SpawnedItems, run_items
+from dist_harness import SpawnedItems, run_case_items
 from test_cp_backward import Case as GradCase
 from test_cp_backward import _run_case as _run_grad_case
 from test_ring import _check_shard, _lengths, _shard
@@ -138,17 +137,9 @@ def _item_list(world_size: int):
     return items
 
 
-def _call(rank: int, world_size: int, item):
-    if isinstance(item, Case):
-        return functools.partial(_run_case, rank, item)
-    if isinstance(item, GradCase):
-        return functools.partial(_run_grad_case, rank, item)
-    return functools.partial(item, rank, world_size)
-
-
 def _rank_main(rank: int, world_size: int) -> dict[str, str | None]:
-    torch.manual_seed(0)
-    return run_items((key, _call(rank, world_size, item)) for key, item in _item_list(world_size))
+    runners = {Case: _run_case, GradCase: _run_grad_case}
+    return run_case_items(rank, world_size, _item_list(world_size), runners)
 
 
 @pytest.fixture(scope="module")
