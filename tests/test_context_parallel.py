@@ -64,7 +64,7 @@ def _check_given_mesh(rank, world_size):
     with pytest.raises(ValueError, match="ring_degree=2 does not match"):
         ContextParallel(ring_degree=2, mesh=mesh)
     flat = init_device_mesh("cpu", (world_size,), mesh_dim_names=("cp",))
-    with pytest.raises(ValueError, match="mesh must be a 2D DeviceMesh"):
+    with pytest.raises(ValueError, match="mesh must be a DeviceMesh with mesh_dim_names"):
         ContextParallel(mesh=flat)
 
 
@@ -84,10 +84,63 @@ def _check_misuse(rank, world_size):
         cp.gather(x)
 
 
+# ---------------------------------------------------------------------------------------------------------
+# The data axis: (data, ring, ulysses) meshes; each replica attends over its share of the batch.
+DATA_MESHES = {2: [(2, 1, 1)], 4: [(2, 2, 1), (2, 1, 2), (4, 1, 1)]}
+# (name, B, S, H, Hkv, D, dtype, causal, masked): B = 5 splits unevenly over 2 and 4 replicas.
+DATA_PROBLEM = ("b5-s23-causal-gqa-mask-f32", 5, 23, 4, 2, 16, torch.float32, True, True)
+
+
+def _check_data_axis(rank, world_size, data, ring, ulysses):
+    from cp_attention import ContextParallel
+
+    cp = ContextParallel(ring_degree=ring, ulysses_degree=ulysses, data_degree=data)
+    assert (cp.data_degree, cp.world_size) == (data, ring * ulysses)
+    assert cp.data_rank == rank // (ring * ulysses), "replicas hold consecutive ranks"
+    name, *_, causal, masked = DATA_PROBLEM
+    q, k, v, mask = _problem(*DATA_PROBLEM)
+    share = [cp.split_batch(t) for t in (q, k, v, mask)]
+    assert torch.equal(share[0], torch.tensor_split(q, data)[cp.data_rank])
+    local = [cp.shard(t) for t in share]
+    out, lse = cp.attention(*local[:3], causal=causal, kv_mask=local[3], return_lse=True)
+    full_out = cp.gather_batch(cp.gather(out))
+    full_lse = cp.gather_batch(cp.gather(lse, dim=2))
+    check_attention(full_out, full_lse, q, k, v, causal=causal, kv_mask=mask)
+
+    # Differentiable both ways: each rank gets back the gradient over its own block only.
+    x = torch.arange(5 * 7 * 3, dtype=torch.float32).view(5, 7, 3).requires_grad_()
+    w = torch.linspace(-1, 1, x.numel()).view(x.shape)
+    (cp.gather_batch(cp.gather(cp.shard(cp.split_batch(x)) * 3.0)) * w).sum().backward()
+    own = torch.zeros(x.shape, dtype=torch.bool)
+    torch.tensor_split(torch.tensor_split(own, data)[cp.data_rank], cp.world_size, dim=1)[cp.rank].fill_(True)
+    assert torch.equal(x.grad, torch.where(own, 3.0 * w, 0.0)), "gather_batch/gather backward: not the slice"
+
+
+def _check_data_misuse(rank, world_size):
+    from torch.distributed.device_mesh import init_device_mesh
+
+    from cp_attention import ContextParallel
+
+    with pytest.raises(ValueError, match="data_degree \\* ring_degree \\* ulysses_degree must equal"):
+        ContextParallel(ring_degree=world_size, data_degree=2)
+    with pytest.raises(ValueError, match="data_degree must be an int >= 1"):
+        ContextParallel(data_degree=0)
+    mesh = init_device_mesh("cpu", (2, 1, world_size // 2), mesh_dim_names=("data", "ring", "ulysses"))
+    cp = ContextParallel(mesh=mesh)
+    assert (cp.data_degree, cp.ring_degree, cp.ulysses_degree) == (2, 1, world_size // 2)
+    with pytest.raises(ValueError, match="data_degree=1 does not match"):
+        ContextParallel(mesh=mesh, data_degree=1)
+
+
 def _rank_main(rank: int, world_size: int) -> dict[str, str | None]:
     from cp_attention import ContextParallel
 
     results = {}
+    for data, ring, ulysses in DATA_MESHES.get(world_size, []):
+        results.update(run_items([(f"data{data}x{ring}x{ulysses}", functools.partial(
+            _check_data_axis, rank, world_size, data, ring, ulysses))]))
+    if world_size in DATA_MESHES:
+        results.update(run_items([("data-misuse", functools.partial(_check_data_misuse, rank, world_size))]))
     for ring, ulysses in MESHES[world_size]:
         cp = ContextParallel(ring_degree=ring, ulysses_degree=ulysses)
         items = [(f"{ring}x{ulysses}-{p[0]}", functools.partial(_check_problem, cp, p)) for p in PROBLEMS]
@@ -132,3 +185,16 @@ def test_needs_initialised_process_group():
 
     with pytest.raises(RuntimeError, match="init_process_group"):
         cp_attention.ContextParallel(ring_degree=1)
+
+
+DATA_ITEMS = [(P, f"data{d}x{r}x{u}") for P, meshes in DATA_MESHES.items() for d, r, u in meshes]
+
+
+@pytest.mark.parametrize("world_size,key", DATA_ITEMS, ids=[f"ws{P}-{k}" for P, k in DATA_ITEMS])
+def test_data_axis_replicas_match_reference(runs, world_size, key):
+    runs.assert_ok(world_size, key)
+
+
+@pytest.mark.parametrize("world_size", sorted(DATA_MESHES))
+def test_data_axis_misuse(runs, world_size):
+    runs.assert_ok(world_size, "data-misuse")

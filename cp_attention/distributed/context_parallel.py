@@ -1,7 +1,9 @@
-"""ContextParallel: one object that holds a (ring x ulysses) DeviceMesh and routes attention to ring, Ulysses
-or Unified attention, with the helpers that split a global sequence into this rank's chunk and put the
-chunks back together, in one order (chunk g = torch.tensor_split(x, P, dim)[g] on mesh
-rank g = ring_rank * ulysses_degree + ulysses_rank; docs/design.md, "Sequence sharding")."""
+"""ContextParallel: one object that holds a (data x) ring x ulysses DeviceMesh and routes attention to ring,
+Ulysses or Unified attention, with the helpers that split a global sequence into this rank's chunk and put
+the chunks back together, in one order (chunk g = torch.tensor_split(x, P, dim)[g] on mesh
+rank g = ring_rank * ulysses_degree + ulysses_rank; docs/design.md, "Sequence sharding"). A data axis
+outside them holds independent replicas: each runs its own share of a batch (split_batch / gather_batch),
+context-parallel inside."""
 
 from __future__ import annotations
 
@@ -15,6 +17,7 @@ from .unified import unified_attention
 
 _OP = "cp_attention.ContextParallel"
 MESH_DIMS = ("ring", "ulysses")
+MESH_DIMS_3D = ("data", "ring", "ulysses")
 
 
 def _degree(name: str, value) -> int:
@@ -28,14 +31,19 @@ def _default_device_type() -> str:
 
 
 class ContextParallel:
-    """Context parallelism over a 2D mesh of shape (ring_degree, ulysses_degree), dims ("ring", "ulysses").
+    """Context parallelism over a mesh of shape (ring_degree, ulysses_degree), dims ("ring", "ulysses"),
+    or (data_degree, ring_degree, ulysses_degree), dims ("data", "ring", "ulysses"): replicas on a data axis.
 
     Args:
-        ring_degree, ulysses_degree: the mesh shape; their product must equal the number of ranks (the
-            world size when the mesh is built here). Defaults: 1 each, or the given mesh's shape.
-        mesh: an existing 2D torch.distributed DeviceMesh with dim names ("ring", "ulysses"); when None one
-            is built over the whole world with init_device_mesh (a collective: every rank must construct
-            ContextParallel together, after init_process_group).
+        ring_degree, ulysses_degree: the context-parallel shape: the ranks that share one sequence.
+            Defaults: 1 each, or the given mesh's shape.
+        data_degree: how many independent replicas (data or CFG parallelism: each runs its share of a batch,
+            split_batch / gather_batch); default 1, or the given mesh's. data_degree * ring_degree *
+            ulysses_degree must equal the world size when the mesh is built here. The replicas' ranks are
+            consecutive: replica d holds global ranks [d * R * U, (d + 1) * R * U).
+        mesh: an existing torch.distributed DeviceMesh with dim names ("ring", "ulysses") or ("data", "ring",
+            "ulysses"); when None one is built over the whole world with init_device_mesh (a collective:
+            every rank must construct ContextParallel together, after init_process_group).
         device_type: the mesh's device type when it is built here; default "cuda" under NCCL, else "cpu".
         backend: the default flash_attn backend of `attention` ("auto": the fastest measured one).
         check: the default agreement check of `attention`: "once" per signature or "always".
@@ -47,29 +55,36 @@ class ContextParallel:
     """
 
     def __init__(self, ring_degree: int | None = None, ulysses_degree: int | None = None, mesh=None, *,
-                 device_type: str | None = None, backend: str = "auto", check: str = "once"):
+                 data_degree: int | None = None, device_type: str | None = None, backend: str = "auto",
+                 check: str = "once"):
         if not dist.is_available() or not dist.is_initialized():
             raise RuntimeError(f"{_OP}: torch.distributed is not initialised; call "
                                f"torch.distributed.init_process_group first")
         if mesh is None:
+            Dd = _degree("data_degree", 1 if data_degree is None else data_degree)
             R = _degree("ring_degree", 1 if ring_degree is None else ring_degree)
             U = _degree("ulysses_degree", 1 if ulysses_degree is None else ulysses_degree)
             world = dist.get_world_size()
-            if R * U != world:
-                raise ValueError(f"{_OP}: ring_degree * ulysses_degree must equal the world size {world}, "
-                                 f"got ring_degree={R}, ulysses_degree={U}")
+            if Dd * R * U != world:
+                raise ValueError(f"{_OP}: data_degree * ring_degree * ulysses_degree must equal the world "
+                                 f"size {world}, got data_degree={Dd}, ring_degree={R}, ulysses_degree={U}")
             from torch.distributed.device_mesh import init_device_mesh
 
-            mesh = init_device_mesh(device_type or _default_device_type(), (R, U), mesh_dim_names=MESH_DIMS)
+            shape, dims = ((R, U), MESH_DIMS) if Dd == 1 else ((Dd, R, U), MESH_DIMS_3D)
+            mesh = init_device_mesh(device_type or _default_device_type(), shape, mesh_dim_names=dims)
         else:
             names = tuple(getattr(mesh, "mesh_dim_names", None) or ())
-            if getattr(mesh, "ndim", None) != 2 or names != MESH_DIMS:
-                raise ValueError(f"{_OP}: mesh must be a 2D DeviceMesh with mesh_dim_names {MESH_DIMS}, got "
-                                 f"ndim={getattr(mesh, 'ndim', None)}, mesh_dim_names={names or None}")
-            R, U = mesh.size(0), mesh.size(1)
-            for name, given, have in (("ring_degree", ring_degree, R), ("ulysses_degree", ulysses_degree, U)):
+            if names not in (MESH_DIMS, MESH_DIMS_3D) or getattr(mesh, "ndim", None) != len(names):
+                raise ValueError(f"{_OP}: mesh must be a DeviceMesh with mesh_dim_names {MESH_DIMS} or "
+                                 f"{MESH_DIMS_3D}, got ndim={getattr(mesh, 'ndim', None)}, "
+                                 f"mesh_dim_names={names or None}")
+            Dd = mesh.size(0) if names == MESH_DIMS_3D else 1
+            R, U = mesh.size(names.index("ring")), mesh.size(names.index("ulysses"))
+            for name, given, have in (("data_degree", data_degree, Dd), ("ring_degree", ring_degree, R),
+                                      ("ulysses_degree", ulysses_degree, U)):
                 if given is not None and _degree(name, given) != have:
-                    raise ValueError(f"{_OP}: {name}={given} does not match the mesh's shape {(R, U)}")
+                    raise ValueError(f"{_OP}: {name}={given} does not match the mesh's shape "
+                                     f"{tuple(mesh.shape)} {names}")
         if not isinstance(backend, str):
             raise ValueError(f"{_OP}: backend must be a backend name (str), got {type(backend).__name__}")
         self.backend, self.check = backend, check_mode(_OP, check)
@@ -79,9 +94,14 @@ class ContextParallel:
         self.ulysses_group = mesh.get_group("ulysses")
         self.ring_rank = mesh.get_local_rank("ring")
         self.ulysses_rank = mesh.get_local_rank("ulysses")
+        self.data_degree = Dd
+        # One replica: no data group to talk over.
+        self.data_group = mesh.get_group("data") if Dd > 1 else None
+        self.data_rank = mesh.get_local_rank("data") if Dd > 1 else 0
 
     @property
     def world_size(self) -> int:
+        """The ranks that share one sequence (ring_degree * ulysses_degree); the data axis is outside it."""
         return self.ring_degree * self.ulysses_degree
 
     @property
@@ -96,8 +116,9 @@ class ContextParallel:
         return "ulysses" if self.ring_degree == 1 else "unified"
 
     def __repr__(self) -> str:
-        return (f"ContextParallel(ring_degree={self.ring_degree}, ulysses_degree={self.ulysses_degree}, "
-                f"mode={self.mode!r}, rank={self.rank})")
+        data = f"data_degree={self.data_degree}, " if self.data_degree > 1 else ""
+        return (f"ContextParallel({data}ring_degree={self.ring_degree}, "
+                f"ulysses_degree={self.ulysses_degree}, mode={self.mode!r}, rank={self.rank})")
 
     def attention(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, **kwargs):
         """Exact attention over the global sequence whose chunk this rank holds; a collective over the mesh.
@@ -131,21 +152,45 @@ class ContextParallel:
         if not isinstance(x, torch.Tensor):
             raise ValueError(f"{_OP}.gather: x must be a torch.Tensor, got {type(x).__name__}")
         dim = dim % x.dim() if x.dim() else 0
+        # Within the row first (its chunks are consecutive), then the rows in ring order.
         return _Gather.apply(x, dim, self.ulysses_group, self.ring_group)
+
+    def split_batch(self, x: torch.Tensor, dim: int = 0) -> torch.Tensor:
+        """This replica's share of a global batch: torch.tensor_split(x, data_degree, dim)[data_rank] (a view;
+        shares differ in size by at most one, and may be empty). Every rank passes the same global x; the
+        ranks of one replica get the same share, which they then split along the sequence with shard."""
+        if not isinstance(x, torch.Tensor):
+            raise ValueError(f"{_OP}.split_batch: x must be a torch.Tensor, got {type(x).__name__}")
+        return torch.tensor_split(x, self.data_degree, dim=dim)[self.data_rank]
+
+    def gather_batch(self, x: torch.Tensor, dim: int = 0) -> torch.Tensor:
+        """Inverse of split_batch: the replicas' shares concatenated along dim in data-rank order (sizes may
+        differ along dim; every other dim must match). A collective over the data axis; differentiable like
+        gather (the backward hands this replica the slice over its own share)."""
+        if not isinstance(x, torch.Tensor):
+            raise ValueError(f"{_OP}.gather_batch: x must be a torch.Tensor, got {type(x).__name__}")
+        if self.data_group is None:
+            return x
+        dim = dim % x.dim() if x.dim() else 0
+        return _Gather.apply(x, dim, self.data_group)
 
 
 class _Gather(torch.autograd.Function):
+    """all-gathers x along dim over each group in turn (innermost first): the result of one group is what
+    the next one gathers. Backward: the slice of the gradient over this rank's own x."""
+
     @staticmethod
-    def forward(ctx, x, dim, ulysses_group, ring_group):
-        # Within the row first (its chunks are consecutive), then the rows in ring order.
-        row, in_row = _gather_uneven(x, dim, ulysses_group)
-        full, row_start = _gather_uneven(row, dim, ring_group)
-        ctx.dim, ctx.start, ctx.length = dim, row_start + in_row, x.shape[dim]
+    def forward(ctx, x, dim, *groups):
+        full, start = x, 0
+        for group in groups:
+            full, offset = _gather_uneven(full, dim, group)
+            start += offset  # where this rank's block starts, in the coordinates of the new result
+        ctx.dim, ctx.start, ctx.length, ctx.n_groups = dim, start, x.shape[dim], len(groups)
         return full
 
     @staticmethod
     def backward(ctx, grad):
-        return grad.narrow(ctx.dim, ctx.start, ctx.length), None, None, None
+        return (grad.narrow(ctx.dim, ctx.start, ctx.length), None) + (None,) * ctx.n_groups
 
 
 def _gather_uneven(x: torch.Tensor, dim: int, group) -> tuple[torch.Tensor, int]:
