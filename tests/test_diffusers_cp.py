@@ -231,6 +231,39 @@ def _check_cpu_enable_parallelism():
     assert torch.accelerator.device_count is original
 
 
+def _check_from_pretrained(R, U):
+    """A tiny FLUX saved with save_pretrained and loaded context-parallel by cpd.from_pretrained (diffusers'
+    from_pretrained(..., parallel_config=...)) gives the single-process output."""
+    import os
+    import shutil
+    import tempfile
+
+    import torch.distributed as dist
+    from diffusers import ContextParallelConfig, FluxTransformer2DModel
+    from diffusers_models import references, run, tiny_flux, tiny_flux_inputs
+
+    import cp_attention.integrations.diffusers as cpd
+
+    model, inputs = tiny_flux(), tiny_flux_inputs(4, 6, 8)
+    # The ranks are children of one process: one folder for all of them.
+    path = os.path.join(tempfile.gettempdir(), f"cp_attention_from_pretrained_{os.getppid()}_{R}x{U}")
+    if dist.get_rank() == 0:
+        model.save_pretrained(path)
+    dist.barrier()
+    try:
+        loaded = cpd.from_pretrained(FluxTransformer2DModel, path, ContextParallelConfig(ring_degree=R,
+                                                                                          ulysses_degree=U))
+        backends = {str(getattr(m.processor, "_attention_backend", None)) for m in loaded.modules()
+                    if hasattr(m, "processor")}
+        assert backends == {str(cpd.register())}, f"attention backends after loading: {backends}"
+        ref, base = references(model, inputs)
+        _close(f"flux from_pretrained {R}x{U}", run(loaded, inputs), ref, base)
+    finally:
+        dist.barrier()
+        if dist.get_rank() == 0:
+            shutil.rmtree(path, ignore_errors=True)
+
+
 def _rank_main(rank: int, world_size: int) -> dict[str, str | None]:
     import cp_attention.integrations.diffusers as cpd
 
@@ -249,6 +282,8 @@ def _rank_main(rank: int, world_size: int) -> dict[str, str | None]:
         items += [(f"flux-uneven-{m}", functools.partial(_check_uneven_anything, m, world_size))
                   for m in ("ring", "ulysses")]
         items.append(("cpu-enable-parallelism", _check_cpu_enable_parallelism))
+        R, U = (2, 2) if world_size == 4 else (1, world_size)
+        items.append(("flux-from_pretrained", functools.partial(_check_from_pretrained, R, U)))
     if world_size == 4:
         unified = functools.partial(_check_use_as_sdpa, 2, 2, 7, 5, 7)
         items.append(("flux-uneven-unified-use_as_sdpa", unified))
@@ -269,7 +304,8 @@ def _items(P: int) -> list[str]:
     for mode in _meshes(P):
         keys += [f"flux-{mode}", f"qwen-{mode}", f"dispatch-lse-{mode}"]
     if P > 1:
-        keys += ["flux-native-ulysses", "flux-uneven-ring", "flux-uneven-ulysses", "cpu-enable-parallelism"]
+        keys += ["flux-native-ulysses", "flux-uneven-ring", "flux-uneven-ulysses", "cpu-enable-parallelism",
+                 "flux-from_pretrained"]
     if P == 4:
         keys.append("flux-uneven-unified-use_as_sdpa")
     keys += [key for key, _ in UNEVEN_HEADS.get(P, [])]

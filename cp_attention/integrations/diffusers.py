@@ -4,6 +4,7 @@
     cpd.register()                                     # once per process; backend=, check= optional
     transformer.set_attention_backend("cp_attention")  # our kernels, single process
     cpd.enable_parallelism(transformer, ContextParallelConfig(ring_degree=2, ulysses_degree=2))
+    # or, loading: cpd.from_pretrained(FluxTransformer2DModel, path, ContextParallelConfig(ulysses_degree=4))
 
 With a `ContextParallelConfig`, diffusers' hooks split the sequence (its model's `_cp_plan`) and the
 backend runs cp_attention's ring (peer-to-peer K/V rotation), Ulysses or Unified attention on the process
@@ -239,6 +240,27 @@ def no_accelerator_workaround():
         yield
     finally:
         accelerator.device_count = original
+
+
+def from_pretrained(model_cls, path, config, **kwargs):
+    """`model_cls.from_pretrained(path, parallel_config=..., **kwargs)` with context parallelism on the
+    cp_attention backend: registers the backend, loads under no_accelerator_workaround (CPU-only machines),
+    and sets the loaded model's attention backend to "cp_attention". `config`: a ContextParallelConfig or a
+    diffusers ParallelConfig. A ContextParallelConfig is wrapped in ParallelConfig(context_parallel_config=
+    ...) first: diffusers 0.42.1's from_pretrained reads `.tensor_parallel_config` from what it is given,
+    so a bare ContextParallelConfig raises AttributeError there. Returns the model; a collective (every rank
+    of the world calls it, after init_process_group)."""
+    register()
+    try:
+        from diffusers import ContextParallelConfig, ParallelConfig
+    except ImportError:  # an older diffusers: its from_pretrained takes the ContextParallelConfig itself
+        ContextParallelConfig = ParallelConfig = None
+    if ParallelConfig is not None and isinstance(config, ContextParallelConfig):
+        config = ParallelConfig(context_parallel_config=config)
+    with no_accelerator_workaround():
+        model = model_cls.from_pretrained(path, parallel_config=config, **kwargs)
+    model.set_attention_backend(BACKEND_NAME)
+    return model
 
 
 def enable_parallelism(transformer, config, cp_plan=None):
