@@ -374,7 +374,11 @@ def write_json(name: str, rows: list[dict], extra: dict | None = None, *, device
     env = environment(device)
     stamp = _dt.datetime.now(_dt.timezone.utc).strftime("%Y%m%dT%H%M%SZ")
     path = out_dir / f"{name}-{device_slug(device)}-{stamp}{'.tmp' if tmp else ''}.json"
-    payload = {"benchmark": name, "environment": env, **(extra or {}), "rows": rows}
+    extra = dict(extra or {})
+    if isinstance(extra.get("args"), dict):
+        # Where the file was written is a path of this machine, and the file's own location says it anyway.
+        extra["args"] = {k: v for k, v in extra["args"].items() if k != "out_dir"}
+    payload = {"benchmark": name, "environment": env, **extra, "rows": rows}
     path.write_text(json.dumps(payload, indent=2, default=str) + "\n")
     print(f"wrote {path}")
     return path

@@ -574,11 +574,14 @@ def _seq_to_head_one(x: torch.Tensor, heads: list[int], seq_lens: list[int], gro
     around one all_to_all_single (a gradient path, not a hot one)."""
     rank = _resolve_process_group(group_name).rank()
     head_dim = 3 - seq_dim
-    parts = [p.contiguous() for p in x.split(heads, dim=head_dim)]  # rank p's heads
+    parts = x.split(heads, dim=head_dim)  # rank p's heads
+    send, at = x.new_empty((x.numel(),)), 0
+    for p in parts:  # one copy into the send buffer, rank by rank
+        send[at:at + p.numel()].view(p.shape).copy_(p)
+        at += p.numel()
     shape = list(parts[rank].shape)
     per = math.prod(n for i, n in enumerate(shape) if i != seq_dim)  # elements per position, this rank
-    recv = _all_to_all(torch.cat([p.reshape(-1) for p in parts]), [p.numel() for p in parts],
-                       [per * s for s in seq_lens], group_name)
+    recv = _all_to_all(send, [p.numel() for p in parts], [per * s for s in seq_lens], group_name)
     chunks = []
     for c, s in zip(recv.split([per * s for s in seq_lens]), seq_lens):
         shape[seq_dim] = s
