@@ -8,11 +8,12 @@ DEPS_STAMP  := $(VENV)/.deps-stamp
 BUILD_STAMP := $(VENV)/.build-stamp
 SOURCES     := $(shell find csrc -name '*.cpp' -o -name '*.cu' -o -name '*.h' -o -name '*.cuh' 2>/dev/null)
 PYTEST_ARGS ?=
-# `make demo DEMO_RANKS=2 DEMO_ARGS="--layers 1"`: see `python -m cp_attention.demo --help`.
+# `make demo DEMO_RANKS=2 DEMO_ARGS="--steps 2"`: see `python -m cp_attention.pipeline_demo --help`;
+# `make demo-step DEMO_ARGS="--train"`: see `python -m cp_attention.demo --help`.
 DEMO_RANKS  ?= 4
 DEMO_ARGS   ?=
 
-.PHONY: setup build test demo bench clean lint
+.PHONY: setup build test demo demo-step bench clean lint
 
 setup: $(BUILD_STAMP)
 
@@ -38,9 +39,14 @@ build: $(BUILD_STAMP)
 test: setup
 	$(PY) -m pytest $(PYTEST_ARGS)
 
-# One FLUX-shaped denoising step, single-process and context-parallel (ring, Ulysses, Unified and diffusers'
-# native Ulysses), checked and timed; gloo on CPUs, NCCL on GPUs. --standalone picks a free port.
+# Whole pipelines (FLUX; Qwen-Image with true CFG), single-process and parallel (ring, Ulysses, Unified, data,
+# CFG), checked, timed and saved as PNG in demo_out/; gloo on CPUs, NCCL on GPUs. --standalone picks a free port.
 demo: setup
+	$(VENV)/bin/torchrun --standalone --nproc_per_node $(DEMO_RANKS) -m cp_attention.pipeline_demo $(DEMO_ARGS)
+
+# One FLUX-shaped transformer step (or training step with --train), single-process and context-parallel, with
+# diffusers' native Ulysses beside ours.
+demo-step: setup
 	$(VENV)/bin/torchrun --standalone --nproc_per_node $(DEMO_RANKS) -m cp_attention.demo $(DEMO_ARGS)
 
 bench: setup

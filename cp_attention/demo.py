@@ -202,7 +202,10 @@ class PeakMemory:
 
 # ---------------------------------------------------------------------------------------------------------
 
-class Demo:
+class RankDemo:
+    """What every demo rank knows: its rank, device (one CUDA GPU per rank, else the CPU), working dtype,
+    cores and threads, and a PeakMemory."""
+
     def __init__(self, args):
         self.args = args
         self.rank, self.world = dist.get_rank(), dist.get_world_size()
@@ -213,12 +216,17 @@ class Demo:
         self.cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
         self.rank_threads = max(1, self.cores // self.world)
         self.mem = PeakMemory(self.device)
-        self.train = bool(getattr(args, "train", False))
-        self._weights: dict = {}
 
     def log(self, *a):
         if self.rank == 0:
             print("[demo]", *a, flush=True)
+
+
+class Demo(RankDemo):
+    def __init__(self, args):
+        super().__init__(args)
+        self.train = bool(getattr(args, "train", False))
+        self._weights: dict = {}
 
     def loss_weight(self, out: torch.Tensor) -> torch.Tensor:
         """W of the training loss sum(out * W): standard normal of out's shape drawn from --seed in float64
@@ -415,6 +423,17 @@ def unified_mesh(P: int, spec: str | None) -> tuple[int, int]:
     return R, P // R
 
 
+def print_markdown_table(head, lines) -> None:
+    """head and each line (tuples of cells) as a Markdown table on stdout, after a blank line."""
+    widths = [max(len(str(r[i])) for r in [head, *lines]) for i in range(len(head))]
+    fmt = "| " + " | ".join(f"{{:<{w}}}" for w in widths) + " |"
+    print()
+    print(fmt.format(*head))
+    print("|" + "|".join("-" * (w + 2) for w in widths) + "|")
+    for r in lines:
+        print(fmt.format(*r))
+
+
 def print_table(rows, demo):
     mib = 1 << 20
     if demo.train:
@@ -427,13 +446,7 @@ def print_table(rows, demo):
         peak = f"{max(peaks) / mib:.0f}" + ("" if len(peaks) == 1 else f" (max of {len(peaks)})")
         cells = [f"{err_single:.2e}", f"{err_ref:.2e}"] + ([f"{ratio:.2f}"] if demo.train else [])
         lines.append((mode, backend, mesh, *cells, f"{t * 1e3:.0f}", peak, "ok" if passed else "FAIL"))
-    widths = [max(len(str(r[i])) for r in [head, *lines]) for i in range(len(head))]
-    fmt = "| " + " | ".join(f"{{:<{w}}}" for w in widths) + " |"
-    print()
-    print(fmt.format(*head))
-    print("|" + "|".join("-" * (w + 2) for w in widths) + "|")
-    for r in lines:
-        print(fmt.format(*r))
+    print_markdown_table(head, lines)
     if demo.train:
         check = ("grad err: the largest |gradient - single-process native (or float64) gradient| over all "
                  "parameters, context-parallel gradients summed over the ranks; worst err/tol: the largest "
@@ -487,25 +500,27 @@ def _launch(args, argv) -> int:
     return subprocess.call(cmd)
 
 
-def main(argv=None) -> int:
-    argv = sys.argv[1:] if argv is None else list(argv)
-    args = parse_args(argv)
+def run_ranks(argv: list[str], args, problem_of, runner, launch, name: str) -> int:
+    """The main of a demo module. Not under torchrun: checks the arguments (problem_of(args, world) -> why
+    not, or None) and calls launch(args, argv) to start torchrun. Under torchrun: one rank of
+    runner(args).run() -> bool over a gloo (CPU) or NCCL (CUDA) group; rank 0 prints PASS or FAIL.
+    Returns the exit code: 0 on PASS, 1 on FAIL, 2 for bad arguments."""
     launched = "RANK" in os.environ and "WORLD_SIZE" in os.environ
     world = int(os.environ["WORLD_SIZE"]) if launched else args.world_size
-    why = "--world-size must be >= 1" if world < 1 else problem(args, world)
+    why = "--world-size must be >= 1" if world < 1 else problem_of(args, world)
     if why is not None:
         if int(os.environ.get("RANK", 0)) == 0:
-            print(f"cp_attention.demo: {why}", file=sys.stderr, flush=True)
+            print(f"{name}: {why}", file=sys.stderr, flush=True)
         return 2
     if not launched:
-        return _launch(args, argv)
+        return launch(args, argv)
     cuda = use_cuda(args)
     if cuda:
         torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", 0)))
     dist.init_process_group("nccl" if cuda else "cpu:gloo", timeout=datetime.timedelta(seconds=args.timeout))
     rank = int(os.environ["RANK"])
     try:
-        ok = Demo(args).run()
+        ok = runner(args).run()
     except Exception:  # noqa: BLE001 (reported, then the run fails as a whole)
         print(f"[demo] rank {rank} failed:\n{traceback.format_exc()}", file=sys.stderr, flush=True)
         ok = False
@@ -514,6 +529,11 @@ def main(argv=None) -> int:
     if rank == 0:
         print("PASS" if ok else "FAIL", flush=True)
     return 0 if ok else 1
+
+
+def main(argv=None) -> int:
+    argv = sys.argv[1:] if argv is None else list(argv)
+    return run_ranks(argv, parse_args(argv), problem, Demo, lambda a, v: _launch(a, v), "cp_attention.demo")
 
 
 if __name__ == "__main__":

@@ -32,7 +32,9 @@ Nothing is changed at import or left changed afterwards.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import functools
+import math
 import re
 
 import torch
@@ -277,6 +279,145 @@ def enable_parallelism(transformer, config, cp_plan=None):
     return transformer
 
 
+# The mesh of parallelize_pipeline: replicas on the CFG and data axes (outermost), each context-parallel
+# inside.
+PIPELINE_MESH_DIMS = ("cfg", "data", "ring", "ulysses")
+TRANSFORMER_COMPONENTS = ("transformer", "transformer_2")
+
+
+@dataclasses.dataclass
+class PipelineParallel:
+    """What parallelize_pipeline set up: the degrees, this rank's place, the mesh (dims PIPELINE_MESH_DIMS,
+    shape (cfg_degree, data_degree, ring_degree, ulysses_degree)) and the transformers it changed."""
+    cfg_degree: int
+    data_degree: int
+    ring_degree: int
+    ulysses_degree: int
+    mesh: object
+    transformers: tuple[str, ...]
+
+    @property
+    def cfg_rank(self) -> int:
+        return self.mesh.get_local_rank("cfg")
+
+    @property
+    def data_rank(self) -> int:
+        return self.mesh.get_local_rank("data")
+
+
+def parallelize_pipeline(pipe, *, ring_degree: int = 1, ulysses_degree: int = 1, cfg_degree: int = 1,
+                         data_degree: int = 1, ring_anything: bool = False, ulysses_anything: bool = False,
+                         backend: str = "auto", check: str = "once", device_type: str | None = None,
+                         components: tuple[str, ...] | None = None) -> PipelineParallel:
+    """Makes a diffusers pipeline run over every rank of the world, unchanged in how it is called: `pipe(...)`
+    on every rank returns the same images as the single-process pipeline (within the tolerance of a
+    different summation order). A collective: every rank calls it, after init_process_group, with the same
+    arguments; cfg_degree * data_degree * ring_degree * ulysses_degree must equal the world size.
+
+    The world becomes a mesh of shape (cfg_degree, data_degree, ring_degree, ulysses_degree), dims
+    PIPELINE_MESH_DIMS. Each (cfg, data) replica runs the transformer context-parallel over its
+    ring_degree x ulysses_degree ranks (diffusers' hooks split the sequence; attention is cp_attention's ring,
+    Ulysses or Unified, any head count); all other components (text encoders, VAE, scheduler) run whole on
+    every rank.
+
+    cfg_degree: 1 or 2. With 2, the pipeline's conditional and unconditional transformer passes of each step
+        run at once on the two halves of the ranks and the predictions are exchanged once per step
+        (pipelines that mark them with cache_context("cond") / ("uncond"): FLUX with true_cfg_scale,
+        Qwen-Image, Wan and most others). Every call must then run with guidance on.
+    data_degree: replicas that each run a share of every transformer call's batch (several prompts, or
+        num_images_per_prompt > 1); the batch must hold at least data_degree elements.
+    ring_anything, ulysses_anything: diffusers' modes for sequences that do not split evenly.
+    backend, check: the attention kernels and agreement check (see register()).
+    device_type: the mesh's device type; default "cuda" under NCCL, else "cpu".
+    components: the pipeline's transformer attributes to parallelize; default those of
+        TRANSFORMER_COMPONENTS it has (Wan 2.2 has two).
+
+    Inference only with cfg_degree=2. Not with model CPU offload: a pipeline with offload hooks raises
+    ValueError, and so do enable_model_cpu_offload / enable_sequential_cpu_offload afterwards (the offload
+    hooks would move every rank's transformer to one device and wrap its forward outside context parallelism).
+    Returns a PipelineParallel.
+    """
+    from torch.distributed.device_mesh import init_device_mesh
+
+    from cp_attention.distributed.context_parallel import _default_device_type
+
+    from ._replicas import Axes, ReplicaForward
+
+    op = f"{_OP}.parallelize_pipeline"
+    if not torch.distributed.is_available() or not torch.distributed.is_initialized():
+        raise RuntimeError(f"{op}: torch.distributed is not initialised; call init_process_group first")
+    degrees = dict(cfg_degree=cfg_degree, data_degree=data_degree, ring_degree=ring_degree,
+                   ulysses_degree=ulysses_degree)
+    for name, value in degrees.items():
+        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+            raise ValueError(f"{op}: {name} must be an int >= 1, got {value!r}")
+    if cfg_degree > 2:
+        raise ValueError(f"{op}: cfg_degree must be 1 or 2 (a conditional and an unconditional pass), "
+                         f"got {cfg_degree}")
+    world = torch.distributed.get_world_size()
+    if math.prod(degrees.values()) != world:
+        raise ValueError(f"{op}: cfg_degree * data_degree * ring_degree * ulysses_degree must equal the "
+                         f"world "
+                         f"size {world}, got {degrees}")
+    names = tuple(n for n in (components or TRANSFORMER_COMPONENTS) if getattr(pipe, n, None) is not None)
+    if not names:
+        raise ValueError(f"{op}: the pipeline has none of the components "
+                         f"{components or TRANSFORMER_COMPONENTS}")
+    if getattr(pipe, "_all_hooks", None) or any(
+            hasattr(m, "_hf_hook") for m in pipe.components.values() if isinstance(m, torch.nn.Module)):
+        raise ValueError(f"{op}: {_OFFLOAD_CONFLICT}; create the pipeline without offloading")
+
+    register(backend=backend, check=check)
+    mesh = init_device_mesh(device_type or _default_device_type(),
+                            (cfg_degree, data_degree, ring_degree, ulysses_degree),
+                            mesh_dim_names=PIPELINE_MESH_DIMS)
+    axes = Axes(cfg_degree, mesh.get_local_rank("cfg"), mesh.get_group("cfg"),
+                data_degree, mesh.get_local_rank("data"), mesh.get_group("data"))
+    from diffusers import ContextParallelConfig
+
+    replicas = []
+    for name in names:
+        transformer = getattr(pipe, name)
+        transformer.set_attention_backend(BACKEND_NAME)
+        if ring_degree * ulysses_degree > 1:
+            enable_parallelism(transformer, ContextParallelConfig(
+                ring_degree=ring_degree, ulysses_degree=ulysses_degree, mesh=mesh,
+                ring_anything=ring_anything, ulysses_anything=ulysses_anything))
+        if cfg_degree * data_degree > 1:
+            replica = ReplicaForward(transformer, axes)
+            replica.install()
+            replicas.append(replica)
+    _guard_pipeline(pipe, replicas)
+    return PipelineParallel(cfg_degree, data_degree, ring_degree, ulysses_degree, mesh, names)
+
+
+_OFFLOAD_CONFLICT = ("model CPU offload and context/CFG/data parallelism do not combine: the offload "
+                     "hooks move the transformer to one device for every rank (gpu_id defaults to 0) and "
+                     "wrap its forward outside the context-parallel split (diffusers issue #12533); each "
+                     "rank keeps its whole transformer on its own device instead")
+
+
+def _guard_pipeline(pipe, replicas) -> None:
+    """Offloading raises from now on; the pipeline's end (maybe_free_model_hooks, which diffusers pipelines
+    call last) checks that no conditional call is left without its unconditional partner."""
+    def refuse(name):
+        def method(*args, **kwargs):
+            raise ValueError(f"{_OP}: {name} after parallelize_pipeline: {_OFFLOAD_CONFLICT}")
+        return method
+
+    for name in ("enable_model_cpu_offload", "enable_sequential_cpu_offload"):
+        setattr(pipe, name, refuse(name))
+    if replicas:
+        free_hooks = pipe.maybe_free_model_hooks
+
+        def maybe_free_model_hooks(*args, **kwargs):
+            for replica in replicas:
+                replica.check_done()
+            return free_hooks(*args, **kwargs)
+        pipe.maybe_free_model_hooks = maybe_free_model_hooks
+
+
 __all__ = ["BACKEND_NAME", "SUPPORTED_VERSIONS", "TESTED_VERSION", "UnsupportedDiffusers",
-           "attention_backend", "check_version", "enable_parallelism", "no_accelerator_workaround",
+           "PIPELINE_MESH_DIMS", "PipelineParallel", "attention_backend", "check_version",
+           "enable_parallelism", "from_pretrained", "no_accelerator_workaround", "parallelize_pipeline",
            "register"]
