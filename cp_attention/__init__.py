@@ -12,9 +12,10 @@ from .attention import (
     merge_attn_states_,
 )
 from .distributed import ContextParallel, ring_attention, ulysses_attention, unified_attention
+from .planner import plan
 from .sdpa_drop_in import sdpa, use_as_sdpa
 
 __all__ = ["ContextParallel", "available_backends", "build_info", "flash_attn", "flash_attn_acc_",
-           "flash_attn_bwd", "merge_attn_states", "merge_attn_states_", "ops", "ring_attention", "sdpa",
-           "ulysses_attention", "unified_attention", "use_as_sdpa"]
+           "flash_attn_bwd", "merge_attn_states", "merge_attn_states_", "ops", "plan", "ring_attention",
+           "sdpa", "ulysses_attention", "unified_attention", "use_as_sdpa"]
 __version__ = "0.1.0"
