@@ -138,3 +138,17 @@ def make_kv_mask(B: int, Sk: int, gen: torch.Generator, device="cpu", empty_batc
     if empty_batch and B > 1:
         mask[-1] = False
     return mask.to(device)
+
+
+def toy_hardware(fast_span: int = 4):
+    """A synthetic HardwareProfile with round numbers for the planner's tests: `fast_span` devices on a
+    fast link (100 GB/s, 5 us), a slow network beyond (10 GB/s, 20 us)."""
+    import math
+
+    from cp_attention.planner import HardwareProfile, Link
+
+    return HardwareProfile(
+        name="toy", device="toy accelerator", attention_tflops={"bfloat16": {64: 100.0, 128: 200.0}},
+        kernel_half_len=100.0, kernel_overhead_us=10.0, gemm_tflops={"bfloat16": 300.0}, memory_gb=80.0,
+        devices_per_node=fast_span, overlap=0.5, sources=("test",),
+        links=(Link("fast", fast_span, 100.0, 5.0), Link("slow", math.inf, 10.0, 20.0)))

@@ -14,6 +14,7 @@ from dist_harness import SpawnedItems, run_items
 from reference import check_attention
 
 SPAWN_TIMEOUT_S = 120.0
+AUTO_HEADS = [1, 12]  # ContextParallel.auto at world 4: one head allows only the ring
 WORLD_SIZES = [1, 2, 3, 4]
 # (ring, ulysses) meshes per world size: every factorization.
 MESHES = {P: [(r, P // r) for r in range(1, P + 1) if P % r == 0] for P in WORLD_SIZES}
@@ -132,6 +133,59 @@ def _check_data_misuse(rank, world_size):
         ContextParallel(mesh=mesh, data_degree=1)
 
 
+def _check_auto(rank, world_size, heads):
+    """ContextParallel.auto builds the planner's best layout, placement included, and attends exactly. With
+    one head only the ring fits; with 12 the toy profile's fast link favours Ulysses."""
+    import torch.distributed as dist
+    from conftest import toy_hardware
+
+    from cp_attention import ContextParallel, plan
+
+    hw = toy_hardware(fast_span=2)
+    cp = ContextParallel.auto(4096, heads, 64, hardware=hw)
+    best = plan(world_size, seq_len=4096, heads=heads, head_dim=64, hardware=hw)[0]
+    assert cp.plan == best
+    assert (cp.data_degree, cp.ring_degree, cp.ulysses_degree) == (best.data_degree, best.ring_degree,
+                                                                  best.ulysses_degree)
+    if cp.ulysses_degree > 1:
+        assert dist.get_process_group_ranks(cp.ulysses_group)[:2] == _placed_group(rank, best, "ulysses")
+    problem = ("auto", 1, 37, heads, heads, 16, torch.float32, True, False)
+    _check_problem(cp, problem)
+
+
+def _placed_group(rank, best, dim):
+    """The first two global ranks of this rank's group along dim, as the plan's placement puts them."""
+    R, U = best.ring_degree, best.ulysses_degree
+    base, local = rank - rank % (R * U), rank % (R * U)
+    if best.placement == "ring-inner":  # global = base + u * R + r
+        r, u = local % R, local // R
+        ulysses, ring = [base + i * R + r for i in range(U)], [base + u * R + i for i in range(R)]
+    else:  # global = base + r * U + u
+        r, u = local // U, local % U
+        ulysses, ring = [base + r * U + i for i in range(U)], [base + i * U + u for i in range(R)]
+    return (ulysses if dim == "ulysses" else ring)[:2]
+
+
+def _check_ring_inner_mesh(rank, world_size):
+    """A ring-inner plan's mesh: ring groups on consecutive ranks, Ulysses groups strided; attention exact."""
+    import dataclasses
+
+    import torch.distributed as dist
+    from conftest import toy_hardware
+
+    from cp_attention import ContextParallel, plan
+    from cp_attention.planner import placement_mesh
+
+    plans = plan(world_size, seq_len=512, heads=4, head_dim=16, hardware=toy_hardware())
+    two_by_two = next(p for p in plans if (p.ring_degree, p.ulysses_degree) == (2, 2))
+    ring_inner = dataclasses.replace(two_by_two, placement="ring-inner")
+    cp = ContextParallel(mesh=placement_mesh(ring_inner, "cpu"))
+    assert dist.get_process_group_ranks(cp.ring_group) == [rank - rank % 2, rank - rank % 2 + 1]
+    assert dist.get_process_group_ranks(cp.ulysses_group) == [rank % 2, rank % 2 + 2]
+    assert dist.get_process_group_ranks(cp.ulysses_group)[:2] == _placed_group(rank, ring_inner, "ulysses")
+    _check_problem(cp, ("ring-inner", 2, 29, 4, 2, 16, torch.float32, False, True))
+
+
 def _rank_main(rank: int, world_size: int) -> dict[str, str | None]:
     from cp_attention import ContextParallel
 
@@ -146,6 +200,11 @@ def _rank_main(rank: int, world_size: int) -> dict[str, str | None]:
         items = [(f"{ring}x{ulysses}-{p[0]}", functools.partial(_check_problem, cp, p)) for p in PROBLEMS]
         items.append((f"{ring}x{ulysses}-shard-gather", functools.partial(_check_shard_gather, cp, rank)))
         results.update(run_items(items))
+    if world_size == 4:
+        results.update(run_items([(f"auto-heads{h}", functools.partial(_check_auto, rank, world_size, h))
+                                  for h in AUTO_HEADS]))
+        results.update(run_items([("ring-inner-mesh", functools.partial(_check_ring_inner_mesh, rank,
+                                                                        world_size))]))
     results.update(run_items([("given-mesh", functools.partial(_check_given_mesh, rank, world_size)),
                               ("misuse", functools.partial(_check_misuse, rank, world_size))]))
     return results
@@ -198,3 +257,12 @@ def test_data_axis_replicas_match_reference(runs, world_size, key):
 @pytest.mark.parametrize("world_size", sorted(DATA_MESHES))
 def test_data_axis_misuse(runs, world_size):
     runs.assert_ok(world_size, "data-misuse")
+
+
+@pytest.mark.parametrize("heads", AUTO_HEADS)
+def test_auto_builds_the_planned_layout(runs, heads):
+    runs.assert_ok(4, f"auto-heads{heads}")
+
+
+def test_ring_inner_placement_mesh(runs):
+    runs.assert_ok(4, "ring-inner-mesh")

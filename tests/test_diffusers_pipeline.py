@@ -328,6 +328,43 @@ def _check_data_output_without_batch(rank, world_size):
         module(torch.zeros(3, 4), block_samples=[], extra=True)
 
 
+def _check_auto_layout(rank, world_size):
+    """layout="auto": the planner's best layout that fits the pipeline (Ulysses groups consecutive, the data
+    split within the batch; with cfg an even data degree is the CFG axis), and the reference images. On the
+    toy profile every link is slow, so CFG parallelism (no communication during attention) wins."""
+    from conftest import toy_hardware
+
+    import cp_attention.integrations.diffusers as cpd
+    from cp_attention import plan
+    from cp_attention.pipelines_tiny import run
+
+    case = ALL_CASES["qwen-cfg2"]
+    pipe = _pipeline(case)
+    inputs = _inputs(case, pipe)
+    seq = inputs["latents"].shape[1] + inputs["prompt_embeds"].shape[1]
+    hw = toy_hardware(fast_span=1)
+    chosen = cpd.parallelize_pipeline(pipe, layout="auto", seq_len=seq, batch=2, cfg=True, hardware=hw)
+    plans = plan(world_size, seq_len=seq, heads=6, head_dim=32, batch=2, cfg=True, hardware=hw)
+    assert chosen.plan == plans[0] and chosen.plan.data_degree == world_size
+    assert (chosen.cfg_degree, chosen.data_degree, chosen.ring_degree, chosen.ulysses_degree) == (2, 1, 1, 1)
+    _check_images([(f"auto layout (rank {rank})", run(pipe, inputs))], case.key)
+
+
+def _check_auto_layout_misuse(rank, world_size):
+    import cp_attention.integrations.diffusers as cpd
+
+    pipe = _pipeline(FLUX)
+    with pytest.raises(ValueError, match="layout='auto' needs seq_len"):
+        cpd.parallelize_pipeline(pipe, layout="auto")
+    with pytest.raises(ValueError, match="layout must be None or 'auto'"):
+        cpd.parallelize_pipeline(pipe, layout="auto", seq_len=64, ring_degree=2)
+    with pytest.raises(ValueError, match="layout must be None or 'auto'"):
+        cpd.parallelize_pipeline(pipe, layout="fastest", seq_len=64)
+    if not torch.cuda.is_available():
+        with pytest.raises(ValueError, match="hardware must be given on a machine without a CUDA device"):
+            cpd.parallelize_pipeline(pipe, layout="auto", seq_len=64)
+
+
 ERROR_CHECKS = [("error-degree-product", _check_degree_product),
                 ("error-cfg-degree-3", _check_cfg_degree_3)]
 ERROR_CHECKS += [(f"error-bad-{name}={degrees[name]!r}", functools.partial(_check_bad_degree, name, degrees))
@@ -338,7 +375,9 @@ ERROR_CHECKS += [("error-offload-before", _check_offload_before),
                  ("error-data2-one-prompt", _check_data_batch_too_small),
                  ("error-cfg2-grad-mode", _check_cfg2_grad_mode),
                  ("data2-list-of-tensors", _check_data_split_list_of_tensors),
-                 ("error-data2-output-without-batch", _check_data_output_without_batch)]
+                 ("error-data2-output-without-batch", _check_data_output_without_batch),
+                 ("auto-layout", _check_auto_layout),
+                 ("error-auto-layout", _check_auto_layout_misuse)]
 ERROR_WORLD_SIZE = 2
 
 

@@ -8,16 +8,12 @@ import math
 
 import pytest
 import torch
+from conftest import toy_hardware
 
-from cp_attention.planner import HardwareProfile, Link, plan
+from cp_attention.planner import plan
 from cp_attention.planner.cost import Workload, estimate, layouts
 
-# A synthetic machine with round numbers: 4 devices per NVLink-like domain, a slower network beyond.
-TOY = HardwareProfile(
-    name="toy", device="toy accelerator", attention_tflops={"bfloat16": {64: 100.0, 128: 200.0}},
-    kernel_half_len=100.0, kernel_overhead_us=10.0, gemm_tflops={"bfloat16": 300.0}, memory_gb=80.0,
-    devices_per_node=4, links=(Link("fast", 4, 100.0, 5.0), Link("slow", math.inf, 10.0, 20.0)),
-    overlap=0.5, sources=("test",))
+TOY = toy_hardware()  # 4 devices on a fast link, a slower network beyond
 
 WORLDS = [1, 2, 3, 4, 6, 8, 16]
 SHAPES = [dict(seq_len=4608, heads=24, head_dim=128), dict(seq_len=1000, heads=5, head_dim=64),
@@ -173,3 +169,29 @@ def test_plan_is_exported_as_a_function():
     import cp_attention
 
     assert callable(cp_attention.plan) and cp_attention.plan is plan
+
+
+@pytest.mark.parametrize("device_name,profile", [("NVIDIA H100 80GB HBM3", "h100-sxm"),
+                                                 ("NVIDIA H200", "h200-sxm"),
+                                                 ("NVIDIA A100-PCIE-40GB", "a100-pcie"),
+                                                 ("NVIDIA A100-SXM4-80GB", "a100-sxm"),
+                                                 ("NVIDIA L20", "l20-pcie"),
+                                                 ("NVIDIA GeForce RTX 4090", "rtx4090-pcie")])
+def test_default_hardware_follows_the_cuda_device_name(device_name, profile, monkeypatch):
+    from cp_attention.planner import BUILTIN, default_hardware
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "get_device_name", lambda *a: device_name)
+    assert default_hardware() is BUILTIN[profile]
+
+
+def test_default_hardware_needs_a_name_without_a_known_gpu(monkeypatch):
+    from cp_attention.planner import default_hardware
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    with pytest.raises(ValueError, match="hardware must be given on a machine without a CUDA device"):
+        default_hardware()
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "get_device_name", lambda *a: "Some Accelerator 9000")
+    with pytest.raises(ValueError, match="no built-in profile for the device 'Some Accelerator 9000'"):
+        default_hardware()

@@ -98,6 +98,30 @@ class ContextParallel:
         # One replica: no data group to talk over.
         self.data_group = mesh.get_group("data") if Dd > 1 else None
         self.data_rank = mesh.get_local_rank("data") if Dd > 1 else 0
+        self.plan = None  # the planner's Plan, when built by ContextParallel.auto
+
+    @classmethod
+    def auto(cls, seq_len: int, heads: int, head_dim: int, *, kv_heads: int | None = None, batch: int = 1,
+             causal: bool = False, dtype=torch.bfloat16, hardware=None, train: bool = False,
+             cfg: bool = False, device_type: str | None = None, backend: str = "auto",
+             check: str = "once") -> ContextParallel:
+        """The layout cp_attention.plan predicts fastest for the whole world (every rank calls it, after
+        init_process_group, with the same arguments): data x ring x ulysses and the placement, built as a
+        mesh. The shape arguments are plan()'s; hardware: a profile name, a HardwareProfile or a .json file
+        (default: the built-in profile of the CUDA device's name; required on CPUs, where
+        `python -m cp_attention.profile` measures one). The chosen Plan is the result's `.plan`."""
+        from cp_attention.planner import default_hardware, placement_mesh, plan
+
+        if not dist.is_available() or not dist.is_initialized():
+            raise RuntimeError(f"{_OP}.auto: torch.distributed is not initialised; call "
+                               f"torch.distributed.init_process_group first")
+        best = plan(dist.get_world_size(), seq_len=seq_len, heads=heads, head_dim=head_dim, kv_heads=kv_heads,
+                    batch=batch, causal=causal, dtype=dtype, train=train, cfg=cfg,
+                    hardware=default_hardware() if hardware is None else hardware)[0]
+        cp = cls(mesh=placement_mesh(best, device_type or _default_device_type()), backend=backend,
+                 check=check)
+        cp.plan = best
+        return cp
 
     @property
     def world_size(self) -> int:

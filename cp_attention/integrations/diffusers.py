@@ -295,6 +295,7 @@ class PipelineParallel:
     ulysses_degree: int
     mesh: object
     transformers: tuple[str, ...]
+    plan: object = None  # the planner's Plan, with layout="auto"
 
     @property
     def cfg_rank(self) -> int:
@@ -308,7 +309,9 @@ class PipelineParallel:
 def parallelize_pipeline(pipe, *, ring_degree: int = 1, ulysses_degree: int = 1, cfg_degree: int = 1,
                          data_degree: int = 1, ring_anything: bool = False, ulysses_anything: bool = False,
                          backend: str = "auto", check: str = "once", device_type: str | None = None,
-                         components: tuple[str, ...] | None = None) -> PipelineParallel:
+                         components: tuple[str, ...] | None = None, layout: str | None = None,
+                         seq_len: int | None = None, batch: int = 1, cfg: bool = False,
+                         hardware=None) -> PipelineParallel:
     """Makes a diffusers pipeline run over every rank of the world, unchanged in how it is called: `pipe(...)`
     on every rank returns the same images as the single-process pipeline (within the tolerance of a
     different summation order). A collective: every rank calls it, after init_process_group, with the same
@@ -331,6 +334,10 @@ def parallelize_pipeline(pipe, *, ring_degree: int = 1, ulysses_degree: int = 1,
     device_type: the mesh's device type; default "cuda" under NCCL, else "cpu".
     components: the pipeline's transformer attributes to parallelize; default those of
         TRANSFORMER_COMPONENTS it has (Wan 2.2 has two).
+    layout="auto": the degrees (left at 1) are chosen by plan_pipeline(pipe, seq_len, batch=batch, cfg=cfg,
+        hardware=hardware): the fastest layout cp_attention.plan predicts for the transformer's attention
+        (seq_len: its joint sequence, e.g. 4096 image + 512 text tokens for FLUX at 1024 x 1024; batch:
+        prompts x images per prompt; cfg: whether calls will run with guidance).
 
     Inference only with cfg_degree=2. Not with model CPU offload: a pipeline with offload hooks raises
     ValueError, and so do enable_model_cpu_offload / enable_sequential_cpu_offload afterwards (the offload
@@ -348,6 +355,17 @@ def parallelize_pipeline(pipe, *, ring_degree: int = 1, ulysses_degree: int = 1,
         raise RuntimeError(f"{op}: torch.distributed is not initialised; call init_process_group first")
     degrees = dict(cfg_degree=cfg_degree, data_degree=data_degree, ring_degree=ring_degree,
                    ulysses_degree=ulysses_degree)
+    chosen = None
+    if layout is not None:
+        if layout != "auto" or any(v != 1 for v in degrees.values()):
+            raise ValueError(f"{op}: layout must be None or 'auto' (with every degree left at 1), got "
+                             f"layout={layout!r}, {degrees}")
+        if seq_len is None:
+            raise ValueError(f"{op}: layout='auto' needs seq_len, the transformer's joint sequence length")
+        degrees, chosen = plan_pipeline(pipe, seq_len, batch=batch, cfg=cfg, hardware=hardware,
+                                        components=components)
+        cfg_degree, data_degree = degrees["cfg_degree"], degrees["data_degree"]
+        ring_degree, ulysses_degree = degrees["ring_degree"], degrees["ulysses_degree"]
     for name, value in degrees.items():
         if isinstance(value, bool) or not isinstance(value, int) or value < 1:
             raise ValueError(f"{op}: {name} must be an int >= 1, got {value!r}")
@@ -388,7 +406,33 @@ def parallelize_pipeline(pipe, *, ring_degree: int = 1, ulysses_degree: int = 1,
             replica.install()
             replicas.append(replica)
     _guard_pipeline(pipe, replicas)
-    return PipelineParallel(cfg_degree, data_degree, ring_degree, ulysses_degree, mesh, names)
+    return PipelineParallel(cfg_degree, data_degree, ring_degree, ulysses_degree, mesh, names, chosen)
+
+
+def plan_pipeline(pipe, seq_len: int, *, batch: int = 1, cfg: bool = False, hardware=None,
+                  components: tuple[str, ...] | None = None) -> tuple[dict, object]:
+    """The degrees parallelize_pipeline would take for the fastest layout cp_attention.plan predicts over the
+    world (heads and head dim from the first transformer's config), and the Plan: the best plan that
+    places Ulysses groups on consecutive ranks (the pipeline's mesh) and whose data split fits the calls
+    (with cfg, an even data degree becomes cfg_degree=2; the rest splits the batch, at most `batch`).
+    hardware: as cp_attention.plan's (default: the CUDA device's built-in profile)."""
+    from cp_attention.planner import default_hardware, plan
+
+    names = [n for n in (components or TRANSFORMER_COMPONENTS) if getattr(pipe, n, None) is not None]
+    if not names:
+        raise ValueError(f"{_OP}.plan_pipeline: the pipeline has none of the components "
+                         f"{components or TRANSFORMER_COMPONENTS}")
+    config = getattr(pipe, names[0]).config
+    heads, head_dim = config.num_attention_heads, config.attention_head_dim
+    plans = plan(torch.distributed.get_world_size(), seq_len=seq_len, heads=heads, head_dim=head_dim,
+                 batch=batch, cfg=cfg, hardware=default_hardware() if hardware is None else hardware)
+    for p in plans:
+        cfg_degree = 2 if cfg and p.data_degree % 2 == 0 else 1
+        data_degree = p.data_degree // cfg_degree
+        if p.placement == "ulysses-inner" and data_degree <= batch:
+            return dict(cfg_degree=cfg_degree, data_degree=data_degree, ring_degree=p.ring_degree,
+                        ulysses_degree=p.ulysses_degree), p
+    raise ValueError(f"{_OP}.plan_pipeline: no layout fits batch={batch}, cfg={cfg}")
 
 
 _OFFLOAD_CONFLICT = ("model CPU offload and context/CFG/data parallelism do not combine: the offload "
@@ -420,4 +464,4 @@ def _guard_pipeline(pipe, replicas) -> None:
 __all__ = ["BACKEND_NAME", "SUPPORTED_VERSIONS", "TESTED_VERSION", "UnsupportedDiffusers",
            "PIPELINE_MESH_DIMS", "PipelineParallel", "attention_backend", "check_version",
            "enable_parallelism", "from_pretrained", "no_accelerator_workaround", "parallelize_pipeline",
-           "register"]
+           "plan_pipeline", "register"]

@@ -1,8 +1,9 @@
 """The layout planner: which ring x Ulysses (x data) layout runs an attention call fastest on a machine,
 from a cost model (cost.py) over hardware profiles (hardware.py, profiles.py)."""
 
-from .cost import Plan, plan
+from .cost import Plan, placement_mesh, plan
 from .hardware import HardwareProfile, Link
-from .profiles import BUILTIN, PROFILE_NAMES, get_profile
+from .profiles import BUILTIN, PROFILE_NAMES, default_hardware, get_profile
 
-__all__ = ["BUILTIN", "PROFILE_NAMES", "HardwareProfile", "Link", "Plan", "get_profile", "plan"]
+__all__ = ["BUILTIN", "PROFILE_NAMES", "HardwareProfile", "Link", "Plan", "default_hardware", "get_profile",
+           "placement_mesh", "plan"]

@@ -227,3 +227,18 @@ def plan(world_size: int, *, seq_len: int, heads: int, head_dim: int, kv_heads: 
         for placement in PLACEMENTS if R > 1 and U > 1 else PLACEMENTS[:1]:
             plans.append(estimate(w, profile, data, R, U, placement))
     return sorted(plans, key=lambda p: (p.time_ms, p.memory_bytes, p.ring_degree, p.placement))
+
+
+def placement_mesh(p: Plan, device_type: str):
+    """The torch DeviceMesh of a plan's layout over the world: dims ("ring", "ulysses"), or ("data", "ring",
+    "ulysses") with data_degree > 1, as cp_attention.ContextParallel takes it. Global ranks are placed as
+    the plan says: "ulysses-inner" puts a Ulysses group on consecutive ranks, "ring-inner" a ring group.
+    A collective (every rank builds it)."""
+    from torch.distributed.device_mesh import DeviceMesh
+
+    D, R, U = p.data_degree, p.ring_degree, p.ulysses_degree
+    ranks = torch.arange(D * R * U)
+    ranks = ranks.reshape(D, U, R).transpose(1, 2) if p.placement == "ring-inner" else ranks.reshape(D, R, U)
+    if D == 1:
+        return DeviceMesh(device_type, ranks[0].contiguous(), mesh_dim_names=("ring", "ulysses"))
+    return DeviceMesh(device_type, ranks.contiguous(), mesh_dim_names=("data", "ring", "ulysses"))

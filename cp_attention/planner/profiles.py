@@ -198,3 +198,26 @@ def get_profile(hardware) -> HardwareProfile:
     raise ValueError(f"cp_attention.plan: unknown hardware profile hardware={hardware!r}; built-in profiles: "
                      f"{', '.join(PROFILE_NAMES)}; or pass a HardwareProfile or a .json file saved by "
                      f"python -m cp_attention.profile")
+
+
+# Substrings of torch.cuda.get_device_name() and the built-in profile each picks, first match wins.
+DEVICE_NAMES = (("H200", "h200-sxm"), ("H100", "h100-sxm"), ("A100-PCIE", "a100-pcie"), ("A100", "a100-sxm"),
+                ("L40S", "l40s-pcie"), ("L20", "l20-pcie"), ("4090", "rtx4090-pcie"))
+
+
+def default_hardware() -> HardwareProfile:
+    """The built-in profile of this process's CUDA device, by its name; ValueError where none matches or
+    there is no CUDA device (name a profile, or measure one with `python -m cp_attention.profile`)."""
+    import torch
+
+    if not torch.cuda.is_available():
+        raise ValueError("cp_attention.plan: hardware must be given on a machine without a CUDA device: a "
+                         f"built-in profile ({', '.join(PROFILE_NAMES)}), a HardwareProfile, or a .json file "
+                         "measured by python -m cp_attention.profile")
+    name = torch.cuda.get_device_name()
+    for pattern, profile in DEVICE_NAMES:
+        if pattern.lower() in name.lower():
+            return BUILTIN[profile]
+    raise ValueError(f"cp_attention.plan: no built-in profile for the device {name!r}; pass hardware= (one "
+                     f"of {', '.join(PROFILE_NAMES)}, a HardwareProfile, or a .json file measured by "
+                     f"python -m cp_attention.profile)")
