@@ -35,15 +35,38 @@ What is measured and how it is fitted (times are medians of several timed calls 
    span=inf, <all-to-all fit>)]; the P2P fit and every measured point are in the JSON's extra "measured"
    key, which HardwareProfile.from_dict ignores (it reads only the keys it needs). bandwidth_gbs is in
    GB/s = 1e9 bytes/s, latency_us in microseconds.
+5. overlap: how much of a ring hop hides behind the step's kernel, in cost.py's terms (a hop costs
+   max(0, hop - overlap * step)). At each of two ring-step shapes (first float32 kernel of B*H heads, head
+   dim 128, Sq = Sk = S; CPU: S = 256 and 1024) every rank times (a) the kernel alone, (b) the hop alone:
+   K and V (each [1, S, B*H, 128] float32) to rank + 1 and from rank - 1 (dist.batch_isend_irecv), and
+   (c) the overlapped step: the hop started, the kernel, then the hop waited for. hidden = a + b - c;
+   overlap_step = clamp(hidden / a, 0, 1) (hidden time per step time: cost.py's overlap) and overlap_hop =
+   clamp(hidden / b, 0, 1) (the fraction of the hop hidden). The profile's overlap is overlap_step at the
+   shape whose kernel and hop times are closest (least |log(a / b)|): where the hop is much shorter than
+   the kernel, hidden / a is at most b / a however well the two overlap, so such a shape says little.
+   Both shapes are in measured.overlap.
+6. copy_gbs: dst.copy_(x.transpose(1, 2)) of x [1, S, B*H, 128] float32 (CPU: 32 MiB; --quick 8 MiB) into
+   a contiguous [1, B*H, S, 128], the permute that packs and unpacks Ulysses' all-to-all buffers, on every
+   rank at once; copy_gbs = bytes read + written (2 * x's bytes) / the slowest rank's median time / 1e9,
+   GB/s per rank. Raw: measured.copy.
+7. sync_us: the extra cost of one synchronisation point when ranks compute between collectives (on an
+   oversubscribed CPU a collective waits for a descheduled rank). Every rank times loops of N iterations
+   of t1: the kernel alone, t2: the kernel and then an all_reduce of one element, t3: the all_reduce alone
+   (the kernel: float32, B*H heads, head dim 128, Sq = Sk = sync_seq, a few ms: CPU 256, as S = 1024 takes
+   over 100 ms at one thread per rank); sync_us = max(0, (t2 - t1 - t3) / N) in microseconds. Raw:
+   measured.sync.
+Steps 5-7 use the same timing as the rest (all ranks at once, torch.cuda.synchronize around the host
+timers on CUDA, the slowest rank's median) but have NOT run on a GPU yet.
 
 Also written: devices_per_node = the world size measured, memory_gb (1e9 bytes; CUDA: the device's memory,
-CPU: MemTotal of /proc/meminfo / world size), device (the CPU model or the GPU name), overlap (0.5 on the
-CPU, see OVERLAP) and sources. Rank 0 prints a summary and the path.
+CPU: MemTotal of /proc/meminfo / world size), device (the CPU model or the GPU name), overlap, copy_gbs and
+sync_us (steps 5-7, top-level keys) and sources. Rank 0 prints a summary and the path.
 """
 
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import datetime
 import functools
 import json
@@ -63,10 +86,9 @@ import torch.distributed as dist
 PROG = "cp_attention.profile"
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 HEAD_DIMS = (64, 128)
-# The fraction of a ring hop that hides behind compute. On the CPU the gloo transfers are copies and socket
-# work done by the same cores that run the kernels, so they overlap only partly: 0.5. On GPUs the copy
-# engines / NVLink run beside the SMs (HardwareProfile's default 0.9).
-OVERLAP = {"cpu": 0.5, "cuda": 0.9}
+# The head dim and dtype of steps 5-7 (overlap, copy, sync).
+STEP_HEAD_DIM = 128
+STEP_DTYPE = torch.float32
 # How long a collective may wait for a peer before the rank raises (a failed rank must not hang the rest).
 COLLECTIVE_TIMEOUT_S = 120.0
 
@@ -82,16 +104,22 @@ def _sizes(kib_from: int, kib_to: int, factor: int) -> tuple[int, ...]:
 # The measurement's shapes: (device type, quick) -> settings.
 #   bh: B*H of the attention shapes (B = 1); seq: step-1 sequence length; sweep: step-2 sequence lengths;
 #   gemm: N of the N x N x N matmul; msgs: per-rank buffer bytes of the link measurements;
-#   warmup / iters: untimed and timed calls per kernel measurement; comm_iters: timed calls per message size.
+#   warmup / iters: untimed and timed calls per kernel measurement; comm_iters: timed calls per message size;
+#   overlap_seqs: the ring-step shapes of the overlap measurement; copy_mib: the copy's source bytes per rank;
+#   sync_seq / sync_n / sync_iters: the sync measurement's kernel, loop length and timed loops.
 PLANS = {
     ("cpu", False): dict(bh=8, seq=1024, sweep=(64, 128, 256, 512, 1024, 2048), gemm=1024,
-                         msgs=_sizes(4, 8192, 4), warmup=2, iters=9, comm_iters=20),
+                         msgs=_sizes(4, 8192, 4), warmup=2, iters=9, comm_iters=20,
+                         overlap_seqs=(256, 1024), copy_mib=32, sync_seq=256, sync_n=20, sync_iters=5),
     ("cpu", True): dict(bh=4, seq=512, sweep=(64, 128, 256, 512), gemm=512,
-                        msgs=(4096, 65536, 1 << 20, 4 << 20), warmup=1, iters=7, comm_iters=15),
+                        msgs=(4096, 65536, 1 << 20, 4 << 20), warmup=1, iters=7, comm_iters=15,
+                        overlap_seqs=(256, 512), copy_mib=8, sync_seq=256, sync_n=10, sync_iters=3),
     ("cuda", False): dict(bh=16, seq=8192, sweep=(128, 256, 512, 1024, 2048, 4096, 8192, 16384), gemm=8192,
-                          msgs=_sizes(4, 256 * 1024, 4), warmup=3, iters=10, comm_iters=20),
+                          msgs=_sizes(4, 256 * 1024, 4), warmup=3, iters=10, comm_iters=20,
+                          overlap_seqs=(2048, 8192), copy_mib=256, sync_seq=4096, sync_n=50, sync_iters=5),
     ("cuda", True): dict(bh=16, seq=2048, sweep=(128, 512, 2048, 4096), gemm=4096,
-                         msgs=(4096, 1 << 20, 16 << 20, 64 << 20), warmup=2, iters=5, comm_iters=5),
+                         msgs=(4096, 1 << 20, 16 << 20, 64 << 20), warmup=2, iters=5, comm_iters=5,
+                         overlap_seqs=(2048, 4096), copy_mib=64, sync_seq=2048, sync_n=20, sync_iters=3),
 }
 
 
@@ -189,6 +217,35 @@ def kernel_model(seq: int, flops: float, peak_flops: float, half_len: float, ove
     return overhead_s + flops / (peak_flops * (seq / (seq + half_len)) ** 2)
 
 
+def clamp01(x: float) -> float:
+    return min(1.0, max(0.0, x))
+
+
+def overlap_fractions(kernel_s: float, hop_s: float, overlapped_s: float) -> tuple[float, float]:
+    """(overlap_step, overlap_hop) from the kernel alone, the hop alone and the two together: the hidden
+    time kernel + hop - overlapped over the kernel's time (cost.py's overlap: a hop costs
+    max(0, hop - overlap * step)) and over the hop's time, each clamped to [0, 1]."""
+    hidden = kernel_s + hop_s - overlapped_s
+    return clamp01(hidden / kernel_s), clamp01(hidden / hop_s)
+
+
+def closest_shape(shapes: list[dict]) -> dict:
+    """The overlap shape whose kernel and hop times are closest (least |log(kernel / hop)|)."""
+    return min(shapes, key=lambda sh: abs(math.log(sh["kernel_us"] / sh["hop_us"])))
+
+
+def profile_overlap(shapes: list[dict]) -> tuple[dict, float]:
+    """(the chosen shape, the profile's overlap): the shape of closest kernel and hop times, and its
+    overlap_step (hidden time / kernel time, cost.py's definition)."""
+    chosen = closest_shape(shapes)
+    return chosen, chosen["overlap_step"]
+
+
+def sync_cost_us(kernel_loop_us: float, both_loop_us: float, reduce_loop_us: float, n: int) -> float:
+    """The extra microseconds per synchronisation point: max(0, (t2 - t1 - t3) / N)."""
+    return max(0.0, (both_loop_us - kernel_loop_us - reduce_loop_us) / n)
+
+
 def fit_kernel(seqs: list[int], flops: list[float], ts: list[float],
                peak_flops: float) -> tuple[float, float]:
     """(half_len, overhead seconds) of time(S) = o + flops / (peak * (S / (S + h))**2): grid search over h
@@ -284,14 +341,87 @@ class RankProfiler:
         return self.slowest(statistics.median(ts))
 
     # -- kernels ------------------------------------------------------------------------------------------
+    def qkv(self, dtype, head_dim: int, seq: int) -> tuple[torch.Tensor, ...]:
+        g = torch.Generator(device=self.device).manual_seed(1234 + self.rank)
+        return tuple(torch.randn(1, seq, self.plan["bh"], head_dim, generator=g, device=self.device).to(dtype)
+                     for _ in range(3))
+
     def attention_seconds(self, dtype, head_dim: int, seq: int) -> float:
         from .attention import flash_attn
 
-        g = torch.Generator(device=self.device).manual_seed(1234 + self.rank)
-        q, k, v = (torch.randn(1, seq, self.plan["bh"], head_dim, generator=g, device=self.device).to(dtype)
-                   for _ in range(3))
+        q, k, v = self.qkv(dtype, head_dim, seq)
         plan = self.plan
         return self.time_all(lambda: flash_attn(q, k, v, backend="auto"), plan["warmup"], plan["iters"])
+
+    # -- overlap, copy, sync (steps 5-7) ------------------------------------------------------------------
+    def overlap_shape(self, seq: int) -> dict:
+        """Kernel alone, hop (K and V to rank + 1, from rank - 1) alone, and the hop started before the
+        kernel and waited for after it, at Sq = Sk = seq; the slowest rank's medians in us."""
+        from .attention import flash_attn
+
+        q, k, v = self.qkv(STEP_DTYPE, STEP_HEAD_DIM, seq)
+        k_in, v_in = torch.empty_like(k), torch.empty_like(v)
+        plan = self.plan
+
+        def kernel():
+            flash_attn(q, k, v, backend="auto")
+
+        def hop():
+            for req in self.start_hop((k, v), (k_in, v_in)):
+                req.wait()
+
+        def step():
+            reqs = self.start_hop((k, v), (k_in, v_in))
+            flash_attn(q, k, v, backend="auto")
+            for req in reqs:
+                req.wait()
+
+        t_kernel = self.time_all(kernel, plan["warmup"], plan["iters"])
+        t_hop = self.time_all(hop, plan["warmup"], plan["iters"])
+        t_step = self.time_all(step, plan["warmup"], plan["iters"])
+        overlap_step, overlap_hop = overlap_fractions(t_kernel, t_hop, t_step)
+        return {"seq": seq, "hop_bytes": k.nbytes + v.nbytes, "kernel_us": t_kernel * 1e6,
+                "hop_us": t_hop * 1e6, "overlapped_us": t_step * 1e6, "overlap_step": overlap_step,
+                "overlap_hop": overlap_hop}
+
+    def copy_point(self) -> dict:
+        """dst.copy_(x.transpose(1, 2)): x [1, S, B*H, D] float32 of copy_mib MiB into a contiguous
+        [1, B*H, S, D]; the slowest rank's median in us and the bytes read + written."""
+        bh, d = self.plan["bh"], STEP_HEAD_DIM
+        seq = self.plan["copy_mib"] * (1 << 20) // (bh * d * 4)
+        g = torch.Generator(device=self.device).manual_seed(7 + self.rank)
+        x = torch.randn(1, seq, bh, d, generator=g, device=self.device, dtype=torch.float32)
+        dst = torch.empty(1, bh, seq, d, device=self.device, dtype=torch.float32)
+        t = self.time_all(lambda: dst.copy_(x.transpose(1, 2)), self.plan["warmup"], self.plan["iters"])
+        return {"shape": [1, seq, bh, d], "dtype": "float32", "bytes": 2 * x.nbytes, "time_us": t * 1e6,
+                "bytes_counted": "read + written: 2 * the source's bytes"}
+
+    def sync_point(self) -> dict:
+        """Loops of N: the kernel, the kernel + an all_reduce of one element, the all_reduce alone; the
+        slowest rank's median loop times in us."""
+        from .attention import flash_attn
+
+        plan = self.plan
+        n, seq = plan["sync_n"], plan["sync_seq"]
+        q, k, v = self.qkv(STEP_DTYPE, STEP_HEAD_DIM, seq)
+        one = torch.zeros(1, device=self.device)
+
+        def kernels():
+            for _ in range(n):
+                flash_attn(q, k, v, backend="auto")
+
+        def both():
+            for _ in range(n):
+                flash_attn(q, k, v, backend="auto")
+                dist.all_reduce(one)
+
+        def reduces():
+            for _ in range(n):
+                dist.all_reduce(one)
+
+        t1, t2, t3 = (self.time_all(fn, 1, plan["sync_iters"]) for fn in (kernels, both, reduces))
+        return {"n": n, "seq": seq, "kernel_loop_us": t1 * 1e6, "kernel_allreduce_loop_us": t2 * 1e6,
+                "allreduce_loop_us": t3 * 1e6}
 
     def attn_flops(self, head_dim: int, seq: int) -> float:
         return 4.0 * self.plan["bh"] * seq * seq * head_dim
@@ -324,10 +454,14 @@ class RankProfiler:
 
     def ring_hop(self, x: torch.Tensor, y: torch.Tensor) -> None:
         """x to rank + 1, y from rank - 1 (batched, so NCCL pairs the two without a deadlock)."""
-        p = self.world
-        for req in dist.batch_isend_irecv([dist.P2POp(dist.isend, x, (self.rank + 1) % p),
-                                           dist.P2POp(dist.irecv, y, (self.rank - 1) % p)]):
+        for req in self.start_hop((x,), (y,)):
             req.wait()
+
+    def start_hop(self, sends, recvs) -> list:
+        """Starts sends to rank + 1 and receives from rank - 1 (batched); returns the requests to wait on."""
+        p = self.world
+        return dist.batch_isend_irecv([*(dist.P2POp(dist.isend, x, (self.rank + 1) % p) for x in sends),
+                                       *(dist.P2POp(dist.irecv, y, (self.rank - 1) % p) for y in recvs)])
 
     @staticmethod
     def fit_link(points: list[dict]) -> dict:
@@ -373,6 +507,16 @@ class RankProfiler:
             a2a = self.fit_link(self.link_points("all_to_all"))
             p2p = self.fit_link(self.link_points("p2p"))
             self.log("links measured")
+
+            shapes = [self.overlap_shape(s) for s in plan["overlap_seqs"]]
+            chosen, overlap = profile_overlap(shapes)
+            self.log("overlap measured")
+            copy = self.copy_point()
+            copy_gbs = copy["bytes"] / (copy["time_us"] * 1e-6) / 1e9
+            sync = self.sync_point()
+            sync_us = sync_cost_us(sync["kernel_loop_us"], sync["kernel_allreduce_loop_us"],
+                                   sync["allreduce_loop_us"], sync["n"])
+            self.log("copy and sync measured")
         if self.rank != 0:
             return None
 
@@ -384,6 +528,8 @@ class RankProfiler:
             memory_gb = total_ram_bytes() / self.world / 1e9
         backend = "nccl" if self.cuda else "gloo"
         today = datetime.datetime.now(datetime.timezone.utc).date().isoformat()
+        new_fields = {"copy_gbs": copy_gbs, "sync_us": sync_us}  # passed where HardwareProfile has them
+        known = {f.name for f in dataclasses.fields(HardwareProfile)}
         profile = HardwareProfile(
             name=self.args.name or f"measured-{slug(device_name)}-x{self.world}",
             device=device_name,
@@ -395,8 +541,9 @@ class RankProfiler:
             devices_per_node=self.world,
             links=(Link(name=f"{backend}-local", span=math.inf, bandwidth_gbs=a2a["bandwidth_gbs"],
                         latency_us=a2a["latency_us"]),),
-            overlap=OVERLAP[self.device.type],
+            overlap=overlap,
             sources=(f"measured by python -m {PROG} on {today}",),
+            **{k: v for k, v in new_fields.items() if k in known},
         )
         measured = {
             "world_size": self.world, "device": self.device.type, "backend": backend,
@@ -413,18 +560,28 @@ class RankProfiler:
             "gemm": {"n": plan["gemm"], "flops": "2*N**3"},
             "all_to_all": dict(a2a, bytes="per rank, sent to the other ranks: buffer * (P - 1) / P"),
             "p2p": dict(p2p, bytes="per rank, the whole buffer to rank + 1"),
+            "overlap": {"dtype": "float32", "head_dim": STEP_HEAD_DIM, "batch_heads": plan["bh"],
+                        "chosen_seq": chosen["seq"], "shapes": shapes,
+                        "formula": "hidden = kernel + hop - overlapped; overlap_step = clamp(hidden / "
+                                   "kernel) (the profile's overlap, at chosen_seq: least |log(kernel / "
+                                   "hop)|); overlap_hop = clamp(hidden / hop)"},
+            "copy": dict(copy, formula="copy_gbs = bytes / time / 1e9"),
+            "sync": dict(sync, dtype="float32", head_dim=STEP_HEAD_DIM, batch_heads=plan["bh"],
+                         formula="sync_us = max(0, (kernel_allreduce_loop - kernel_loop - "
+                                 "allreduce_loop) / n)"),
             "runtime_s": time.perf_counter() - t_start,
         }
-        data = dict(profile.to_dict(), measured=measured)
+        data = dict(profile.to_dict(), overlap=overlap, copy_gbs=copy_gbs, sync_us=sync_us, measured=measured)
         HardwareProfile.from_dict(data, where="the profile about to be written")  # it must load back
         tmp = self.args.out + ".tmp"
         with open(tmp, "w") as f:
             json.dump(data, f, indent=1)
         os.replace(tmp, self.args.out)
-        self.summary(profile, measured)
+        self.summary(profile, measured, data)
         return data
 
-    def summary(self, profile, m: dict) -> None:
+    def summary(self, profile, m: dict, data: dict) -> None:
+        overlap, copy_gbs, sync_us = data["overlap"], data["copy_gbs"], data["sync_us"]
         print(f"\n{profile.name}: {profile.device}, {m['world_size']} ranks ({m['backend']}, "
               f"{m['threads_per_rank']} threads/rank), torch {m['torch']}")
         a = m["attention"]
@@ -447,8 +604,22 @@ class RankProfiler:
             print(f"{label}: latency {f['latency_us']:8.1f} us, bandwidth {f['bandwidth_gbs']:7.3f} GB/s "
                   f"({len(sizes)} buffers {_kib(sizes[0])}..{_kib(sizes[-1])}/rank; worst point "
                   f"x{f['worst_point_ratio']:.2f})")
-        print(f"memory {profile.memory_gb:.1f} GB/rank, overlap {profile.overlap}, measured in "
-              f"{m['runtime_s']:.1f} s")
+        ov = m["overlap"]
+        for sh in ov["shapes"]:
+            print(f"overlap at S={sh['seq']:<5}: kernel {sh['kernel_us']:9.1f} us, hop "
+                  f"{sh['hop_us']:8.1f} us ({_kib(sh['hop_bytes'])} K+V), both "
+                  f"{sh['overlapped_us']:9.1f} us -> overlap_step "
+                  f"{sh['overlap_step']:.3f}, overlap_hop {sh['overlap_hop']:.3f}"
+                  f"{'  (chosen)' if sh['seq'] == ov['chosen_seq'] else ''}")
+        c, s = m["copy"], m["sync"]
+        print(f"copy: {copy_gbs:.3f} GB/s per rank (transpose-copy of {_kib(c['bytes'] // 2)}, "
+              f"{c['time_us']:.1f} us, read + written)")
+        print(f"sync: {sync_us:.1f} us per sync point (N={s['n']} x kernel S={s['seq']}: "
+              f"{s['kernel_loop_us'] / 1e3:.1f} ms; with all_reduce: "
+              f"{s['kernel_allreduce_loop_us'] / 1e3:.1f} ms; "
+              f"all_reduce alone: {s['allreduce_loop_us'] / 1e3:.2f} ms)")
+        print(f"memory {profile.memory_gb:.1f} GB/rank, overlap {overlap:.3f}, copy_gbs {copy_gbs:.3f}, "
+              f"sync_us {sync_us:.1f}, measured in {m['runtime_s']:.1f} s")
         print(f"wrote {self.args.out}", flush=True)
 
 

@@ -195,3 +195,37 @@ def test_default_hardware_needs_a_name_without_a_known_gpu(monkeypatch):
     monkeypatch.setattr(torch.cuda, "get_device_name", lambda *a: "Some Accelerator 9000")
     with pytest.raises(ValueError, match="no built-in profile for the device 'Some Accelerator 9000'"):
         default_hardware()
+
+
+@pytest.mark.parametrize("R,U", [(1, 4), (4, 1), (2, 2)])
+@pytest.mark.parametrize("train", [False, True])
+def test_packing_and_synchronisation_terms(R, U, train):
+    """copy_gbs adds the packing around each all-to-all (every byte of q, k, v and the output read and
+    written on both sides), sync_us a fixed cost per all-to-all and per ring hop; both only to comm."""
+    import dataclasses
+
+    w = Workload(seq_len=4096, heads=8, head_dim=128, kv_heads=8, batch=1, causal=False, dtype="bfloat16",
+                 train=train)
+    plain = estimate(w, TOY, 1, R, U, "ulysses-inner")
+    extra = estimate(w, dataclasses.replace(TOY, copy_gbs=50.0, sync_us=300.0), 1, R, U, "ulysses-inner")
+    passes = 2 if train else 1
+    syncs = passes * ((2 if U > 1 else 0) + (R - 1))
+    local = 4096 / (R * U)
+    hq = hkv = 8 // U
+    pack = passes * (2 * 2 * local * 128 * 2 * (2 * hq + 2 * hkv) * U / 50e9 * 1e3 if U > 1 else 0.0)
+    assert extra.compute_ms == plain.compute_ms
+    assert extra.comm_ms - plain.comm_ms == pytest.approx(pack + syncs * 0.3, rel=1e-12)
+    assert extra.details["syncs"] == syncs
+
+
+def test_profile_fields_round_trip(tmp_path):
+    import dataclasses
+
+    from cp_attention.planner import HardwareProfile
+
+    measured = dataclasses.replace(TOY, copy_gbs=12.5, sync_us=250.0, overlap=0.1)
+    measured.save(str(tmp_path / "p.json"))
+    assert HardwareProfile.load(str(tmp_path / "p.json")) == measured
+    for bad in (dict(copy_gbs=0.0), dict(sync_us=-1.0), dict(overlap=1.5)):
+        with pytest.raises(ValueError, match="copy_gbs None or > 0|sync_us >= 0|overlap in"):
+            dataclasses.replace(TOY, **bad)

@@ -66,7 +66,7 @@ def test_quick_profile_loads_with_sane_values(quick_run):
     assert math.isfinite(p.kernel_overhead_us) and p.kernel_overhead_us >= 0
     assert _finite_positive(p.memory_gb)
     assert p.devices_per_node == 2
-    assert p.overlap == 0.5  # the CPU: gloo's transfers use the cores that compute
+    assert 0 <= p.overlap <= 1 and math.isfinite(p.overlap)  # measured (step 5)
     assert len(p.links) == 1 and math.isinf(p.links[0].span) and p.links[0].name == "gloo-local"
     assert _finite_positive(p.links[0].bandwidth_gbs) and _finite_positive(p.links[0].latency_us)
     assert p.sources and "cp_attention.profile" in p.sources[0]
@@ -80,7 +80,7 @@ def test_quick_profile_loads_with_sane_values(quick_run):
     assert _finite_positive(m["p2p"]["bandwidth_gbs"]) and _finite_positive(m["p2p"]["latency_us"])
     # The summary on rank 0's stdout.
     for text in ("attention TFLOP/s", "kernel: half_len", "gemm TFLOP/s", "all-to-all:", "ring hop",
-                 f"wrote {out}"):
+                 "overlap at S=", "copy: ", "sync: ", "sync_us ", f"wrote {out}"):
         assert text in proc.stdout, f"{text!r} missing from:\n{proc.stdout[-3000:]}"
 
 
@@ -125,6 +125,79 @@ def test_kernel_fit_reproduces_the_sweep(quick_run):
     assert same, sweep["points"]
     point_tflops = same[0]["flops"] / same[0]["time_us"] / 1e6
     assert 1 / LINK_FACTOR <= point_tflops / peak <= LINK_FACTOR, (point_tflops, peak)
+
+
+def test_overlap_copy_sync_are_sane_top_level_values(quick_run):
+    _, _, raw, p = quick_run
+    # Read from the raw JSON: HardwareProfile may not have copy_gbs / sync_us yet (it ignores unknown keys).
+    assert isinstance(raw["overlap"], float) and 0 <= raw["overlap"] <= 1, raw["overlap"]
+    assert p.overlap == raw["overlap"]
+    copy_gbs, sync_us = raw["copy_gbs"], raw["sync_us"]
+    # A CPU copies at 0.1 to 1000 GB/s: bytes/s (1e9 too much) or MB/s (1e3 too much) is far outside.
+    assert _finite_positive(copy_gbs) and 0.1 < copy_gbs < 1000, copy_gbs
+    assert isinstance(sync_us, float) and math.isfinite(sync_us) and sync_us >= 0, sync_us
+    # One sync point costs less than a second (seconds or nanoseconds mistaken for us are caught by the
+    # recomputation from the raw loop times below, which are in us).
+    assert sync_us < 1e6, sync_us
+
+
+def test_overlap_copy_sync_follow_from_the_raw_timings(quick_run):
+    """The written overlap, copy_gbs and sync_us recomputed here from measured's raw timings by the stated
+    formulas, and the raw timings tied to each other and to the rest of the profile, so that a wrong formula
+    or unit fails."""
+    _, _, raw, p = quick_run
+    m = raw["measured"]
+    ov = m["overlap"]
+    bh, d = ov["batch_heads"], ov["head_dim"]
+    assert len(ov["shapes"]) == 2
+    for sh in ov["shapes"]:
+        a, b, c = sh["kernel_us"], sh["hop_us"], sh["overlapped_us"]
+        assert all(_finite_positive(t) for t in (a, b, c)), sh
+        assert sh["hop_bytes"] == 2 * sh["seq"] * bh * d * 4  # K and V, float32
+        hidden = a + b - c
+        assert sh["overlap_step"] == pytest.approx(min(1.0, max(0.0, hidden / a)), abs=1e-12), sh
+        assert sh["overlap_hop"] == pytest.approx(min(1.0, max(0.0, hidden / b)), abs=1e-12), sh
+    # The chosen shape: kernel and hop times closest; the profile's overlap is its hidden / kernel time
+    # (cost.py: a hop costs max(0, hop - overlap * step)).
+    chosen = min(ov["shapes"], key=lambda sh: abs(math.log(sh["kernel_us"] / sh["hop_us"])))
+    assert ov["chosen_seq"] == chosen["seq"]
+    assert raw["overlap"] == pytest.approx(chosen["overlap_step"], abs=1e-12)
+
+    cp = m["copy"]
+    one, seq, heads, dim = cp["shape"]
+    assert one == 1 and cp["bytes"] == 2 * 4 * seq * heads * dim  # read + written, float32
+    assert raw["copy_gbs"] == pytest.approx(cp["bytes"] / (cp["time_us"] * 1e-6) / 1e9, rel=1e-9)
+
+    sy = m["sync"]
+    t1, t2, t3, n = sy["kernel_loop_us"], sy["kernel_allreduce_loop_us"], sy["allreduce_loop_us"], sy["n"]
+    assert n >= 1 and all(_finite_positive(t) for t in (t1, t2, t3)), sy
+    assert raw["sync_us"] == pytest.approx(max(0.0, (t2 - t1 - t3) / n), rel=1e-9, abs=1e-9)
+    # The raw times are microseconds: an all_reduce of one float on localhost takes 1 us to 100 ms, and the
+    # sync loop's kernel is the overlap measurement's kernel at the same shape, timed the same way but in a
+    # loop of n (without a barrier between calls, so ranks that share cores contend more: loose).
+    assert 1 < t3 / n < 1e5, sy
+    same = [sh for sh in ov["shapes"] if sh["seq"] == sy["seq"]]
+    assert same and (sy["head_dim"], sy["batch_heads"]) == (d, bh)
+    ratio = (t1 / n) / same[0]["kernel_us"]
+    assert 1 / KERNEL_FACTOR <= ratio <= KERNEL_FACTOR, (t1 / n, same[0])
+
+
+def test_overlap_helpers():
+    # Kernel 10, hop 4, both 11: 3 of the hop's 4 hide, 3 / 10 of the step.
+    assert profile_tool.overlap_fractions(10.0, 4.0, 11.0) == pytest.approx((0.3, 0.75))
+    assert profile_tool.overlap_fractions(10.0, 4.0, 15.0) == (0.0, 0.0)  # slower together: clamped
+    assert profile_tool.overlap_fractions(4.0, 4.0, 3.0) == (1.0, 1.0)
+    shapes = [{"seq": 1, "kernel_us": 1.0, "hop_us": 5.0}, {"seq": 2, "kernel_us": 9.0, "hop_us": 4.0},
+              {"seq": 3, "kernel_us": 100.0, "hop_us": 8.0}]
+    assert profile_tool.closest_shape(shapes)["seq"] == 2
+    # The profile's overlap is the chosen shape's hidden time over its KERNEL time (cost.py's definition).
+    measured = [dict(sh, overlapped_us=sh["kernel_us"] + 0.5 * sh["hop_us"]) for sh in shapes]
+    measured = [dict(sh, **dict(zip(("overlap_step", "overlap_hop"), profile_tool.overlap_fractions(
+        sh["kernel_us"], sh["hop_us"], sh["overlapped_us"])))) for sh in measured]
+    chosen, overlap = profile_tool.profile_overlap(measured)
+    assert chosen["seq"] == 2 and overlap == pytest.approx(2.0 / 9.0)
+    assert profile_tool.sync_cost_us(100.0, 130.0, 10.0, 10) == pytest.approx(2.0)
+    assert profile_tool.sync_cost_us(100.0, 105.0, 10.0, 10) == 0.0
 
 
 def test_fit_line_recovers_a_line():

@@ -14,12 +14,14 @@ size e, on a replica of R x U ranks handling b = ceil(B / data_degree) of the ba
 - Ulysses: one all-to-all of q, k, v before and one of the output after; each rank holds b S / (R U)
   positions of every head and sends the (U - 1) / U of them that other ranks' heads need: q, k, v bytes
   b S/(RU) D e (hq + 2 hkv) U (U - 1)/U, output bytes b S/(RU) D e hq U (U - 1)/U; each all-to-all costs
-  the link's latency plus bytes / bandwidth;
+  the link's latency plus bytes / bandwidth; with the profile's copy_gbs, the packing before and the
+  unpacking after each (every byte of the rank's q, k, v and output read and written on both sides);
 - kernel: ring step of Sq = Sk = S / R positions, flops 4 b hq Sq Sk D, at the profile's rate for (dtype,
   D) times the tile-fill factors Sq/(Sq + h) Sk/(Sk + h) (h = kernel_half_len), plus kernel_overhead_us;
 - ring: R steps (causal: R - 0.5 steps on the busiest rank, the last one, under contiguous sharding;
   chunks wholly in the future are skipped) and R - 1 hops of K and V (b S/R hkv D e 2 bytes), each hiding
   behind its step up to `overlap` of the step's time;
+- every synchronisation point (an all-to-all, a ring hop) adds the profile's sync_us;
 - training adds the backward: 2.5x the forward's kernel work, the Ulysses all-to-alls again (gradients),
   and ring hops that carry K, V and the float32 dK, dV accumulators;
 - memory: the working buffers a call adds per rank: Ulysses' head-sharded q, k, v and output (send and
@@ -141,14 +143,20 @@ def estimate(w: Workload, p: HardwareProfile, data: int, R: int, U: int, placeme
     u_ranks, r_ranks, u_extent, r_extent = _group_ranks(placement, R, U)
     u_link = p.link_for(u_extent) if U > 1 else None
     r_link = p.link_for(r_extent) if R > 1 else None
-    a2a_ms = 0.0
+    a2a_ms, pack_ms, syncs = 0.0, 0.0, 0
     if U > 1:
         moving = (U - 1) / U
         qkv = b * local * w.head_dim * e * (hq + 2 * hkv) * U * moving
         out = b * local * w.head_dim * e * hq * U * moving
         a2a_ms = _link_ms(u_link, qkv) + _link_ms(u_link, out)
+        syncs += 2
+        if p.copy_gbs:  # packed before and unpacked after each all-to-all: read and write, both sides
+            whole = b * local * w.head_dim * e * (2 * hq + 2 * hkv) * U
+            pack_ms = 2 * 2 * whole / (p.copy_gbs * 1e9) * 1e3
         if w.train:  # dout in, dq, dk, dv out: the same bytes again
             a2a_ms += _link_ms(u_link, out) + _link_ms(u_link, qkv)
+            pack_ms *= 2
+            syncs += 2
 
     # Ring: R steps of sq x sq; the busiest rank under causal contiguous sharding is the last.
     step_ms = _kernel_ms(p, w, b, hq, sq, sq)
@@ -160,17 +168,21 @@ def estimate(w: Workload, p: HardwareProfile, data: int, R: int, U: int, placeme
     if R > 1:
         hop_ms = _link_ms(r_link, hop_bytes)
         exposed_ms = (R - 1) * max(0.0, hop_ms - p.overlap * step_ms)
+        syncs += R - 1
         if w.train:  # K, V again and the float32 dK, dV accumulators, behind the backward steps
             bwd_hop = _link_ms(r_link, hop_bytes + b * sq * hkv * w.head_dim * 4 * 2)
             exposed_ms += (R - 1) * max(0.0, bwd_hop - p.overlap * BWD_FLOPS * step_ms)
-    comm_ms = a2a_ms + exposed_ms
+            syncs += R - 1
+    sync_ms = syncs * p.sync_us * 1e-3
+    comm_ms = a2a_ms + pack_ms + exposed_ms + sync_ms
 
     memory = 0
     if U > 1:
         memory += 2 * b * sq * w.head_dim * e * (2 * hq + 2 * hkv)  # q, k, v and out, sent and received
     if R > 1:
         memory += 2 * hop_bytes + b * sq * hq * w.head_dim * 4  # two foreign K/V chunks, float32 out
-    details = dict(a2a_ms=a2a_ms, ring_exposed_ms=exposed_ms, ring_hop_ms=hop_ms, step_ms=step_ms,
+    details = dict(a2a_ms=a2a_ms, pack_ms=pack_ms, sync_ms=sync_ms, syncs=syncs, ring_exposed_ms=exposed_ms,
+                   ring_hop_ms=hop_ms, step_ms=step_ms,
                    steps=steps, heads_per_rank=hq, kv_heads_per_rank=hkv, batch_per_replica=b)
     return Plan(ulysses_degree=U, ring_degree=R, data_degree=data, placement=placement,
                 time_ms=compute_ms + comm_ms, compute_ms=compute_ms, comm_ms=comm_ms,

@@ -46,8 +46,14 @@ class HardwareProfile:
     memory_gb: device memory, GB.
     devices_per_node: devices in one node.
     links: the link levels, innermost first, spans increasing; the last spans every device (math.inf).
-    overlap: the fraction of a ring hop that can hide behind the step's compute (0 to 1).
+    overlap: how much of a ring hop hides behind the step's compute, as a fraction of the step's time
+        (0 to 1): a hop costs max(0, hop - overlap * step).
     sources: where the numbers come from.
+    copy_gbs: memory bandwidth of the copies that pack and unpack Ulysses' all-to-all buffers, GB/s of
+        bytes read plus written; None: not modelled (the built-in GPU profiles, whose copies are small
+        beside their links).
+    sync_us: the extra cost of one synchronisation point (an all-to-all, a ring hop) beyond its transfer:
+        ranks that reach it at different times, descheduled ranks where they share cores; 0 by default.
     """
     name: str
     device: str
@@ -60,6 +66,8 @@ class HardwareProfile:
     links: tuple
     overlap: float = 0.9
     sources: tuple = ()
+    copy_gbs: float | None = None
+    sync_us: float = 0.0
 
     def __post_init__(self):
         if not self.links:
@@ -70,9 +78,11 @@ class HardwareProfile:
             raise ValueError(f"profile {self.name!r}: link spans must increase strictly and the last must "
                              f"cover a node (or be inf), got {spans}")
         bad = [link.name for link in self.links if not (link.bandwidth_gbs > 0 and link.latency_us >= 0)]
-        if bad or not 0 <= self.overlap <= 1 or not self.kernel_half_len >= 0:
+        if bad or not 0 <= self.overlap <= 1 or not self.kernel_half_len >= 0 or not self.sync_us >= 0 \
+                or self.copy_gbs is not None and not self.copy_gbs > 0:
             raise ValueError(f"profile {self.name!r}: link bandwidths must be > 0 and latencies >= 0 "
-                             f"(links {bad}), overlap in [0, 1] (got {self.overlap}), kernel_half_len >= 0")
+                             f"(links {bad}), overlap in [0, 1] (got {self.overlap}), kernel_half_len >= 0, "
+                             f"sync_us >= 0 (got {self.sync_us}), copy_gbs None or > 0 (got {self.copy_gbs})")
 
     def attention_rate(self, dtype: str, head_dim: int) -> float:
         """TFLOP/s of the attention kernel for dtype and head_dim: interpolated linearly between the listed
@@ -121,7 +131,9 @@ class HardwareProfile:
                        kernel_overhead_us=float(d["kernel_overhead_us"]),
                        gemm_tflops={str(k): float(v) for k, v in d["gemm_tflops"].items()},
                        memory_gb=float(d["memory_gb"]), devices_per_node=int(d["devices_per_node"]),
-                       links=links, overlap=float(d.get("overlap", 0.9)), sources=tuple(d.get("sources", ())))
+                       links=links, overlap=float(d.get("overlap", 0.9)), sources=tuple(d.get("sources", ())),
+                       copy_gbs=None if d.get("copy_gbs") is None else float(d["copy_gbs"]),
+                       sync_us=float(d.get("sync_us", 0.0)))
         except (KeyError, TypeError, ValueError, AttributeError) as e:
             raise ValueError(f"{where}: not a hardware profile ({type(e).__name__}: {e}); expected the keys "
                              f"name, attention_tflops, kernel_half_len, kernel_overhead_us, gemm_tflops, "
