@@ -500,11 +500,13 @@ def _launch(args, argv) -> int:
     return subprocess.call(cmd)
 
 
-def run_ranks(argv: list[str], args, problem_of, runner, launch, name: str) -> int:
-    """The main of a demo module. Not under torchrun: checks the arguments (problem_of(args, world) -> why
-    not, or None) and calls launch(args, argv) to start torchrun. Under torchrun: one rank of
-    runner(args).run() -> bool over a gloo (CPU) or NCCL (CUDA) group; rank 0 prints PASS or FAIL.
-    Returns the exit code: 0 on PASS, 1 on FAIL, 2 for bad arguments."""
+def run_ranks(argv: list[str], args, problem_of, runner, launch, name: str, verdict: bool = True) -> int:
+    """The main of a module that runs on every rank. Not under torchrun: checks the arguments
+    (problem_of(args, world) -> why not, or None) and calls launch(args, argv) to start torchrun. Under
+    torchrun: one rank of runner(args).run() over a gloo (CPU) or NCCL (CUDA) group with args.timeout
+    seconds per collective. verdict: run() returns pass or fail and rank 0 prints PASS or FAIL; otherwise
+    a run that returns has passed. Returns the exit code: 0 on PASS, 1 on FAIL or an exception, 2 for bad
+    arguments."""
     launched = "RANK" in os.environ and "WORLD_SIZE" in os.environ
     world = int(os.environ["WORLD_SIZE"]) if launched else args.world_size
     why = "--world-size must be >= 1" if world < 1 else problem_of(args, world)
@@ -521,12 +523,13 @@ def run_ranks(argv: list[str], args, problem_of, runner, launch, name: str) -> i
     rank = int(os.environ["RANK"])
     try:
         ok = runner(args).run()
+        ok = bool(ok) if verdict else True
     except Exception:  # noqa: BLE001 (reported, then the run fails as a whole)
-        print(f"[demo] rank {rank} failed:\n{traceback.format_exc()}", file=sys.stderr, flush=True)
+        print(f"[{name}] rank {rank} failed:\n{traceback.format_exc()}", file=sys.stderr, flush=True)
         ok = False
     finally:
         dist.destroy_process_group()
-    if rank == 0:
+    if rank == 0 and verdict:
         print("PASS" if ok else "FAIL", flush=True)
     return 0 if ok else 1
 

@@ -358,7 +358,9 @@ def a2a_unpack_head_to_seq(recv: torch.Tensor, heads: list[int], batch: int, seq
                            head_dim: int) -> torch.Tensor:
     """The head -> seq receive buffer (contiguous, any shape; source r sent this rank's positions of its
     heads[r] heads, which follow those of sources < r, as [B, seq_len, heads[r], D]) as out [B, seq_len,
-    sum(heads), D]. The CUDA kernel takes equal counts only (_unpack_head_to_seq routes the others)."""
+    sum(heads), D]. The CUDA kernel takes equal counts only. Its entry point changed (a list of counts) and
+    has not run on a GPU since, so a2a_head_to_seq unpacks CUDA tensors with torch ops; calling this op on
+    CUDA tensors runs the kernel (benchmarks/gpu_check.sh's cuda_ops shard does)."""
     return _lib.a2a_unpack_head_to_seq(recv, heads, batch, seq_len, head_dim)
 
 
@@ -383,7 +385,7 @@ torch.library.register_autograd("cp_attention::a2a_unpack_head_to_seq",
 def unpack_head_to_seq_torch(recv: torch.Tensor, heads: list[int], batch: int, seq_len: int,
                              head_dim: int) -> torch.Tensor:
     """a2a_unpack_head_to_seq by torch ops, for any counts and device: one copy out of the buffer. The route
-    of CUDA tensors whose heads split unevenly."""
+    of CUDA tensors (see a2a_unpack_head_to_seq)."""
     B, S, D = batch, seq_len, head_dim
     out = recv.new_empty((B, S, sum(heads), D))
     at = h0 = 0
@@ -394,7 +396,7 @@ def unpack_head_to_seq_torch(recv: torch.Tensor, heads: list[int], batch: int, s
 
 
 def _unpack_head_to_seq(recv, heads: list[int], B: int, S: int, D: int) -> torch.Tensor:
-    if recv.device.type == "cpu" or len(set(heads)) == 1:
+    if recv.device.type == "cpu":
         return _lib.a2a_unpack_head_to_seq(recv, heads, B, S, D)
     return unpack_head_to_seq_torch(recv, heads, B, S, D)
 

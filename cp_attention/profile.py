@@ -78,10 +78,11 @@ import statistics
 import subprocess
 import sys
 import time
-import traceback
 
 import torch
 import torch.distributed as dist
+
+from cp_attention.demo import run_ranks, use_cuda
 
 PROG = "cp_attention.profile"
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
@@ -142,10 +143,6 @@ def parse_args(argv=None) -> argparse.Namespace:
 
 def dtype_names(args) -> list[str]:
     return [n.strip() for n in args.dtypes.split(",") if n.strip()]
-
-
-def use_cuda(args) -> bool:
-    return args.device == "cuda" or (args.device == "auto" and torch.cuda.is_available())
 
 
 def problem(args, world: int) -> str | None:
@@ -627,37 +624,11 @@ def _kib(n: int) -> str:
     return f"{n / 1048576:.3g} MiB" if n >= 1048576 else f"{n / 1024:.3g} KiB"
 
 
-def run_rank(args) -> int:
-    cuda = use_cuda(args)
-    if cuda:
-        torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", 0)))
-    dist.init_process_group("nccl" if cuda else "cpu:gloo",
-                            timeout=datetime.timedelta(seconds=COLLECTIVE_TIMEOUT_S))
-    rank = dist.get_rank()
-    try:
-        RankProfiler(args).run()
-        ok = True
-    except Exception:  # noqa: BLE001 (reported, then the run fails as a whole)
-        print(f"[{PROG}] rank {rank} failed:\n{traceback.format_exc()}", file=sys.stderr, flush=True)
-        ok = False
-    finally:
-        dist.destroy_process_group()
-    return 0 if ok else 1
-
-
 def main(argv=None) -> int:
     argv = sys.argv[1:] if argv is None else list(argv)
     args = parse_args(argv)
-    launched = "RANK" in os.environ and "WORLD_SIZE" in os.environ
-    world = int(os.environ["WORLD_SIZE"]) if launched else args.world_size
-    why = problem(args, world)
-    if why is not None:
-        if int(os.environ.get("RANK", 0)) == 0:
-            print(f"{PROG}: {why}", file=sys.stderr, flush=True)
-        return 2
-    if not launched:
-        return _launch(args, argv)
-    return run_rank(args)
+    args.timeout = COLLECTIVE_TIMEOUT_S
+    return run_ranks(argv, args, problem, RankProfiler, lambda a, v: _launch(a, v), PROG, verdict=False)
 
 
 if __name__ == "__main__":

@@ -231,9 +231,9 @@ class ReplicaForward:
         outputs = tensors_of(result)
         flags = torch.tensor([int(t.dim() >= 1 and t.shape[0] == local) for t in outputs] + [len(outputs)],
                              dtype=torch.int64, device=exchange_device(ax.data_group))
-        low, high = flags.clone(), flags.clone()
-        dist.all_reduce(low, op=dist.ReduceOp.MIN, group=ax.data_group)
-        dist.all_reduce(high, op=dist.ReduceOp.MAX, group=ax.data_group)
+        both = torch.cat([flags, -flags])  # one MIN gives the minimum and (negated) the maximum
+        dist.all_reduce(both, op=dist.ReduceOp.MIN, group=ax.data_group)
+        low, high = both[:len(flags)], -both[len(flags):]
         if low[-1] != high[-1]:
             raise RuntimeError(f"{_OP}: the data replicas' transformer outputs hold different numbers of "
                                f"tensors ({int(low[-1])} to {int(high[-1])})")

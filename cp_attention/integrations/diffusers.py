@@ -375,8 +375,7 @@ def parallelize_pipeline(pipe, *, ring_degree: int = 1, ulysses_degree: int = 1,
     world = torch.distributed.get_world_size()
     if math.prod(degrees.values()) != world:
         raise ValueError(f"{op}: cfg_degree * data_degree * ring_degree * ulysses_degree must equal the "
-                         f"world "
-                         f"size {world}, got {degrees}")
+                         f"world size {world}, got {degrees}")
     names = tuple(n for n in (components or TRANSFORMER_COMPONENTS) if getattr(pipe, n, None) is not None)
     if not names:
         raise ValueError(f"{op}: the pipeline has none of the components "
