@@ -223,9 +223,170 @@ def test_profile_fields_round_trip(tmp_path):
 
     from cp_attention.planner import HardwareProfile
 
-    measured = dataclasses.replace(TOY, copy_gbs=12.5, sync_us=250.0, overlap=0.1)
+    measured = dataclasses.replace(TOY, copy_gbs=12.5, sync_us=250.0, overlap=0.1, launch_us=60.0)
     measured.save(str(tmp_path / "p.json"))
     assert HardwareProfile.load(str(tmp_path / "p.json")) == measured
-    for bad in (dict(copy_gbs=0.0), dict(sync_us=-1.0), dict(overlap=1.5)):
-        with pytest.raises(ValueError, match="copy_gbs None or > 0|sync_us >= 0|overlap in"):
+    for bad in (dict(copy_gbs=0.0), dict(sync_us=-1.0), dict(overlap=1.5), dict(launch_us=-1.0)):
+        with pytest.raises(ValueError, match="copy_gbs None or > 0|sync_us >= 0|overlap in|launch_us >= 0"):
             dataclasses.replace(TOY, **bad)
+
+
+def _toy_measured(**over):
+    import dataclasses
+
+    return dataclasses.replace(TOY, **dict(dict(copy_gbs=50.0, sync_us=30.0, launch_us=40.0), **over))
+
+
+@pytest.mark.parametrize("compiled", [False, True])
+def test_allgather_ring_cost_matches_the_formula(compiled):
+    """diffusers' ring: one all-gather of the other R - 1 K/V chunks before the steps (no overlap, one sync
+    point), a float32 merge after every step but the first (38 bytes per output element at copy_gbs), and
+    uncompiled, 15 launched operations per step less 5 per call at launch_us each."""
+    w = Workload(seq_len=4000, heads=4, head_dim=64, kv_heads=2, batch=2, causal=False, dtype="bfloat16",
+                 train=False, implementation="diffusers", compiled=compiled)
+    R = 4  # extent 4: the fast link
+    p = estimate(w, _toy_measured(), 1, R, 1, "ulysses-inner")
+    sq = 4000 / R
+    step = _kernel_ms(2, 4, sq, sq, 64, 100.0, 100.0, 10.0)
+    kv_chunk = 2 * sq * 2 * 64 * 2 * 2  # batch 2, 2 kv heads, k and v, 2 bytes
+    gather = 5e-3 + (R - 1) * kv_chunk / 100e9 * 1e3
+    merges = (R - 1) * 2 * sq * 4 * 64 * 38 / 50e9 * 1e3
+    eager = 0.0 if compiled else (15 * R - 5) * 40e-3
+    assert p.compute_ms == pytest.approx(R * step, rel=1e-12)
+    assert p.comm_ms == pytest.approx(gather + merges + eager + 30e-3, rel=1e-12)
+    assert p.details["syncs"] == 1 and p.details["ring_exposed_ms"] == 0.0
+    assert p.memory_bytes == int(R * kv_chunk + 3 * 2 * sq * 4 * 64 * 4)
+
+
+def test_allgather_ring_training_gathers_again_and_returns_the_partial_sums():
+    """Training on diffusers' ring: the backward gathers K/V again and sends the float32 dK, dV partial sums
+    back, three collectives in all, none behind compute."""
+    w = Workload(seq_len=4000, heads=4, head_dim=64, kv_heads=2, batch=2, causal=False, dtype="bfloat16",
+                 train=True, implementation="diffusers", compiled=True)
+    p = estimate(w, _toy_measured(), 1, 4, 1, "ulysses-inner")
+    kv_chunk, acc_chunk = 2 * 1000 * 2 * 64 * 2 * 2, 2 * 1000 * 2 * 64 * 4 * 2
+    gather = 3 * 5e-3 + 3 * (2 * kv_chunk + acc_chunk) / 100e9 * 1e3
+    assert p.details["gather_ms"] == pytest.approx(gather, rel=1e-12)
+    assert p.details["syncs"] == 3 and p.details["ring_exposed_ms"] == 0.0
+
+
+def test_unfused_p2p_ring_and_separate_all_to_alls():
+    """xDiT's USP: P2P hops hidden behind the steps as cp_attention's, plus a separate merge per step after
+    the first; q, k, v and the output each in its own all-to-all (4 latencies, 4 sync points)."""
+    common = dict(seq_len=4096, heads=8, head_dim=128, kv_heads=8, batch=1, causal=False, dtype="bfloat16",
+                  train=False)
+    hw = _toy_measured()
+    ours = estimate(Workload(**common), hw, 1, 2, 2, "ulysses-inner")
+    xdit = estimate(Workload(**common, implementation="xdit"), hw, 1, 2, 2, "ulysses-inner")
+    merge = 1 * 4096 / 2 * 4 * 128 * 38 / 50e9 * 1e3  # one merge of 2048 positions x 4 heads
+    extra_a2a = 2 * (5e-3 + 30e-3)  # two more latencies and sync points
+    assert xdit.compute_ms == ours.compute_ms
+    assert xdit.details["ring_exposed_ms"] == ours.details["ring_exposed_ms"]
+    assert xdit.comm_ms - ours.comm_ms == pytest.approx(merge + extra_a2a, rel=1e-12)
+    assert (ours.details["syncs"], xdit.details["syncs"]) == (3, 5)
+    assert ours.details["eager_ms"] == xdit.details["eager_ms"] == 0.0  # no counted operations
+
+
+@pytest.mark.parametrize("R,U,ops", [(1, 1, 0), (1, 2, 22), (1, 4, 22), (1, 8, 22), (2, 1, 25), (4, 1, 55),
+                                     (8, 1, 115), (2, 2, 42), (2, 4, 42), (4, 2, 72)])
+def test_diffusers_launched_operations(R, U, ops):
+    """The operations diffusers' attention launches per call beyond a single-device call, as counted on its
+    FLUX transformer (cost.IMPLEMENTATIONS); cp_attention's and xDiT's are not counted."""
+    from cp_attention.planner.cost import IMPLEMENTATIONS
+
+    assert IMPLEMENTATIONS["diffusers"].launched_ops(R, U) == ops
+    assert IMPLEMENTATIONS["cp_attention"].launched_ops(R, U) == 0
+    assert IMPLEMENTATIONS["xdit"].launched_ops(R, U) == 0
+
+
+def test_eager_operations_double_when_training():
+    w = dict(seq_len=4096, heads=8, head_dim=128, kv_heads=8, batch=1, causal=False, dtype="bfloat16",
+             implementation="diffusers")
+    fwd = estimate(Workload(**w, train=False), _toy_measured(), 1, 1, 4, "ulysses-inner")
+    both = estimate(Workload(**w, train=True), _toy_measured(), 1, 1, 4, "ulysses-inner")
+    assert fwd.details["eager_ms"] == pytest.approx(22 * 40e-3, rel=1e-12)
+    assert both.details["eager_ms"] == pytest.approx(2 * 22 * 40e-3, rel=1e-12)
+
+
+def test_flux_step_and_pipeline_call():
+    """FLUX.1's per-token matmul parameters (57 blocks of 12 x 3072^2) give its 59.5 TFLOP of matmuls per
+    1024 x 1024 step; a pipeline call is the fixed cost plus steps x (57 attention calls + the matmuls of
+    this rank's tokens at the gemm rate)."""
+    from cp_attention.planner.cli import MODELS, pipeline_ms, step_ms
+
+    flux = MODELS["flux"]
+    assert flux.token_params_b == pytest.approx(57 * 12 * 3072 ** 2 / 1e9, rel=1e-12)
+    assert 2 * flux.token_params_b * 1e9 * 4608 / 1e12 == pytest.approx(59.5, abs=0.05)
+    p = plan(4, seq_len=4608, heads=24, head_dim=128, hardware=TOY)[0]
+    gemm = 2 * 57 * 12 * 3072 ** 2 * 4608 / 4 / 300e12 * 1e3  # TOY's gemm rate: 300 TFLOP/s
+    assert step_ms(p, flux, 4608, 1, 4, TOY, "bfloat16") == pytest.approx(57 * p.time_ms + gemm, rel=1e-12)
+    assert pipeline_ms(p, flux, 4608, 1, 4, TOY, "bfloat16", 28) == \
+        pytest.approx(flux.fixed_ms + 28 * (57 * p.time_ms + gemm), rel=1e-12)
+
+
+# Published whole-call times (ms) of FLUX.1-dev 1024 x 1024 on 4 x H100 (benchmarks/calibrate_planner.py has
+# the sources): (implementation, compiled, steps, {(ring, ulysses): ms}).
+PUBLISHED = {
+    "xdit": ("xdit", True, 28, {(1, 1): 4300.0, (1, 4): 1630.0, (2, 2): 1800.0, (4, 1): 1980.0}),
+    "diffusers": ("diffusers", False, 50, {(1, 4): 6670.789, (4, 1): 13076.492, (2, 2): 11068.705}),
+}
+
+
+@pytest.mark.parametrize("table", sorted(PUBLISHED))
+def test_calibrated_h100_reproduces_the_published_tables(table):
+    """The h100-sxm profile and FLUX's fixed cost, calibrated on these two tables, give every published time
+    within 5% (the fit: at most 0.7% off on xDiT's rows, 4.0% on diffusers') and the published order:
+    1 GPU > ring 4 > Ulysses 2 x ring 2 > Ulysses 4 (xDiT), ring > unified > Ulysses (diffusers)."""
+    from cp_attention.planner import BUILTIN
+    from cp_attention.planner.cli import MODELS, pipeline_ms
+
+    implementation, compiled, steps, published = PUBLISHED[table]
+    predicted = {}
+    for (R, U), ms in published.items():
+        plans = plan(R * U, seq_len=4608, heads=24, head_dim=128, hardware="h100-sxm",
+                     implementation=implementation, compiled=compiled)
+        p = next(p for p in plans if (p.ring_degree, p.ulysses_degree) == (R, U)
+                 and p.placement == "ulysses-inner")
+        predicted[(R, U)] = pipeline_ms(p, MODELS["flux"], 4608, 1, R * U, BUILTIN["h100-sxm"], "bfloat16",
+                                        steps)
+        assert predicted[(R, U)] == pytest.approx(ms, rel=0.05), (table, R, U)
+    assert sorted(published, key=published.get) == sorted(predicted, key=predicted.get)
+
+
+def test_unknown_implementation_is_refused():
+    with pytest.raises(ValueError, match="implementation must be one of cp_attention, xdit, diffusers"):
+        plan(4, seq_len=4608, heads=24, head_dim=128, hardware=TOY, implementation="megatron")
+
+
+def test_cli_prints_whole_calls_for_an_implementation(capsys):
+    from cp_attention.planner import BUILTIN
+    from cp_attention.planner.cli import MODELS, main, pipeline_ms
+
+    assert main(["--model", "flux", "--gpus", "4", "--implementation", "diffusers", "--steps", "50"]) == 0
+    out = capsys.readouterr().out
+    rows = [[c.strip() for c in r.split("|")[1:-1]] for r in out.splitlines()
+            if r.startswith("| ") and not r.startswith("| #")]
+    expected = plan(4, seq_len=4608, heads=24, head_dim=128, hardware="h100-sxm", implementation="diffusers")
+    assert "50 steps s" in out and len(rows) == len(expected) == 4
+    assert [r[1] for r in rows] == [p.layout for p in expected] and rows[0][1] == "1x1x4"  # Ulysses first
+    assert [r[3] for r in rows] == [f"{p.time_ms:.3f}" for p in expected]
+    whole = pipeline_ms(expected[0], MODELS["flux"], 4608, 1, 4, BUILTIN["h100-sxm"], "bfloat16", 50)
+    assert rows[0][-1] == f"{whole / 1e3:.2f}"
+
+
+def test_built_in_values_are_the_calibration_fit():
+    """benchmarks/calibrate_planner.py refits the calibrated values from the profile's other numbers; the
+    built-in h100-sxm values and FLUX's fixed cost are that fit, rounded (within 0.5%)."""
+    import importlib.util
+    import pathlib
+
+    path = pathlib.Path(__file__).resolve().parent.parent / "benchmarks" / "calibrate_planner.py"
+    spec = importlib.util.spec_from_file_location("calibrate_planner", path)
+    calibration = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(calibration)
+    from cp_attention.planner import BUILTIN
+
+    fitted, held = calibration.fit(BUILTIN["h100-sxm"]), calibration.builtin_values()
+    for name in ("fixed_ms", "inv_gemm", "kernel_overhead_us", "launch_us"):
+        assert fitted[name] == pytest.approx(held[name], rel=0.005), name
+    assert fitted["sync_us"] == held["sync_us"] == 0.0

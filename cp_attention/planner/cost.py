@@ -11,7 +11,7 @@ Per rank, for global sequence S, H query and Hkv key/value heads of dim D, batch
 size e, on a replica of R x U ranks handling b = ceil(B / data_degree) of the batch:
 - heads: the busiest rank holds hq = ceil(H / U) query heads and hkv = ceil(max(Hkv, U) / U) kv heads
   (a kv head read by several ranks' query heads is copied to each, as ulysses_attention does);
-- Ulysses: one all-to-all of q, k, v before and one of the output after; each rank holds b S / (R U)
+- Ulysses: an all-to-all of q, k, v before and one of the output after; each rank holds b S / (R U)
   positions of every head and sends the (U - 1) / U of them that other ranks' heads need: q, k, v bytes
   b S/(RU) D e (hq + 2 hkv) U (U - 1)/U, output bytes b S/(RU) D e hq U (U - 1)/U; each all-to-all costs
   the link's latency plus bytes / bandwidth; with the profile's copy_gbs, the packing before and the
@@ -21,11 +21,19 @@ size e, on a replica of R x U ranks handling b = ceil(B / data_degree) of the ba
 - ring: R steps (causal: R - 0.5 steps on the busiest rank, the last one, under contiguous sharding;
   chunks wholly in the future are skipped) and R - 1 hops of K and V (b S/R hkv D e 2 bytes), each hiding
   behind its step up to `overlap` of the step's time;
-- every synchronisation point (an all-to-all, a ring hop) adds the profile's sync_us;
+- every synchronisation point (an all-to-all, a ring hop, an all-gather) adds the profile's sync_us;
+- the implementation (IMPLEMENTATIONS; cp_attention's own by default) decides how many all-to-alls a
+  Ulysses call makes (q, k, v packed into one, or one each), how K/V travel around the ring (P2P hops behind
+  the steps, or one all-gather of the ring group's K/V before them, not overlapped), whether each ring step
+  after the first pays a separate float32 merge of its output (merge_bytes per output element at copy_gbs),
+  and, run uncompiled (compiled=False), how many operations it launches around its collectives (eager_ops,
+  each costing the profile's launch_us);
 - training adds the backward: 2.5x the forward's kernel work, the Ulysses all-to-alls again (gradients),
-  and ring hops that carry K, V and the float32 dK, dV accumulators;
+  and ring hops that carry K, V and the float32 dK, dV accumulators (an all-gather ring: K, V gathered
+  again and the float32 dK, dV partial sums sent back, not overlapped);
 - memory: the working buffers a call adds per rank: Ulysses' head-sharded q, k, v and output (send and
-  receive), the ring's two foreign K/V chunks in flight and its float32 output accumulator.
+  receive), the ring's two foreign K/V chunks in flight (an all-gather ring: all R chunks) and its float32
+  output accumulator (a separate merge: two more float32 outputs for its temporaries).
 Not modelled: the rest of the transformer (linear layers; the CLI adds an estimate per model), stragglers,
 contention between concurrent groups on one link.
 """
@@ -46,6 +54,60 @@ DTYPE_BYTES = {"float32": 4, "bfloat16": 2, "float16": 2}
 # against two, with the recomputation of P).
 BWD_FLOPS = 2.5
 PLACEMENTS = ("ulysses-inner", "ring-inner")
+# Bytes per output element that one separate float32 merge of a ring step moves: out.to(float32) (read 2,
+# write 4), prev - out (read 8, write 4), sigmoid(lse - prev_lse) * that (read 4, write 4; the lse terms are
+# D times smaller), prev - product (read 8, write 4); as ring-flash-attention's and diffusers' merges do.
+UNFUSED_MERGE_BYTES = 38.0
+
+
+@dataclasses.dataclass(frozen=True)
+class Implementation:
+    """How one context-parallel attention implementation runs a call, as its code reads.
+
+    ring: "p2p" (K/V hop from rank to rank, each hop behind the step before it) or "allgather" (each rank
+        gathers the ring group's whole K and V first, not overlapped, then loops over the chunks).
+    ulysses_a2a: all-to-alls per Ulysses call (2: q, k, v packed into one, then the output; 4: q, k, v and
+        the output one each); the same bytes move either way, each costs a latency and a sync point.
+    merge_bytes: bytes per output element moved by a separate merge after every ring step but the first
+        (0: the kernel accumulates into the float32 output itself).
+    eager_ops: operations launched per attention call, beyond a single-device SDPA call, when run
+        uncompiled: (Ulysses call, per ring step, per ring call, per unified call in place of the ring
+        call's), counted with a dispatch-mode op counter (views left out); None: not counted.
+    """
+    name: str
+    ring: str
+    ulysses_a2a: int
+    merge_bytes: float
+    eager_ops: tuple | None = None
+
+    def launched_ops(self, R: int, U: int) -> int:
+        """Operations an uncompiled call launches on a replica of R x U ranks (0 where not counted)."""
+        if self.eager_ops is None or R * U == 1:
+            return 0
+        ulysses, per_step, ring_call, unified_call = self.eager_ops
+        if R == 1:
+            return ulysses
+        return per_step * R + (unified_call if U > 1 else ring_call)
+
+
+IMPLEMENTATIONS = {impl.name: impl for impl in (
+    # cp_attention (ring.py, ulysses.py): P2P hops (batch_isend_irecv) behind fused attend-and-merge steps
+    # (flash_attn_acc_); q, k, v leave in one all-to-all; a few custom ops per call, whose host time
+    # kernel_overhead_us covers.
+    Implementation("cp_attention", ring="p2p", ulysses_a2a=2, merge_bytes=0.0),
+    # xDiT's USP (xFuserLongContextAttention over yunchang: use_pack_qkv=False, ring-flash-attention's ring):
+    # P2P hops, a separate float32 merge per step (_update_out_and_lse), q, k, v one all-to-all each.
+    Implementation("xdit", ring="p2p", ulysses_a2a=4, merge_bytes=UNFUSED_MERGE_BYTES),
+    # diffusers' context parallelism (attention_dispatch.py, rotate_method="allgather", convert_to_fp32):
+    # TemplatedRingAttention all-gathers the ring group's K/V and merges each chunk in float32;
+    # TemplatedUlyssesAttention / SeqAllToAllDim exchange q, k, v and the output one by one. eager_ops
+    # counted on diffusers 0.42.1's FLUX transformer over a fake process group, beyond plain SDPA
+    # (benchmarks/calibrate_planner.py --count-ops): 22 per Ulysses call, 15 per ring step less 5 per ring
+    # call, 15 per ring step plus 12 per unified call (55 at ring 4, 42 at Ulysses 2 x ring 2, 22 at
+    # Ulysses 4; at 8 ranks 115, 72, 42 and 22 for ring 8, 4 x 2, 2 x 4 and Ulysses 8).
+    Implementation("diffusers", ring="allgather", ulysses_a2a=4, merge_bytes=UNFUSED_MERGE_BYTES,
+                   eager_ops=(22, 15, -5, 12)),
+)}
 
 
 @dataclasses.dataclass(frozen=True)
@@ -56,11 +118,16 @@ class Plan:
     ulysses_degree, ring_degree, data_degree: the layout (their product is the world size).
     placement: "ulysses-inner" (Ulysses groups are consecutive ranks: cp_attention.ContextParallel's and
         diffusers' mesh) or "ring-inner" (ring groups are consecutive ranks: a custom mesh).
-    time_ms = compute_ms + comm_ms: compute_ms the busiest rank's kernel time, comm_ms the all-to-all time
-        plus what of the ring hops does not hide behind compute.
+    time_ms = compute_ms + comm_ms: compute_ms the busiest rank's kernel time, comm_ms the rest: the
+        all-to-alls and their packing, what of the ring hops does not hide behind compute (or the ring's
+        all-gather), separate merges, synchronisation points and, uncompiled, launched operations.
     memory_bytes: working memory the call adds per rank (see the module docstring).
     ulysses_link, ring_link: the link level each group uses (None where the degree is 1).
     groups: the ranks of this rank 0's Ulysses group and ring group, as placed.
+    details: the terms (ms unless named otherwise): a2a_ms, pack_ms, sync_ms, syncs, ring_exposed_ms (P2P
+        hops not hidden), gather_ms (an all-gather ring's collective), merge_ms (separate merges),
+        eager_ms (launched operations, compiled=False), ring_hop_ms, step_ms, steps, heads_per_rank,
+        kv_heads_per_rank, batch_per_replica, implementation.
     """
     ulysses_degree: int
     ring_degree: int
@@ -90,6 +157,8 @@ class Workload:
     causal: bool
     dtype: str
     train: bool
+    implementation: str = "cp_attention"
+    compiled: bool = False
 
 
 def _dtype_name(dtype) -> str:
@@ -128,9 +197,67 @@ def _group_ranks(placement: str, R: int, U: int) -> tuple[list[int], list[int], 
     return list(range(0, R * U, R)), list(range(R)), (U - 1) * R + 1, R
 
 
+def _ulysses_terms(w: Workload, p: HardwareProfile, impl: Implementation, link, b: int, local: float, hq: int,
+                   hkv: int, U: int) -> tuple[float, float, int]:
+    """(all-to-all ms, packing ms, sync points) of one Ulysses call: (U - 1) / U of each rank's q, k, v and
+    output moves, in impl.ulysses_a2a all-to-alls (q, k, v packed into one, or one each)."""
+    if U == 1:
+        return 0.0, 0.0, 0
+    moving = (U - 1) / U
+    qkv = b * local * w.head_dim * DTYPE_BYTES[w.dtype] * (hq + 2 * hkv) * U * moving
+    out = b * local * w.head_dim * DTYPE_BYTES[w.dtype] * hq * U * moving
+    messages = impl.ulysses_a2a
+    a2a_ms = _link_ms(link, qkv, messages - 1) + _link_ms(link, out)
+    pack_ms = 0.0
+    if p.copy_gbs:  # packed before and unpacked after each all-to-all: read and write, both sides
+        whole = b * local * w.head_dim * DTYPE_BYTES[w.dtype] * (2 * hq + 2 * hkv) * U
+        pack_ms = 2 * 2 * whole / (p.copy_gbs * 1e9) * 1e3
+    if w.train:  # dout in, dq, dk, dv out: the same bytes again
+        return 2 * a2a_ms, 2 * pack_ms, 2 * messages
+    return a2a_ms, pack_ms, messages
+
+
+def _ring_comm(w: Workload, p: HardwareProfile, impl: Implementation, link, R: int, hop_bytes: float,
+               acc_bytes: float, step_ms: float) -> tuple[float, float, float, int]:
+    """(one hop ms, P2P hop time not hidden behind the steps, all-gather ms, sync points) of the ring's K/V
+    traffic. hop_bytes: one K/V chunk; acc_bytes: its float32 dK, dV accumulators (training)."""
+    if R == 1:
+        return 0.0, 0.0, 0.0, 0
+    hop_ms = _link_ms(link, hop_bytes)
+    if impl.ring == "allgather":  # every foreign chunk arrives in one collective before the first step
+        gather_ms = _link_ms(link, (R - 1) * hop_bytes)
+        if w.train:  # gathered again for the backward; dK, dV partial sums reduce-scattered back
+            gather_ms += _link_ms(link, (R - 1) * hop_bytes) + _link_ms(link, (R - 1) * acc_bytes)
+            return hop_ms, 0.0, gather_ms, 3
+        return hop_ms, 0.0, gather_ms, 1
+    exposed_ms = (R - 1) * max(0.0, hop_ms - p.overlap * step_ms)
+    if w.train:  # K, V again and the float32 dK, dV accumulators, behind the backward steps
+        bwd_hop = _link_ms(link, hop_bytes + acc_bytes)
+        exposed_ms += (R - 1) * max(0.0, bwd_hop - p.overlap * BWD_FLOPS * step_ms)
+        return hop_ms, exposed_ms, 0.0, 2 * (R - 1)
+    return hop_ms, exposed_ms, 0.0, R - 1
+
+
+def _merge_ms(p: HardwareProfile, impl: Implementation, R: int, out_elements: float) -> float:
+    """Separate float32 merges: one after every ring step but the first, impl.merge_bytes per element of
+    the rank's output, at copy_gbs (0 where the profile has none)."""
+    if R == 1 or not impl.merge_bytes or not p.copy_gbs:
+        return 0.0
+    return (R - 1) * out_elements * impl.merge_bytes / (p.copy_gbs * 1e9) * 1e3
+
+
+def _eager_ms(w: Workload, p: HardwareProfile, impl: Implementation, R: int, U: int) -> float:
+    """Operations an uncompiled call launches around its collectives, launch_us each (the backward about
+    as many again)."""
+    if w.compiled:
+        return 0.0
+    return impl.launched_ops(R, U) * p.launch_us * 1e-3 * (2 if w.train else 1)
+
+
 def estimate(w: Workload, p: HardwareProfile, data: int, R: int, U: int, placement: str) -> Plan:
     """The cost of one attention call of workload w on profile p in layout data x R x U (see the module
     docstring for the model)."""
+    impl = IMPLEMENTATIONS[w.implementation]
     e = DTYPE_BYTES[w.dtype]
     b = math.ceil(w.batch / data)
     hq = math.ceil(w.heads / U)
@@ -139,51 +266,36 @@ def estimate(w: Workload, p: HardwareProfile, data: int, R: int, U: int, placeme
     local = S / (R * U)  # positions each rank holds outside attention
     sq = S / R  # positions of a ring step, after the Ulysses exchange
 
-    # Ulysses: q, k, v leave in one all-to-all, the output in another; (U - 1) / U of each rank's data moves.
     u_ranks, r_ranks, u_extent, r_extent = _group_ranks(placement, R, U)
     u_link = p.link_for(u_extent) if U > 1 else None
     r_link = p.link_for(r_extent) if R > 1 else None
-    a2a_ms, pack_ms, syncs = 0.0, 0.0, 0
-    if U > 1:
-        moving = (U - 1) / U
-        qkv = b * local * w.head_dim * e * (hq + 2 * hkv) * U * moving
-        out = b * local * w.head_dim * e * hq * U * moving
-        a2a_ms = _link_ms(u_link, qkv) + _link_ms(u_link, out)
-        syncs += 2
-        if p.copy_gbs:  # packed before and unpacked after each all-to-all: read and write, both sides
-            whole = b * local * w.head_dim * e * (2 * hq + 2 * hkv) * U
-            pack_ms = 2 * 2 * whole / (p.copy_gbs * 1e9) * 1e3
-        if w.train:  # dout in, dq, dk, dv out: the same bytes again
-            a2a_ms += _link_ms(u_link, out) + _link_ms(u_link, qkv)
-            pack_ms *= 2
-            syncs += 2
+    a2a_ms, pack_ms, syncs = _ulysses_terms(w, p, impl, u_link, b, local, hq, hkv, U)
 
     # Ring: R steps of sq x sq; the busiest rank under causal contiguous sharding is the last.
     step_ms = _kernel_ms(p, w, b, hq, sq, sq)
     steps = (R - 0.5) if w.causal else R
-    fwd_ms = steps * step_ms
-    compute_ms = fwd_ms * (1 + (BWD_FLOPS if w.train else 0.0))
+    compute_ms = steps * step_ms * (1 + (BWD_FLOPS if w.train else 0.0))
     hop_bytes = b * sq * hkv * w.head_dim * e * 2
-    exposed_ms, hop_ms = 0.0, 0.0
-    if R > 1:
-        hop_ms = _link_ms(r_link, hop_bytes)
-        exposed_ms = (R - 1) * max(0.0, hop_ms - p.overlap * step_ms)
-        syncs += R - 1
-        if w.train:  # K, V again and the float32 dK, dV accumulators, behind the backward steps
-            bwd_hop = _link_ms(r_link, hop_bytes + b * sq * hkv * w.head_dim * 4 * 2)
-            exposed_ms += (R - 1) * max(0.0, bwd_hop - p.overlap * BWD_FLOPS * step_ms)
-            syncs += R - 1
+    acc_bytes = b * sq * hkv * w.head_dim * 4 * 2
+    hop_ms, exposed_ms, gather_ms, ring_syncs = _ring_comm(w, p, impl, r_link, R, hop_bytes, acc_bytes,
+                                                           step_ms)
+    syncs += ring_syncs
+    merge_ms = _merge_ms(p, impl, R, b * sq * hq * w.head_dim)
+    eager_ms = _eager_ms(w, p, impl, R, U)
     sync_ms = syncs * p.sync_us * 1e-3
-    comm_ms = a2a_ms + pack_ms + exposed_ms + sync_ms
+    comm_ms = a2a_ms + pack_ms + exposed_ms + gather_ms + merge_ms + eager_ms + sync_ms
 
     memory = 0
     if U > 1:
         memory += 2 * b * sq * w.head_dim * e * (2 * hq + 2 * hkv)  # q, k, v and out, sent and received
     if R > 1:
-        memory += 2 * hop_bytes + b * sq * hq * w.head_dim * 4  # two foreign K/V chunks, float32 out
+        chunks = R if impl.ring == "allgather" else 2  # foreign K/V chunks held at once
+        temporaries = 2 if impl.merge_bytes else 0  # float32 outputs a separate merge holds besides the sum
+        memory += chunks * hop_bytes + (1 + temporaries) * b * sq * hq * w.head_dim * 4
     details = dict(a2a_ms=a2a_ms, pack_ms=pack_ms, sync_ms=sync_ms, syncs=syncs, ring_exposed_ms=exposed_ms,
-                   ring_hop_ms=hop_ms, step_ms=step_ms,
-                   steps=steps, heads_per_rank=hq, kv_heads_per_rank=hkv, batch_per_replica=b)
+                   gather_ms=gather_ms, merge_ms=merge_ms, eager_ms=eager_ms, ring_hop_ms=hop_ms,
+                   step_ms=step_ms, steps=steps, heads_per_rank=hq, kv_heads_per_rank=hkv,
+                   batch_per_replica=b, implementation=impl.name)
     return Plan(ulysses_degree=U, ring_degree=R, data_degree=data, placement=placement,
                 time_ms=compute_ms + comm_ms, compute_ms=compute_ms, comm_ms=comm_ms,
                 memory_bytes=int(memory),
@@ -207,7 +319,8 @@ def layouts(world_size: int, heads: int, batch: int, seq_len: int) -> list[tuple
 
 def plan(world_size: int, *, seq_len: int, heads: int, head_dim: int, kv_heads: int | None = None,
          batch: int = 1, causal: bool = False, dtype=torch.bfloat16, hardware="h100-sxm",
-         train: bool = False, cfg: bool = False) -> list[Plan]:
+         train: bool = False, cfg: bool = False, implementation: str = "cp_attention",
+         compiled: bool = False) -> list[Plan]:
     """Every layout of `world_size` ranks for one attention call, best (fastest) first.
 
     seq_len: the global sequence (tokens; image and text together for a joint-attention DiT). heads,
@@ -215,7 +328,10 @@ def plan(world_size: int, *, seq_len: int, heads: int, head_dim: int, kv_heads: 
     cfg=True doubles it (a conditional and an unconditional pass), and data_degree can split either. causal,
     dtype (torch.float32, bfloat16 or float16), train (forward and backward): what runs. hardware: a built-in
     profile name (cp_attention.planner.PROFILE_NAMES), a HardwareProfile, or a .json file saved by
-    `python -m cp_attention.profile`.
+    `python -m cp_attention.profile`. implementation: whose attention runs the layouts (IMPLEMENTATIONS:
+    "cp_attention", this library's; "xdit"; "diffusers"). compiled: the model runs under torch.compile; False
+    (PyTorch's default) adds the operations an implementation launches around its collectives where
+    IMPLEMENTATIONS counts them (diffusers').
 
     Returns a list of Plan (layout, placement, predicted time, compute and communication, memory per rank);
     each layout appears once per placement where placement matters (both degrees > 1). Raises ValueError
@@ -227,9 +343,12 @@ def plan(world_size: int, *, seq_len: int, heads: int, head_dim: int, kv_heads: 
     kv_heads = heads if kv_heads is None else _positive_int("kv_heads", kv_heads)
     if heads % kv_heads:
         raise ValueError(f"{_OP}: kv_heads must divide heads, got heads={heads}, kv_heads={kv_heads}")
+    if implementation not in IMPLEMENTATIONS:
+        raise ValueError(f"{_OP}: implementation must be one of {', '.join(IMPLEMENTATIONS)}, got "
+                         f"{implementation!r}")
     profile = get_profile(hardware)
     w = Workload(seq_len, heads, head_dim, kv_heads, batch * (2 if cfg else 1), bool(causal),
-                 _dtype_name(dtype), bool(train))
+                 _dtype_name(dtype), bool(train), implementation, bool(compiled))
     found = layouts(world_size, heads, w.batch, seq_len)
     if not found:
         raise ValueError(f"{_OP}: no layout of world_size={world_size} fits seq_len={seq_len} (every rank "

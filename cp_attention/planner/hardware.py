@@ -42,18 +42,23 @@ class HardwareProfile:
     kernel_half_len: the per-call key length (and query length) at which the kernel runs at half its rate:
         small ring steps fill the tiles and the device less well. Rate = peak * Sq / (Sq + h) * Sk / (Sk + h).
     kernel_overhead_us: the fixed cost of one kernel call (launch, merge of the partial result).
-    gemm_tflops: {dtype name: TFLOP/s}: dense matmul rate, for the rest of a transformer layer.
+    gemm_tflops: {dtype name: TFLOP/s}: the rate of the rest of a transformer layer (its matmuls, and the
+        elementwise work between them, counted as matmul FLOPs): what the CLI's step estimate divides by.
     memory_gb: device memory, GB.
     devices_per_node: devices in one node.
     links: the link levels, innermost first, spans increasing; the last spans every device (math.inf).
     overlap: how much of a ring hop hides behind the step's compute, as a fraction of the step's time
         (0 to 1): a hop costs max(0, hop - overlap * step).
     sources: where the numbers come from.
-    copy_gbs: memory bandwidth of the copies that pack and unpack Ulysses' all-to-all buffers, GB/s of
-        bytes read plus written; None: not modelled (the built-in GPU profiles, whose copies are small
-        beside their links).
+    copy_gbs: memory bandwidth of the copies that pack and unpack Ulysses' all-to-all buffers, and of the
+        separate float32 merges of ring implementations that do not merge inside the kernel, GB/s of bytes
+        read plus written; None: not modelled.
     sync_us: the extra cost of one synchronisation point (an all-to-all, a ring hop) beyond its transfer:
         ranks that reach it at different times, descheduled ranks where they share cores; 0 by default.
+    launch_us: the exposed cost of one operation that an uncompiled (eager) attention implementation
+        launches around its collectives, us: host dispatch and launch, and the stream waits between them.
+        Applies to implementations whose operations cost.IMPLEMENTATIONS counts (eager_ops), with
+        compiled=False; 0 by default.
     """
     name: str
     device: str
@@ -68,6 +73,7 @@ class HardwareProfile:
     sources: tuple = ()
     copy_gbs: float | None = None
     sync_us: float = 0.0
+    launch_us: float = 0.0
 
     def __post_init__(self):
         if not self.links:
@@ -79,10 +85,11 @@ class HardwareProfile:
                              f"cover a node (or be inf), got {spans}")
         bad = [link.name for link in self.links if not (link.bandwidth_gbs > 0 and link.latency_us >= 0)]
         if bad or not 0 <= self.overlap <= 1 or not self.kernel_half_len >= 0 or not self.sync_us >= 0 \
-                or self.copy_gbs is not None and not self.copy_gbs > 0:
+                or not self.launch_us >= 0 or self.copy_gbs is not None and not self.copy_gbs > 0:
             raise ValueError(f"profile {self.name!r}: link bandwidths must be > 0 and latencies >= 0 "
                              f"(links {bad}), overlap in [0, 1] (got {self.overlap}), kernel_half_len >= 0, "
-                             f"sync_us >= 0 (got {self.sync_us}), copy_gbs None or > 0 (got {self.copy_gbs})")
+                             f"sync_us >= 0 (got {self.sync_us}), launch_us >= 0 (got {self.launch_us}), "
+                             f"copy_gbs None or > 0 (got {self.copy_gbs})")
 
     def attention_rate(self, dtype: str, head_dim: int) -> float:
         """TFLOP/s of the attention kernel for dtype and head_dim: interpolated linearly between the listed
@@ -133,7 +140,7 @@ class HardwareProfile:
                        memory_gb=float(d["memory_gb"]), devices_per_node=int(d["devices_per_node"]),
                        links=links, overlap=float(d.get("overlap", 0.9)), sources=tuple(d.get("sources", ())),
                        copy_gbs=None if d.get("copy_gbs") is None else float(d["copy_gbs"]),
-                       sync_us=float(d.get("sync_us", 0.0)))
+                       sync_us=float(d.get("sync_us", 0.0)), launch_us=float(d.get("launch_us", 0.0)))
         except (KeyError, TypeError, ValueError, AttributeError) as e:
             raise ValueError(f"{where}: not a hardware profile ({type(e).__name__}: {e}); expected the keys "
                              f"name, attention_tflops, kernel_half_len, kernel_overhead_us, gemm_tflops, "

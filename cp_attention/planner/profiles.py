@@ -15,6 +15,11 @@ TFLOP/s at 512 tokens vs 648 at 16k); 256 also covers the under-filled grids of 
 (B=1-2, 24 heads) that diffusion transformers run per ring step. `python -m cp_attention.profile` measures it.
 overlap: 0.9 on NVLink, 0.8 over PCIe P2P, 0.7 through host memory (the copy competes with the kernel).
 
+The h100-sxm profile's gemm rate, kernel_overhead_us and launch_us are calibrated on two published 4 x H100
+FLUX.1-dev tables (_CALIBRATION); h200-sxm takes them over. The other profiles keep their estimates: their
+gemm rates are cuBLAS-class matmul rates, which FLUX's compiled transformer ran at 55% of the H100's dense
+peak rather than the 73% the H100 profile first assumed.
+
 Each profile names its sources in the comment above it and in `sources`; "estimate" marks a number that no
 source gives directly.
 """
@@ -32,6 +37,11 @@ _FA2 = ("FlashAttention-2, Dao 2023 (arXiv:2307.08691): 50-73% of the A100's the
         "pass at the top of that range")
 _NCCL = ("nccl-tests all_reduce busbw reference (docs.alayanew.com/en/docs/tech-blog/2026-05-06-nccl-tests): "
          "8x H100 SXM5 460-480 GB/s (NVLink SHARP), 8x A100 SXM4 230-250 GB/s")
+_CALIBRATION = ("calibrated on FLUX.1-dev 1024x1024 on 4x H100 (benchmarks/calibrate_planner.py, "
+                "docs/planner.md): xDiT docs/performance/flux.md (28 steps, torch.compile: 1 GPU 4.30 s, "
+                "Ulysses-4 1.63, Ulysses-2 x Ring-2 1.80, Ring-4 1.98) and the diffusers "
+                "distributed-inference docs (50 steps, eager: Ulysses 6670.8 ms, ring 13076.5, unified "
+                "11068.7)")
 _PCIE = ("measured PCIe Gen5 x16 P2P write bandwidth 54-56 GB/s one way within a NUMA node, 39-51 across "
          "(github.com/voipmonitor/rtx6kpro, hardware/pcie-bandwidth.md); Gen4 x16 has half the lanes' rate")
 
@@ -57,35 +67,43 @@ _GEN4_SWITCH, _GEN4_SOCKET, _GEN4_UPI = (22.0, 10.0), (18.0, 12.0), (12.0, 15.0)
 
 BUILTIN: dict[str, HardwareProfile] = {p.name: p for p in (
     # H100 SXM5: NVIDIA H100 Tensor Core GPU datasheet (SXM: BF16 1,979 TFLOPS with sparsity = 989 dense,
-    # FP32 67 TFLOPS, 80 GB HBM3, NVLink 900 GB/s both directions = 450 one way). Attention: FA3 paper (_FA3)
-    # at ~95% of its 16k-token figures. gemm: estimate, 73% of 989. FP32 attention: estimate, ~40% of 67.
-    # NVLink 360 GB/s: estimate, 80% of 450; _NCCL's 460-480 GB/s all-reduce uses NVLink SHARP, which
-    # all-to-all and send/recv do not get. InfiniBand: NDR 400 Gb/s per GPU (DGX/HGX H100) = 50 GB/s line,
-    # 42 achievable (estimate).
+    # FP32 67 TFLOPS, 80 GB HBM3 at 3.35 TB/s, NVLink 900 GB/s both directions = 450 one way). Attention: FA3
+    # paper (_FA3) at ~95% of its 16k-token figures. FP32 attention: estimate, ~40% of 67. NVLink 360 GB/s:
+    # estimate, 80% of 450; _NCCL's 460-480 GB/s all-reduce uses NVLink SHARP, which all-to-all and
+    # send/recv do not get. InfiniBand: NDR 400 Gb/s per GPU (DGX/HGX H100) = 50 GB/s line, 42 achievable
+    # (estimate). copy_gbs: estimate, 80% of 3.35 TB/s. Calibrated (_CALIBRATION): gemm_tflops bf16/fp16
+    # (FLUX's non-attention work compiled: 55% of 989) and kernel_overhead_us (one step of xDiT's ring:
+    # kernel, P2P and merge launches) on xDiT's compiled rows; launch_us on diffusers' eager rows. sync_us
+    # stays 0: fitted beside them it takes 9 us, which four rows do not tell apart from the kernel cost.
     HardwareProfile(
         name="h100-sxm", device="NVIDIA H100 80GB SXM5",
         attention_tflops={"bfloat16": {64: 470, 128: 615, 256: 720}, "float16": {64: 470, 128: 615, 256: 720},
                           "float32": {64: 24, 128: 27}},
-        kernel_half_len=256, kernel_overhead_us=12,
-        gemm_tflops={"bfloat16": 720, "float16": 720, "float32": 50},
-        memory_gb=80, devices_per_node=8, links=_nvlink_node(360, 6, 42, 10), overlap=0.9,
+        kernel_half_len=256, kernel_overhead_us=51.1,
+        gemm_tflops={"bfloat16": 544, "float16": 544, "float32": 50},
+        memory_gb=80, devices_per_node=8, links=_nvlink_node(360, 6, 42, 10), overlap=0.9, copy_gbs=2700,
+        launch_us=63.9,
         sources=("NVIDIA H100 Tensor Core GPU datasheet (nvidia.com/en-us/data-center/h100)", _FA3, _NCCL,
-                 "estimates: gemm 73% of dense BF16 peak, FP32 attention 40% of FP32 peak, NVLink 80% of "
-                 "450 GB/s, NDR 400 Gb/s at 85%")),
+                 _CALIBRATION, "estimates: FP32 attention 40% of FP32 peak, NVLink 80% of 450 GB/s, NDR "
+                 "400 Gb/s at 85%, copies at 80% of the HBM bandwidth")),
     # H200 SXM: same GH100 die, clocks and 700 W as the H100 SXM (compute-bound attention and matmul: the
     # H100 rates, estimate); NVIDIA H200 product page / datasheet (141 GB HBM3e, 4.8 TB/s, BF16 1,979 TFLOPS
     # with sparsity, NVLink 900 GB/s); MLPerf Inference v4.1 system description H200-SXM-141GBx8 (8 GPUs
-    # per node, 18x NVLink4 900 GB/s, 400 Gb/s InfiniBand NICs). Links as the H100 (estimates).
+    # per node, 18x NVLink4 900 GB/s, 400 Gb/s InfiniBand NICs). Links as the H100 (estimates). The H100's
+    # calibrated gemm rate, kernel and launch costs (same die, same software path; estimate); copy_gbs:
+    # estimate, 80% of 4.8 TB/s.
     HardwareProfile(
         name="h200-sxm", device="NVIDIA H200 141GB SXM5",
         attention_tflops={"bfloat16": {64: 470, 128: 615, 256: 720}, "float16": {64: 470, 128: 615, 256: 720},
                           "float32": {64: 24, 128: 27}},
-        kernel_half_len=256, kernel_overhead_us=12,
-        gemm_tflops={"bfloat16": 720, "float16": 720, "float32": 50},
-        memory_gb=141, devices_per_node=8, links=_nvlink_node(360, 6, 42, 10), overlap=0.9,
+        kernel_half_len=256, kernel_overhead_us=51.1,
+        gemm_tflops={"bfloat16": 544, "float16": 544, "float32": 50},
+        memory_gb=141, devices_per_node=8, links=_nvlink_node(360, 6, 42, 10), overlap=0.9, copy_gbs=3800,
+        launch_us=63.9,
         sources=("NVIDIA H200 datasheet (nvidia.com/en-us/data-center/h200)",
                  "MLPerf Inference v4.1, NVIDIA system H200-SXM-141GBx8_TRT_MaxQ.json", _FA3, _NCCL,
-                 "estimates: compute rates of the H100 SXM (same die and power), links as the H100 SXM")),
+                 _CALIBRATION, "estimates: compute rates and calibrated costs of the H100 SXM (same die and "
+                 "power), links as the H100 SXM, copies at 80% of the HBM bandwidth")),
     # A100 SXM4 80GB: NVIDIA A100 datasheet (nvidia-a100-datasheet-us-nvidia-1758950-r4-web.pdf: BF16 312
     # TFLOPS dense, FP32 19.5, NVLink 600 GB/s = 300 one way, 400 W). Attention: FA2 paper (_FA2), ~70% of
     # 312 at D=128; D=64 estimate ~58%. gemm: estimate, 80% of 312. NVLink 230 GB/s: _NCCL's 8x A100
