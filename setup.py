@@ -12,14 +12,12 @@ Environment knobs:
                                   SASS target (the driver compiles it for them); "none" embeds none. An
                                   arch-specific target ("9.0a") does not qualify: its PTX runs on that
                                   architecture only
-  CP_ATTENTION_CPU_ISA=avx2       vector ISA of the CPU kernels: avx2 (x86-64 default), avx512 or generic
   CUDA_HOME                       the CUDA toolkit; found through nvcc when unset
   MAX_JOBS                        parallel compile jobs (read by torch's build helper)
 """
 
 import glob
 import os
-import platform
 import re
 import shutil
 import subprocess
@@ -110,18 +108,11 @@ cuda_ptx = os.environ.get("CP_ATTENTION_CUDA_PTX", "9.0").strip() if with_cuda e
 # torch adds no -gencode of its own when these are given (it looks for "arch" among the nvcc flags).
 cuda_gencode = gencode_flags(cuda_archs, cuda_ptx) if with_cuda else []
 
-machine = platform.machine().lower()
-cpu_isa = os.environ.get("CP_ATTENTION_CPU_ISA", "avx2" if machine in ("x86_64", "amd64") else "generic")
-isa_flags = {
-    "avx2": ["-mavx2", "-mfma", "-mf16c", "-DCPU_CAPABILITY=AVX2", "-DCPU_CAPABILITY_AVX2"],
-    "avx512": ["-mavx512f", "-mavx512bw", "-mavx512vl", "-mavx512dq", "-mfma", "-mf16c",
-               "-DCPU_CAPABILITY=AVX512", "-DCPU_CAPABILITY_AVX512"],
-    "generic": ["-DCPU_CAPABILITY=DEFAULT"],
-}
-if cpu_isa not in isa_flags:
-    sys.exit(f"CP_ATTENTION_CPU_ISA must be one of {sorted(isa_flags)}, got {cpu_isa!r}")
-
+# The CPU kernels' ISA copies (csrc/cpu/isa_*.cpp, chosen at run time) link last and narrowest first, so
+# that of the inline functions they share with the baseline files the linker keeps the baseline's copy.
+ISA_COPIES = [os.path.join("csrc", "cpu", f"isa_{isa}.cpp") for isa in ("generic", "avx2", "avx512", "amx")]
 sources = sorted(glob.glob(os.path.join("csrc", "*.cpp")) + glob.glob(os.path.join("csrc", "cpu", "*.cpp")))
+sources = [s for s in sources if s not in ISA_COPIES] + ISA_COPIES
 cuda_sources = sorted(glob.glob(os.path.join("csrc", "cuda", "*.cu")))
 if with_cuda:
     sources += cuda_sources
@@ -145,7 +136,6 @@ config_text = (
     f"#define CP_ATTENTION_WITH_CUDA {int(with_cuda)}\n"
     f'#define CP_ATTENTION_CUDA_ARCHS "{cuda_archs}"\n'
     f'#define CP_ATTENTION_CUDA_PTX "{cuda_ptx}"\n'
-    f'#define CP_ATTENTION_CPU_ISA "{cpu_isa}"\n'
     f'#define CP_ATTENTION_TORCH_VERSION "{torch.__version__}"\n'
     f'#define CP_ATTENTION_CUDA_VERSION "{cuda_version}"\n'
     f'#define CP_ATTENTION_CUDA_SOURCES "{compiled_cuda}"\n'
@@ -155,7 +145,9 @@ if not os.path.exists(config_path) or open(config_path).read() != config_text:
     with open(config_path, "w") as f:
         f.write(config_text)
 
-cxx_flags = ["-O3", "-fopenmp", "-Wno-unknown-pragmas"] + isa_flags[cpu_isa]
+# No ISA flags: every file compiles for the baseline x86-64 (or other) target; the ISA copies raise it for
+# their kernels with target pragmas.
+cxx_flags = ["-O3", "-fopenmp", "-Wno-unknown-pragmas"]
 extra_compile_args = {"cxx": cxx_flags}
 if with_cuda:
     extra_compile_args["nvcc"] = ["-O3", "-lineinfo", "--expt-relaxed-constexpr", *cuda_gencode]

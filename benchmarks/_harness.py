@@ -270,6 +270,39 @@ def _build_info() -> dict | str | None:
         return f"unavailable: {type(exc).__name__}: {exc}"
 
 
+def _cpu_mhz() -> float | None:
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("cpu MHz"):
+                return float(line.split(":", 1)[1])
+    except (OSError, ValueError):
+        pass
+    return None
+
+
+# Per core and cycle, by the ISA copy of our CPU kernels that runs (cp_attention.build_info()["cpu_isa"]):
+# float32 FLOPs of two FMA units at the vector width (a "generic" build still gets SSE2's 4 lanes), and for
+# 16-bit types the AMX tile unit's 1024 multiply-adds where the "amx" copy runs.
+_FP32_FLOPS_PER_CYCLE = {"generic": 2 * 2 * 4, "avx2": 2 * 2 * 8, "avx512": 2 * 2 * 16, "amx": 2 * 2 * 16}
+_AMX_FLOPS_PER_CYCLE = 2 * 1024
+
+
+def cpu_peak_gflops(threads: int | None = None) -> dict | None:
+    """The CPU's peak GFLOP/s for the threads a benchmark uses: threads x FLOPs per cycle x clock, with the
+    clock /proc/cpuinfo reports (the nominal one on most machines: turbo can exceed it). None where the
+    clock or our build is unknown."""
+    mhz = _cpu_mhz()
+    info = _build_info()
+    if mhz is None or not isinstance(info, dict) or info.get("cpu_isa") not in _FP32_FLOPS_PER_CYCLE:
+        return None
+    isa = info["cpu_isa"]
+    threads = threads or torch.get_num_threads()
+    fp32 = threads * _FP32_FLOPS_PER_CYCLE[isa] * mhz / 1e3
+    half = threads * _AMX_FLOPS_PER_CYCLE * mhz / 1e3 if isa == "amx" else fp32
+    return {"float32": fp32, "bfloat16": half, "float16": half, "threads": threads, "mhz": mhz, "isa": isa,
+            "formula": "threads x FLOPs/cycle (2 FMA units x lanes x 2, or AMX 2 x 1024) x clock"}
+
+
 def environment(device: torch.device | str = "cpu") -> dict:
     """What a result depends on: hardware, threads, library versions, our build, source revision, time."""
     device = torch.device(device)
@@ -281,6 +314,7 @@ def environment(device: torch.device | str = "cpu") -> dict:
         "cpu_model": _cpu_model(),
         "cpu_count": os.cpu_count(),
         "torch_threads": torch.get_num_threads(),
+        "cpu_peak_gflops": cpu_peak_gflops() if device.type == "cpu" else None,
         # Other work on the machine (a compiler, a second benchmark) skews CPU timings badly.
         "busy_cpus_at_start": _busy_at_start,
         "versions": _versions(),

@@ -28,6 +28,7 @@ from _harness import (
     TIME_UP_EXIT,
     apply_common,
     attn_fwd_flops,
+    cpu_peak_gflops,
     geomean,
     gflops,
     make_parser,
@@ -106,7 +107,8 @@ def shapes_for(quick: bool, device: torch.device) -> list[Shape]:
         # shapes the targets judge come first (D 128, then S >= 4k), so a run cut short at its time limit
         # has them.
         return [Shape(16384 // S, 16, D, S) for S in (4096, 16384, 1024) for D in (128, 64)]
-    grid = [Shape(1, H, D, S) for H in (8, 24) for D in (64, 128) for S in (256, 1024, 4096)]
+    # The CPU targets' grid (docs/kernels.md): D 64 and 128, S 1k to 4k, B x H from 8 to 24.
+    grid = [Shape(1, H, D, S) for H in (8, 24) for D in (64, 128) for S in (1024, 2048, 4096)]
     # PixArt/SD3-class layer: a head dim that is not a power of two (docs/design.md, "Tensors and layout").
     return grid + [Shape(1, 16, 72, 4096, "pixart")]
 
@@ -116,12 +118,27 @@ def shapes_for(quick: bool, device: torch.device) -> list[Shape]:
 # the benchmark's do, its compute warpgroups taking turns to issue) and "triton_tma": "cuda_sm90_cp" is
 # the cp.async wgmma kernel, "cuda_tma_free" the TMA one without the turns (what the turns buy).
 OP_VARIANTS = {"cuda_sm90_cp": "sm90", "cuda_tma_free": "sm90_tma_no_pingpong"}
+# On the CPU, the two forward kernels that "default" chooses between (csrc/cpu/dispatch.cpp): the panel
+# kernel of the CPU's ISA copy and, on CPUs with AMX, the oneDNN brgemm kernel.
+CPU_VARIANTS = {"cpu_panels": "panels", "cpu_brgemm": "brgemm"}
+
+
+def cpu_variant_runs(variant: str) -> bool:
+    """Whether the CPU op takes this variant on this machine (brgemm needs AMX)."""
+    q = torch.zeros(1, 1, 1, 16)
+    try:
+        ops.flash_attn_fwd(q, q, q, 1.0, False, None, variant)
+    except ValueError:
+        return False
+    return True
 
 
 def default_backends(device: torch.device) -> list[str]:
     """Our own backends on the device (not the aten wrappers, which are torch's kernels), and on sm_90
     devices the opt-in ones of kernels not yet proven on a GPU beside them (cp_attention.kernel_variants)."""
     names = [b for b in cp_attention.available_backends(device) if not b.startswith("aten")]
+    if device.type == "cpu" and "cpu" in names:
+        names += [name for name, variant in CPU_VARIANTS.items() if cpu_variant_runs(variant)]
     if device.type == "cuda" and torch.cuda.get_device_capability(device)[0] == 9:
         if "cuda" in names:
             names += ["cuda_sm90", *OP_VARIANTS]
@@ -132,15 +149,16 @@ def default_backends(device: torch.device) -> list[str]:
 
 def forward_fn(name: str, q, k, v, scale: float) -> Callable[[], tuple]:
     """Our forward of one timed name (a backend or an OP_VARIANTS entry), returning (out, lse)."""
-    if name in OP_VARIANTS:
-        return lambda: ops.flash_attn_fwd(q, k, v, scale, False, None, OP_VARIANTS[name])
+    if name in OP_VARIANTS or name in CPU_VARIANTS:
+        variant = OP_VARIANTS.get(name) or CPU_VARIANTS[name]
+        return lambda: ops.flash_attn_fwd(q, k, v, scale, False, None, variant)
     return lambda: cp_attention.flash_attn(q, k, v, scale=scale, backend=name, return_lse=True)
 
 
 def fused_fn(name: str, q, k, v, state, state_lse, scale: float) -> Callable[[], None]:
     """The fused ring step of one timed name into the running state (state, state_lse)."""
-    if name in OP_VARIANTS:
-        kernel = OP_VARIANTS[name]
+    if name in OP_VARIANTS or name in CPU_VARIANTS:
+        kernel = OP_VARIANTS.get(name) or CPU_VARIANTS[name]
         return lambda: ops.flash_attn_fwd_acc_(q, k, v, state, state_lse, scale, False, None, kernel)
     return lambda: cp_attention.flash_attn_acc_(q, k, v, state, state_lse, scale=scale, backend=name)
 
@@ -346,6 +364,18 @@ def main() -> None:
                 r[f"{name}_rate"] = r[f"{name}_gflops"] / rate
         columns.append((f"{name} {unit}", f"{name}_rate", ".1f"))
     columns += [(f"{b}/best", f"ratio_{b}_best_torch", ".2f") for b in backends]
+    peak = cpu_peak_gflops() if device.type == "cpu" else None
+    if peak:
+        # How far from the machine's limit: our default kernel and torch's fastest, as % of peak.
+        for r in rows:
+            for name in ["cpu", *(b.name for b in bases)]:
+                if f"{name}_gflops" in r:
+                    long_name = {"fp32": "float32", "bf16": "bfloat16", "fp16": "float16"}[r["dtype"]]
+                    r[f"{name}_pct_peak"] = 100 * r[f"{name}_gflops"] / peak[long_name]
+        columns += [(f"{name} %peak", f"{name}_pct_peak", ".0f") for name in ["cpu", *(b.name for b in bases)]
+                    if any(f"{name}_pct_peak" in r for r in rows)]
+        print(f"peak: {peak['float32']:.0f} GFLOP/s float32, {peak['bfloat16']:.0f} GFLOP/s 16-bit "
+              f"({peak['formula']}; {peak['threads']} threads, {peak['mhz']:.0f} MHz, {peak['isa']} kernels)")
     if not args.no_acc:
         for b in backends:
             for r in rows:

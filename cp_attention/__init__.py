@@ -4,7 +4,9 @@ inference and training. Ops live under ``torch.ops.cp_attention``; see ``cp_atte
 from . import ops
 from ._C import build_info
 from .attention import (
+    auto_backend,
     available_backends,
+    cpu_auto_choices,
     flash_attn,
     flash_attn_acc_,
     flash_attn_bwd,
@@ -15,7 +17,7 @@ from .distributed import ContextParallel, ring_attention, ulysses_attention, uni
 from .planner import plan
 from .sdpa_drop_in import sdpa, use_as_sdpa
 
-__all__ = ["ContextParallel", "available_backends", "build_info", "flash_attn", "flash_attn_acc_",
-           "flash_attn_bwd", "merge_attn_states", "merge_attn_states_", "ops", "plan", "ring_attention",
-           "sdpa", "ulysses_attention", "unified_attention", "use_as_sdpa"]
+__all__ = ["ContextParallel", "auto_backend", "available_backends", "build_info", "cpu_auto_choices",
+           "flash_attn", "flash_attn_acc_", "flash_attn_bwd", "merge_attn_states", "merge_attn_states_",
+           "ops", "plan", "ring_attention", "sdpa", "ulysses_attention", "unified_attention", "use_as_sdpa"]
 __version__ = "0.1.0"

@@ -111,9 +111,69 @@ def _own_runs(op_name: str, device: torch.device) -> bool:
     return _own_kernels_run(op_name, device.type, device.index)
 
 
+# "auto" on the CPU: our kernel ("cpu") or torch's ("aten"), whichever ran faster on this machine, timed
+# once per process, dtype and mode (forward, or forward and backward when training) on a probe shape.
+# CPUs differ too much (ISA, cores, caches) for a choice made elsewhere to hold.
+_CPU_AUTO: dict[tuple[str, bool], dict] = {}
+_CPU_PROBE = (1, 512, 4, 64)  # B, S, H, D: a few ms per call, big enough that per-call overhead is minor
+_CPU_PROBE_ROUNDS = 5
+
+
+def _cpu_probe_ms(backend: str, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, train: bool) -> float:
+    import time
+
+    with torch.enable_grad() if train else torch.no_grad():
+        t0 = time.perf_counter()
+        out, lse = flash_attn(q, k, v, return_lse=True, backend=backend)
+        if train:
+            torch.autograd.backward([out, lse], [torch.ones_like(out), torch.ones_like(lse)])
+        return (time.perf_counter() - t0) * 1e3
+
+
+@torch._dynamo.assume_constant_result
+def _cpu_auto(dtype_name: str, train: bool) -> str:
+    key = (dtype_name, train)
+    if key not in _CPU_AUTO:
+        names = available_backends("cpu")
+        candidates = [b for b in ("cpu", "aten") if b in names]
+        gen = torch.Generator().manual_seed(0)
+        B, S, H, D = _CPU_PROBE
+        dtype = getattr(torch, dtype_name)
+        q, k, v = (torch.randn(B, S, H, D, generator=gen).to(dtype).requires_grad_(train) for _ in range(3))
+        times = {b: [] for b in candidates}
+        for r in range(_CPU_PROBE_ROUNDS + 1):  # the first round warms up, untimed
+            for b in candidates:  # taking turns, so machine noise favours neither
+                ms = _cpu_probe_ms(b, q, k, v, train)
+                if r:
+                    times[b].append(ms)
+        medians = {b: sorted(t)[len(t) // 2] for b, t in times.items()}
+        _CPU_AUTO[key] = {"backend": min(medians, key=medians.get), "probe_ms": medians,
+                          "probe_shape": dict(zip("BSHD", _CPU_PROBE))}
+    return _CPU_AUTO[key]["backend"]
+
+
+def auto_backend(device: torch.device | str, dtype: torch.dtype = torch.float32, train: bool = False) -> str:
+    """The backend "auto" runs for inputs of `dtype` on `device` (train: inputs that require grad, so the
+    backward counts too). On the CPU, "cpu" or "aten", whichever is faster here: measured once per process,
+    dtype and mode, taking turns on a [1, 512, 4, 64] probe (cpu_auto_choices() shows the timings). On
+    other devices, the first of available_backends."""
+    device = torch.device(device)
+    names = available_backends(device)
+    if device.type == "cpu" and "cpu" in names and "aten" in names:
+        return _cpu_auto(str(dtype).removeprefix("torch."), bool(train))
+    return names[0]
+
+
+def cpu_auto_choices() -> dict:
+    """What "auto" measured on the CPU so far:
+    {(dtype name, train): {"backend", "probe_ms", "probe_shape"}}."""
+    return {key: dict(value) for key, value in _CPU_AUTO.items()}
+
+
 def available_backends(device: torch.device | str = "cpu") -> list[str]:
-    """Backends that can run on `device`, the one "auto" picks first (fastest first: on GPUs "aten", whose
-    cuDNN and flash kernels outran ours on an H200, then our CUDA kernel).
+    """Backends that can run on `device`, fastest first where that is known ahead: on GPUs "aten", whose
+    cuDNN and flash kernels outran ours on an H200, then our CUDA kernel, and "auto" takes the first; on the
+    CPU "auto" times the first two, "cpu" and "aten" (auto_backend).
 
     "cuda" and "triton" run the kernels cp_attention.kernel_variants.DEFAULTS names, which a GPU run has
     shown right; the opt-in backends of unproven kernels ("cuda_sm90", "triton_tma") are never listed.
@@ -161,7 +221,8 @@ def flash_attn(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, scale: floa
         causal: query i sees key j iff j <= i + Sk - Sq (bottom-right aligned).
         kv_mask: bool [B, Sk], True = attend (a key-padding mask).
         return_lse: also return the LSE.
-        backend: "auto" (fastest available for the device and inputs), "cpu" (our C++ kernel), "cuda" (our
+        backend: "auto" (fastest available for the device and inputs: auto_backend), "cpu" (our C++ kernel,
+            the widest ISA copy this CPU has: AMX/oneDNN brgemm, AVX-512, AVX2 or generic), "cuda" (our
             CUDA kernel that a GPU run has shown right: float16/bfloat16 on tensor cores by mma.sync, float32
             on a simple kernel), "triton" (our Triton kernel with its pointer-load tiles: CUDA, or the CPU
             under TRITON_INTERPRET=1), "aten" (torch's best LSE-returning kernel, normalized to this
@@ -181,7 +242,7 @@ def flash_attn(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, scale: floa
     op = "cp_attention.flash_attn"
     check_attn_inputs(op, q, k, v, kv_mask)
     if backend == "auto":
-        backend = available_backends(q.device)[0]
+        backend = auto_backend(q.device, q.dtype, _needs_grad(q, k, v))
         if backend not in _DIFFERENTIABLE and _needs_grad(q, k, v):
             backend = "aten"  # our GPU kernels have no backward yet: torch's kernels and autograd train
     if backend == "cpu":
@@ -351,7 +412,7 @@ def flash_attn_acc_(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, out: torc
     check_attn_inputs(op, q, k, v, kv_mask)
     check_acc_state(op, q, out, lse)
     if backend == "auto":
-        backend = available_backends(q.device)[0]
+        backend = auto_backend(q.device, q.dtype)
     engine, kernel = kv.resolve(backend) if backend in kv.BACKENDS else (backend, "default")
     if engine in _OWN_BACKENDS and q.device.type == engine and _own_runs("flash_attn_fwd_acc_", q.device):
         kv.log_choice(op, backend, engine, kernel, q)

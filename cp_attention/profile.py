@@ -472,14 +472,14 @@ class RankProfiler:
     # -- all of it ----------------------------------------------------------------------------------------
     def run(self) -> dict | None:
         t_start = time.perf_counter()
-        from .attention import available_backends
+        from .attention import auto_backend
         from .planner.hardware import HardwareProfile, Link  # first: a broken import fails before measuring
 
         names = dtype_names(self.args)
         plan = self.plan
         self.log(f"{self.world} ranks on {self.device.type}, {self.threads} threads per rank"
                  f"{' (--quick)' if self.args.quick else ''}; attention backend 'auto' = "
-                 f"{available_backends(self.device)[0]}")
+                 + ", ".join(f"{n}: {auto_backend(self.device, getattr(torch, n))}" for n in names))
         with torch.inference_mode():
             attn = {}
             for name in names:
@@ -545,7 +545,9 @@ class RankProfiler:
         measured = {
             "world_size": self.world, "device": self.device.type, "backend": backend,
             "torch": torch.__version__, "threads_per_rank": self.threads, "cores": self.cores,
-            "quick": bool(self.args.quick), "attention_backend": available_backends(self.device)[0],
+            "quick": bool(self.args.quick),
+            "attention_backend": {n: auto_backend(self.device, getattr(torch, n))
+                                  for n in dtype_names(self.args)},
             "attention": {"batch_heads": plan["bh"], "seq": plan["seq"], "head_dims": list(HEAD_DIMS),
                           "flops": "4*B*H*S*S*D, non-causal"},
             "kernel_sweep": {"dtype": sweep_dtype, "head_dim": sweep_dim, "batch_heads": plan["bh"],

@@ -136,10 +136,4 @@ inline void check_acc_state(const char* op, const AttnDims& d, const at::Tensor&
   }
 }
 
-// The flash ops' `variant` argument on the CPU, which has one kernel per op: only "default" names it.
-inline void check_cpu_variant(const char* op, c10::string_view variant) {
-  TORCH_CHECK_VALUE(variant == "default", op,
-                    ": variant must be 'default' on the CPU (its only kernel), got '", variant, "'");
-}
-
 }  // namespace cp_attention

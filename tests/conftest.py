@@ -34,13 +34,29 @@ NO_CUDA = "no CUDA device on this machine"
 class Target(NamedTuple):
     device: str
     backend: str
+    # Our CPU kernels come in one copy per vector ISA, the widest the CPU has chosen at run time
+    # (csrc/cpu/dispatch.cpp). A target naming a narrower copy runs its test with the kernels limited to that
+    # copy (the autouse fixture `cpu_isa_limit`), so this machine tests every copy it can execute.
+    cpu_isa: str = ""
 
     def __str__(self):
-        return f"{self.device}-{self.backend}"
+        return f"{self.device}-{self.backend}" + (f"[{self.cpu_isa}]" if self.cpu_isa else "")
+
+
+def narrower_cpu_isas() -> list[str]:
+    """The ISA copies of our CPU kernels below the one this CPU runs, all of which it can run too."""
+    info = cp_attention.build_info()
+    built = list(info["cpu_isas"])
+    return built[: built.index(info["cpu_isa"])]
 
 
 def cpu_targets() -> list[Target]:
-    return [Target("cpu", b) for b in cp_attention.available_backends("cpu")]
+    targets = []
+    for b in cp_attention.available_backends("cpu"):
+        targets.append(Target("cpu", b))
+        if b == "cpu":
+            targets += [Target("cpu", b, isa) for isa in narrower_cpu_isas()]
+    return targets
 
 
 def cuda_targets() -> list[Target]:
@@ -74,7 +90,9 @@ def merge_backends(device: str) -> list[str]:
 
 
 def _merge_target_params():
-    params = [pytest.param(Target("cpu", b), id=f"cpu-{b}") for b in merge_backends("cpu")]
+    cpu = [Target("cpu", b) for b in merge_backends("cpu")] + [Target("cpu", "auto", isa)
+                                                             for isa in narrower_cpu_isas()]
+    params = [pytest.param(t, id=str(t)) for t in cpu]
     if HAS_CUDA:
         params += [pytest.param(Target("cuda", b), id=f"cuda-{b}", marks=pytest.mark.gpu)
                    for b in merge_backends("cuda")]
@@ -87,6 +105,24 @@ def _merge_target_params():
 def _device_params():
     marks = [pytest.mark.gpu] + ([] if HAS_CUDA else [pytest.mark.skip(reason=NO_CUDA)])
     return [pytest.param("cpu", id="cpu"), pytest.param("cuda", id="cuda", marks=marks)]
+
+
+@pytest.fixture(autouse=True)
+def cpu_isa_limit(request):
+    """Limits our CPU kernels to the ISA copy a `target` or `merge_target` parameter names, for one test."""
+    params = getattr(getattr(request.node, "callspec", None), "params", {})
+    target = params.get("target") or params.get("merge_target")
+    isa = target.cpu_isa if isinstance(target, Target) else ""
+    if not isa:
+        yield
+        return
+    from cp_attention import _C
+
+    _C._limit_cpu_isa(isa)
+    try:
+        yield
+    finally:
+        _C._limit_cpu_isa("")
 
 
 def pytest_generate_tests(metafunc):

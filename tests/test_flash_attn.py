@@ -216,14 +216,27 @@ def test_available_backends_cpu():
     assert cp_attention.available_backends("cpu") == names[:-1]
 
 
-def test_auto_backend_is_first_available(target):
-    torch.manual_seed(9)
-    q, k, v, _ = _inputs(1, 13, 26, 2, 1, 64, torch.float32, target.device, seed=9)
-    first = cp_attention.available_backends(target.device)[0]
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+def test_auto_runs_the_backend_auto_backend_names(target, dtype):
+    q, k, v, _ = _inputs(1, 13, 26, 2, 1, 64, dtype, target.device, seed=9)
+    chosen = cp_attention.auto_backend(target.device, dtype)
+    assert chosen in cp_attention.available_backends(target.device)
     got = cp_attention.flash_attn(q, k, v, causal=True, return_lse=True)
-    want = cp_attention.flash_attn(q, k, v, causal=True, return_lse=True, backend=first)
+    want = cp_attention.flash_attn(q, k, v, causal=True, return_lse=True, backend=chosen)
     for g, w in zip(got, want):
-        torch.testing.assert_close(g, w)
+        torch.testing.assert_close(g, w, rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("train", [False, True], ids=["forward", "train"])
+def test_cpu_auto_is_the_faster_of_ours_and_torchs(train):
+    # On the CPU "auto" times our kernel against torch's on a probe, once per dtype and mode, and keeps the
+    # faster: the record must show both timings and name the smaller.
+    for dtype in (torch.float32, torch.bfloat16):
+        chosen = cp_attention.auto_backend("cpu", dtype, train)
+        record = cp_attention.cpu_auto_choices()[(str(dtype).removeprefix("torch."), train)]
+        assert set(record["probe_ms"]) == {"cpu", "aten"}
+        assert all(ms > 0 for ms in record["probe_ms"].values())
+        assert chosen == record["backend"] == min(record["probe_ms"], key=record["probe_ms"].get)
 
 
 def test_reference_matches_torch_sdpa():

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import pytest
 import torch
+from conftest import narrower_cpu_isas
 from reference import (
     EPS,
     assert_close_to_ref,
@@ -80,7 +81,9 @@ def _cpu_grads(q, k, v, dout, dlse, scale, causal, kv_mask, backend="cpu"):
 # with the lse gradient folded in by cp_attention (aten_backend.aten_attention_bwd). In half precision that
 # kernel rounds its per-head gradients to the dtype (up to about 2x our bound here): torch's accuracy, not
 # held to the rule, so the aten backend is checked in float32 (where the ring runs it).
-DTYPE_BACKENDS = [(dtype, "cpu") for dtype in DTYPES] + [(torch.float32, "aten")]
+# "cpu[isa]": our kernel limited to a narrower ISA copy than this CPU's (tests/conftest.py, Target).
+DTYPE_BACKENDS = ([(dtype, "cpu") for dtype in DTYPES] + [(torch.float32, "aten")]
+                  + [(dtype, f"cpu[{isa}]") for isa in narrower_cpu_isas() for dtype in DTYPES])
 
 
 @pytest.mark.parametrize("dtype,backend", DTYPE_BACKENDS, ids=lambda x: str(x).removeprefix("torch."))
@@ -88,7 +91,16 @@ DTYPE_BACKENDS = [(dtype, "cpu") for dtype in DTYPES] + [(torch.float32, "aten")
 def test_grads_match_reference(case, dtype, backend):
     B, Sq, Sk, H, Hkv, D, causal, mask, strided, scale = case
     q, k, v, kv_mask, dout, dlse = _make(B, Sq, Sk, H, Hkv, D, mask, strided, dtype)
-    got = _cpu_grads(q, k, v, dout, dlse, scale, causal, kv_mask, backend)
+    isa = backend[4:-1] if backend.startswith("cpu[") else ""
+    if isa:
+        from cp_attention import _C
+
+        _C._limit_cpu_isa(isa)
+    try:
+        got = _cpu_grads(q, k, v, dout, dlse, scale, causal, kv_mask, "cpu" if isa else backend)
+    finally:
+        if isa:
+            _C._limit_cpu_isa("")
     ref = attention_bwd_ref(q, k, v, dout, dlse, scale, causal, kv_mask)
     base = same_dtype_math_path_bwd(q, k, v, dout, dlse, scale, causal, kv_mask)
     for name, x, t, r, b in zip(("dq", "dk", "dv"), got, (q, k, v), ref, base):

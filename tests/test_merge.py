@@ -89,7 +89,7 @@ def check_merge(out, lse, out_a, lse_a, out_b, lse_b, dtype, kernel="ours"):
 @pytest.mark.parametrize("dtypes", DTYPE_PAIRS, ids=_ids)
 @pytest.mark.parametrize("shape", SHAPES, ids=str)
 def test_merge_matches_reference(merge_target, shape, dtypes):
-    device, backend = merge_target
+    device, backend = merge_target.device, merge_target.backend
     torch.manual_seed(0)
     gen = torch.Generator().manual_seed(sum(shape))
     out_a, lse_a = _state(shape, dtypes[0], device, gen)
@@ -116,7 +116,7 @@ HUGE_CASES = {
 @pytest.mark.parametrize("dtype", [F32, F16], ids=str)
 @pytest.mark.parametrize("case", list(HUGE_CASES))
 def test_merge_huge_lse(merge_target, case, dtype):
-    device, backend = merge_target
+    device, backend = merge_target.device, merge_target.backend
     torch.manual_seed(1)
     gen = torch.Generator().manual_seed(1)
     shape = (2, 40, 3, 24)
@@ -128,7 +128,7 @@ def test_merge_huge_lse(merge_target, case, dtype):
 
 
 def test_merge_strided_inputs(merge_target):
-    device, backend = merge_target
+    device, backend = merge_target.device, merge_target.backend
     # lse laid out [B, S, H] and transposed, lse with a step, out in BHSD seen as BSHD, and out whose last
     # dimension is not contiguous (merge takes any strides).
     torch.manual_seed(2)
@@ -150,7 +150,7 @@ def test_merge_strided_inputs(merge_target):
 
 
 def test_merge_with_empty_side_is_identity(merge_target):
-    device, backend = merge_target
+    device, backend = merge_target.device, merge_target.backend
     torch.manual_seed(3)
     gen = torch.Generator().manual_seed(3)
     shape = (2, 13, 4, 32)
@@ -168,7 +168,7 @@ def test_merge_with_empty_side_is_identity(merge_target):
 @pytest.mark.parametrize("shape", [(1, 1, 1, 1), (2, 17, 3, 64), (3, 5, 2, 5), (2, 257, 4, 96), (1, 0, 2, 8)],
                          ids=str)
 def test_merge_inplace(merge_target, shape, dtypes):
-    device, backend = merge_target
+    device, backend = merge_target.device, merge_target.backend
     # The destination's own -inf rows hold NaN too: in place, the destination is one of the two sides.
     torch.manual_seed(4)
     gen = torch.Generator().manual_seed(4 + sum(shape))
@@ -189,7 +189,7 @@ def test_merge_inplace(merge_target, shape, dtypes):
 
 
 def test_merge_inplace_strided_destination(merge_target):
-    device, backend = merge_target
+    device, backend = merge_target.device, merge_target.backend
     # The destination is a view into larger buffers (BHSD out seen as BSHD with spare heads, lse laid out
     # [B, S, H]): results must land in the view and nowhere else.
     torch.manual_seed(5)
@@ -219,7 +219,7 @@ GRAD_SHAPES = [(1, 1, 1, 1), (2, 17, 3, 64), (3, 5, 2, 5)]
 @pytest.mark.parametrize("dtypes", DTYPE_PAIRS, ids=_ids)
 @pytest.mark.parametrize("shape", GRAD_SHAPES, ids=str)
 def test_merge_backward_matches_reference(merge_target, shape, dtypes, with_dlse):
-    device, backend = merge_target
+    device, backend = merge_target.device, merge_target.backend
     gen = torch.Generator().manual_seed(7 + sum(shape))
     out_a, lse_a = _state(shape, dtypes[0], device, gen, dead=0.2)
     out_b, lse_b = _state(shape, dtypes[1], device, gen, dead=0.2)

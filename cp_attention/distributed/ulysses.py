@@ -78,14 +78,18 @@ def head_split_check(op: str, P: int, name: str):
 
 
 @torch._dynamo.assume_constant_result
-def _auto_backend(device_type: str) -> str:
-    """flash_attn's "auto" choice for the device, resolved outside the traced graph (the lookup queries the
-    dispatcher, which torch.compile cannot trace; the answer is fixed for a process)."""
-    return cp_attention.available_backends(device_type)[0]
+def _auto_backend(device_type: str, dtype_name: str, train: bool) -> str:
+    """flash_attn's "auto" choice, resolved outside the traced graph (the lookup queries the dispatcher and
+    may time a probe, which torch.compile cannot trace; the answer is fixed for a process)."""
+    return cp_attention.auto_backend(device_type, getattr(torch, dtype_name), train)
 
 
-def resolve_backend(backend: str, device_type: str) -> str:
-    return _auto_backend(device_type) if backend == "auto" else backend
+def resolve_backend(backend: str, q: torch.Tensor) -> str:
+    """The backend "auto" runs for q's device and dtype (and training where q requires grad)."""
+    if backend != "auto":
+        return backend
+    train = torch.is_grad_enabled() and q.requires_grad
+    return _auto_backend(q.device.type, str(q.dtype).removeprefix("torch."), train)
 
 
 def through_heads(q, k, v, kv_mask, seq_lens: list[int], group_name: str, rank: int, attend,
@@ -188,7 +192,7 @@ def ulysses_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *,
 
     metas = settle(_OP, group, FIELDS, row, error, key, check, validate)
     seq_lens = list(stated) if metas is None else [m["S"] for m in metas]
-    backend = resolve_backend(backend, q.device.type)
+    backend = resolve_backend(backend, q)
 
     def attend(q_h, k_h, v_h, mask_h):
         # Whole sequences on both sides, so the kernel's bottom-right causal rule is the global one.

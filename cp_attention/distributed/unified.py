@@ -97,7 +97,7 @@ def unified_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *,
             raise error
         row_lens, seg_lens = list(row_stated), list(segs_stated)
 
-    backend = resolve_backend(backend, q.device.type)
+    backend = resolve_backend(backend, q)
 
     def attend(q_h, k_h, v_h, mask_h):
         # The row's segment, for this rank's heads, around the column's ring (whose failure handling keeps

@@ -23,7 +23,6 @@
 
 #include "a2a_layout.h"
 #include "checks.h"
-#include "cpu/cpu_isa.h"
 
 namespace cp_attention::cpu {
 namespace {
@@ -42,7 +41,6 @@ inline void copy_heads(char* dst, const at::Tensor& t, const char* base, int64_t
 at::Tensor a2a_pack_seq_to_head_cpu(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
                                     int64_t world_size) {
   const char* op = "cp_attention.a2a_pack_seq_to_head";
-  check_cpu_isa(op);
   const AttnDims d = check_pack_seq_to_head(op, q, k, v);
   const std::vector<RankHeads> split = rank_heads(op, d.H, d.Hkv, world_size);
   const int64_t B = d.B, S = d.Sq, D = d.D, P = world_size, elem = q.element_size();
@@ -81,7 +79,6 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> a2a_unpack_seq_to_head_cpu(const 
                                                                          int64_t batch, int64_t heads,
                                                                          int64_t kv_heads, int64_t head_dim) {
   const char* op = "cp_attention.a2a_unpack_seq_to_head";
-  check_cpu_isa(op);
   check_seq_lens(op, seq_lens);
   check_unpack_seq_to_head_sizes(op, batch, heads, kv_heads, head_dim);
   const int64_t P = static_cast<int64_t>(seq_lens.size()), B = batch, D = head_dim;
@@ -119,7 +116,6 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> a2a_unpack_seq_to_head_cpu(const 
 
 at::Tensor a2a_pack_head_to_seq_cpu(const at::Tensor& out, at::IntArrayRef seq_lens) {
   const char* op = "cp_attention.a2a_pack_head_to_seq";
-  check_cpu_isa(op);
   check_pack_head_to_seq(op, out, seq_lens);
   const int64_t B = out.size(0), Sg = out.size(1), h = out.size(2), D = out.size(3);
   const int64_t P = static_cast<int64_t>(seq_lens.size()), elem = out.element_size();
@@ -145,7 +141,6 @@ at::Tensor a2a_pack_head_to_seq_cpu(const at::Tensor& out, at::IntArrayRef seq_l
 at::Tensor a2a_unpack_head_to_seq_cpu(const at::Tensor& recv, at::IntArrayRef heads, int64_t batch,
                                       int64_t seq_len, int64_t head_dim) {
   const char* op = "cp_attention.a2a_unpack_head_to_seq";
-  check_cpu_isa(op);
   const int64_t H = check_unpack_head_to_seq_sizes(op, heads, batch, seq_len, head_dim);
   const int64_t P = static_cast<int64_t>(heads.size()), B = batch, S = seq_len, D = head_dim;
   check_recv(op, recv, B * S * H * D);

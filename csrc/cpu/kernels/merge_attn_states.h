@@ -1,19 +1,19 @@
+#pragma once
 // CPU merge of partial attention states (docs/design.md, "Merging partial results"), functional and in
 // place. Rows (b, s, h) are independent; each row is loaded to float32, merged, and stored in the
 // destination dtype. Any strides are accepted for out and lse.
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
 #include <ATen/cpu/vec/vec.h>
-#include <torch/library.h>
 
 #include <cmath>
 #include <limits>
 #include <vector>
 
 #include "checks.h"
-#include "cpu/cpu_isa.h"
+#include "cpu/kernels/vec_tiles.h"
 
-namespace cp_attention::cpu {
+namespace cp_attention::cpu::CPA_ISA {
 namespace {
 
 using Vec = at::vec::Vectorized<float>;
@@ -50,7 +50,6 @@ StoreRow storer_for(at::ScalarType t) {
   }
 }
 
-constexpr float kNegInf = -std::numeric_limits<float>::infinity();
 
 // dst/dst_lse may alias a/lse_a (the in-place merge): each row is read completely before it is written.
 void merge_rows(const at::Tensor& a, const at::Tensor& lse_a, const at::Tensor& b, const at::Tensor& lse_b,
@@ -108,7 +107,6 @@ void merge_rows(const at::Tensor& a, const at::Tensor& lse_a, const at::Tensor& 
 
 std::tuple<at::Tensor, at::Tensor> merge_attn_states_cpu(const at::Tensor& out_a, const at::Tensor& lse_a,
                                                          const at::Tensor& out_b, const at::Tensor& lse_b) {
-  check_cpu_isa("cp_attention.merge_attn_states");
   check_merge_inputs("cp_attention.merge_attn_states", "out_a", out_a, lse_a, out_b, lse_b);
   at::Tensor out = at::empty(out_a.sizes(), out_a.options().dtype(at::promote_types(out_a.scalar_type(),
                                                                                      out_b.scalar_type())));
@@ -119,15 +117,9 @@ std::tuple<at::Tensor, at::Tensor> merge_attn_states_cpu(const at::Tensor& out_a
 
 void merge_attn_states_inplace_cpu(const at::Tensor& out, const at::Tensor& lse, const at::Tensor& out_b,
                                    const at::Tensor& lse_b) {
-  check_cpu_isa("cp_attention.merge_attn_states_");
   check_merge_inputs("cp_attention.merge_attn_states_", "out", out, lse, out_b, lse_b);
   merge_rows(out, lse, out_b, lse_b, out, lse);
 }
 
 }  // namespace
-}  // namespace cp_attention::cpu
-
-TORCH_LIBRARY_IMPL(cp_attention, CPU, m) {
-  m.impl("merge_attn_states", &cp_attention::cpu::merge_attn_states_cpu);
-  m.impl("merge_attn_states_", &cp_attention::cpu::merge_attn_states_inplace_cpu);
-}
+}  // namespace cp_attention::cpu::CPA_ISA

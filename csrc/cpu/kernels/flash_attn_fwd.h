@@ -1,3 +1,4 @@
+#pragma once
 // Flash-attention forward on the CPU, returning the log-sum-exp (docs/design.md, "LSE").
 //
 // One task is (batch, head, block of bq queries). For each block of bk keys the task computes
@@ -7,7 +8,6 @@
 // element-wise maxima and sums across rows of S^T.
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
-#include <torch/library.h>
 
 #include <cmath>
 #include <limits>
@@ -15,21 +15,11 @@
 #include <new>
 
 #include "checks.h"
-#include "cpu/cpu_isa.h"
-#include "cpu/vec_tiles.h"
+#include "cpu/kernels/vec_tiles.h"
 
-namespace cp_attention::cpu {
+namespace cp_attention::cpu::CPA_ISA {
 namespace {
 
-constexpr float kNegInf = -std::numeric_limits<float>::infinity();
-
-struct AlignedDelete {
-  void operator()(float* p) const { ::operator delete[](p, std::align_val_t(64)); }
-};
-using Buffer = std::unique_ptr<float[], AlignedDelete>;
-inline Buffer make_buffer(int64_t n) {
-  return Buffer(static_cast<float*>(::operator new[](sizeof(float) * n, std::align_val_t(64))));
-}
 
 // Per-thread scratch: Q^T, S^T (reused as P^T), O^T, the softmax state, and float copies of K/V blocks.
 struct Scratch {
@@ -270,11 +260,11 @@ std::pair<int64_t, int64_t> pick_blocks(const AttnDims& d) {
   return {bq, bk};
 }
 
-Problem make_problem(const AttnDims& d, std::optional<double> scale, bool causal,
+Problem make_problem(const AttnDims& d, double scale, bool causal,
                      const std::optional<at::Tensor>& kv_mask) {
   const auto [bq, bk] = pick_blocks(d);
   Problem p{d.B, d.Sq, d.Sk, d.H, d.Hkv, d.D, bq, bk,
-            static_cast<float>(scale.has_value() ? *scale : 1.0 / std::sqrt(static_cast<double>(d.D))),
+            static_cast<float>(scale),
             causal, nullptr, 0, 0};
   if (kv_mask.has_value()) {
     p.mask = kv_mask->const_data_ptr<bool>();
@@ -293,55 +283,27 @@ void run(const Problem& p, const at::Tensor& q, const at::Tensor& k, const at::T
   flash_attn_fwd_kernel<scalar_t, out_t>(p, q, k, v, sink);
 }
 
-std::tuple<at::Tensor, at::Tensor> flash_attn_fwd_cpu(const at::Tensor& q, const at::Tensor& k,
-                                                      const at::Tensor& v, std::optional<double> scale,
-                                                      bool causal, const std::optional<at::Tensor>& kv_mask,
-                                                      c10::string_view variant) {
-  constexpr const char* op = "cp_attention.flash_attn_fwd";
-  check_cpu_isa(op);
-  const AttnDims d = check_attn_inputs(op, q, k, v, kv_mask);
-  check_cpu_variant(op, variant);
-  at::Tensor out = at::empty({d.B, d.Sq, d.H, d.D}, q.options());
-  at::Tensor lse = at::empty({d.B, d.H, d.Sq}, q.options().dtype(at::kFloat));
-  if (out.numel() == 0) return {out, lse};
-  const Problem p = make_problem(d, scale, causal, kv_mask);
-  switch (q.scalar_type()) {
-    case at::kFloat: run<float, float>(p, q, k, v, out, lse, false); break;
-    case at::kHalf: run<at::Half, at::Half>(p, q, k, v, out, lse, false); break;
-    default: run<at::BFloat16, at::BFloat16>(p, q, k, v, out, lse, false); break;  // dtype checked above
-  }
-  return {out, lse};
-}
+}  // namespace
 
-// out and lse are written through const references: the convention for mutated arguments (Tensor(a!)) that
-// every backend's kernel of this op must share.
-void flash_attn_fwd_acc_cpu(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, const at::Tensor& out,
-                            const at::Tensor& lse, std::optional<double> scale, bool causal,
-                            const std::optional<at::Tensor>& kv_mask, c10::string_view variant) {
-  constexpr const char* op = "cp_attention.flash_attn_fwd_acc_";
-  check_cpu_isa(op);
-  const AttnDims d = check_attn_inputs(op, q, k, v, kv_mask);
-  check_acc_state(op, d, q, k, v, kv_mask, out, lse);
-  check_cpu_variant(op, variant);
-  if (out.numel() == 0) return;
+// The forward into out/lse (allocated and checked by the caller, cpu/dispatch.cpp): written fresh, or
+// merged into them when `accumulate` (the fused ring step). out is q's dtype or, when accumulating, float32.
+void flash_fwd_panels(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, const at::Tensor& out,
+                      const at::Tensor& lse, double scale, bool causal, const std::optional<at::Tensor>& kv_mask,
+                      bool accumulate) {
+  const AttnDims d{q.size(0), q.size(1), k.size(1), q.size(2), k.size(2), q.size(3)};
   const Problem p = make_problem(d, scale, causal, kv_mask);
   const bool f32 = out.scalar_type() == at::kFloat;
   switch (q.scalar_type()) {
-    case at::kFloat: run<float, float>(p, q, k, v, out, lse, true); break;
+    case at::kFloat: run<float, float>(p, q, k, v, out, lse, accumulate); break;
     case at::kHalf:
-      f32 ? run<at::Half, float>(p, q, k, v, out, lse, true) : run<at::Half, at::Half>(p, q, k, v, out, lse, true);
+      f32 ? run<at::Half, float>(p, q, k, v, out, lse, accumulate)
+          : run<at::Half, at::Half>(p, q, k, v, out, lse, accumulate);
       break;
     default:
-      f32 ? run<at::BFloat16, float>(p, q, k, v, out, lse, true)
-          : run<at::BFloat16, at::BFloat16>(p, q, k, v, out, lse, true);
+      f32 ? run<at::BFloat16, float>(p, q, k, v, out, lse, accumulate)
+          : run<at::BFloat16, at::BFloat16>(p, q, k, v, out, lse, accumulate);
       break;
   }
 }
 
-}  // namespace
-}  // namespace cp_attention::cpu
-
-TORCH_LIBRARY_IMPL(cp_attention, CPU, m) {
-  m.impl("flash_attn_fwd", &cp_attention::cpu::flash_attn_fwd_cpu);
-  m.impl("flash_attn_fwd_acc_", &cp_attention::cpu::flash_attn_fwd_acc_cpu);
-}
+}  // namespace cp_attention::cpu::CPA_ISA

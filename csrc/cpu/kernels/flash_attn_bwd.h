@@ -1,3 +1,4 @@
+#pragma once
 // Flash-attention backward on the CPU (docs/design.md, "Backward"): the gradients of flash_attn_fwd's
 // (out, lse) with respect to q, k and v, FlashAttention-2 style. The probabilities are recomputed from the
 // saved lse, P = exp(scale * q k^T - lse), block by block, so the Sq x Sk matrix never exists:
@@ -13,7 +14,6 @@
 // outer, its five products register-tiled float32 matmuls on the forward's micro tiles (vec_tiles.h).
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
-#include <torch/library.h>
 
 #include <algorithm>
 #include <cmath>
@@ -24,10 +24,9 @@
 #include <vector>
 
 #include "checks.h"
-#include "cpu/cpu_isa.h"
-#include "cpu/vec_tiles.h"
+#include "cpu/kernels/vec_tiles.h"
 
-namespace cp_attention::cpu {
+namespace cp_attention::cpu::CPA_ISA {
 namespace {
 
 constexpr int64_t kBlock = 64;  // queries or keys per block
@@ -206,16 +205,6 @@ void dq_task(const BwdProblem<acc_t>& p, const Rows<scalar_t>& q, const Rows<sca
 
 constexpr int64_t kBwdKeys = 64;     // keys per block: the vector axis of S and dP
 constexpr int64_t kBwdQueries = 64;  // queries per block: the inner dimension of the dV and dK products
-constexpr float kNegInf = -std::numeric_limits<float>::infinity();
-
-struct AlignedDelete {
-  void operator()(float* p) const { ::operator delete[](p, std::align_val_t(64)); }
-};
-using Buffer = std::unique_ptr<float[], AlignedDelete>;
-inline Buffer make_buffer(int64_t n) {
-  const size_t bytes = sizeof(float) * static_cast<size_t>(std::max<int64_t>(n, 1));
-  return Buffer(static_cast<float*>(::operator new[](bytes, std::align_val_t(64))));
-}
 
 inline int64_t round_up(int64_t x, int64_t m) { return (x + m - 1) / m * m; }
 
@@ -531,7 +520,6 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> flash_attn_bwd_cpu(
     const at::Tensor& lse, std::optional<double> scale, bool causal, const std::optional<at::Tensor>& kv_mask,
     const std::optional<at::Tensor>& dlse) {
   constexpr const char* op = "cp_attention.flash_attn_bwd";
-  check_cpu_isa(op);
   const AttnDims d = check_attn_inputs(op, q, k, v, kv_mask, /*allow_double=*/true);
   check_bwd_inputs(op, d, dout, q, out, lse, dlse);
   const bool f64 = q.scalar_type() == at::kDouble;
@@ -552,8 +540,4 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> flash_attn_bwd_cpu(
 }
 
 }  // namespace
-}  // namespace cp_attention::cpu
-
-TORCH_LIBRARY_IMPL(cp_attention, CPU, m) {
-  m.impl("flash_attn_bwd", &cp_attention::cpu::flash_attn_bwd_cpu);
-}
+}  // namespace cp_attention::cpu::CPA_ISA

@@ -1,5 +1,5 @@
 // Register-blocked float32 tiles for the CPU attention kernels, written on at::vec so that the same code
-// compiles to AVX2, AVX-512 or plain C++ (CP_ATTENTION_CPU_ISA picks which at build time).
+// compiles to AVX2, AVX-512 or plain C++: each ISA's translation unit (cpu/isa_*.cpp) includes it once.
 //
 // Every product in the kernel has the form C[r, i] (+)= sum_k A(r, k) * B[k, i], where the i axis is the
 // block of queries. Keeping queries on the vector axis means that Q K^T needs K as
@@ -12,13 +12,28 @@
 #include <c10/util/BFloat16.h>
 #include <c10/util/Half.h>
 
+#include <algorithm>
 #include <cstdint>
+#include <limits>
+#include <memory>
+#include <new>
 #include <cstring>
 #include <type_traits>
 
-namespace cp_attention::cpu {
+namespace cp_attention::cpu::CPA_ISA {
 
 using Vec = at::vec::Vectorized<float>;
+constexpr float kNegInf = -std::numeric_limits<float>::infinity();
+
+// 64-byte aligned float buffers for the kernels' per-thread scratch.
+struct AlignedDelete {
+  void operator()(float* p) const { ::operator delete[](p, std::align_val_t(64)); }
+};
+using Buffer = std::unique_ptr<float[], AlignedDelete>;
+inline Buffer make_buffer(int64_t n) {
+  const size_t bytes = sizeof(float) * static_cast<size_t>(std::max<int64_t>(n, 1));
+  return Buffer(static_cast<float*>(::operator new[](bytes, std::align_val_t(64))));
+}
 constexpr int64_t kVecLen = Vec::size();
 // A micro tile is kTileRows x (2 vectors): 2 * kTileRows accumulators + 2 B vectors + 1 broadcast fit the
 // 16 vector registers of AVX2.
@@ -126,4 +141,4 @@ inline void row_to_float(const T* src, float* dst, int64_t n) {
   }
 }
 
-}  // namespace cp_attention::cpu
+}  // namespace cp_attention::cpu::CPA_ISA

@@ -1,0 +1,23 @@
+// The CPU kernels compiled for AVX2 with FMA and F16C. cpu/dispatch.cpp runs this copy only on a CPU that has it.
+#include "cpu/isa_prelude.h"
+
+#if CP_ATTENTION_ISA_COPIES
+#define CPA_ISA avx2
+#define CPU_CAPABILITY AVX2
+#define CPU_CAPABILITY_AVX2
+#define CPA_VEC_FLOATS 8
+// GCC's target pragma does not define the ISA's feature macros, which Sleef's header (under at::vec)
+// reads to declare its vector functions: define them for this copy.
+#define __AVX__ 1
+#define __AVX2__ 1
+#define __FMA__ 1
+#define __F16C__ 1
+#pragma GCC push_options
+#pragma GCC target("avx2,fma,f16c")
+#include "cpu/kernels/all.h"
+#pragma GCC pop_options
+#else
+namespace cp_attention::cpu::avx2 {
+const KernelTable* table() { return nullptr; }
+}  // namespace cp_attention::cpu::avx2
+#endif

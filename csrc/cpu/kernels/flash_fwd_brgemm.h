@@ -1,0 +1,352 @@
+#pragma once
+// Flash-attention forward on oneDNN's batch-reduce GEMM micro-kernel (at::native::cpublas::brgemm, the one
+// torch's own CPU flash attention calls): AMX tiles for bfloat16/float16 where the CPU has them, AVX-512
+// FMAs for float32. Compiled in the AMX translation unit only (cpu/isa_amx.cpp: AVX-512 with BF16), and
+// called only where oneDNN reports AMX (brgemm_runs), so its AVX-512 softmax always has the ISA it needs.
+//
+// Queries are rows here (the panel kernel of flash_attn_fwd.h puts them on the vector axis): one task is
+// (batch, head, block of bq queries); per block of bk keys it computes S = Q K^T with brgemm, the online
+// softmax row by row in the log2 domain, and O += P V with brgemm. K^T and V are first packed once per call
+// into the layouts brgemm reads (VNNI pairs for 16-bit types), as contiguous blocks: extra memory the size
+// of K and V. The results go through the same Sink as the panel kernel, so the fused ring step (accumulate)
+// shares its merge rule.
+#include <ATen/native/CPUBlas.h>
+#include <immintrin.h>
+
+#include <algorithm>
+#include <cstring>
+
+#include "cpu/kernels/flash_attn_fwd.h"
+
+namespace cp_attention::cpu::CPA_ISA {
+namespace {
+
+namespace cpublas = at::native::cpublas;
+constexpr float kLog2e = 1.4426950408889634f;
+constexpr float kLn2 = 0.6931471805599453f;
+constexpr int64_t kNBlock = 64;  // brgemm output columns per call: oneDNN's AMX kernels favour N <= 64
+
+// 2^x for x <= 0, with 2^-inf = 0. x = n + f with n = round(x), |f| <= 1/2; 2^f from its degree-6 Taylor
+// polynomial (relative error about 1e-7 on that interval), scaled by 2^n with vscalefps. Clamping x at -160
+// sends masked scores (-inf) to exactly 0 (2^-160 is below the smallest float32) instead of NaN.
+inline __m512 exp2_nonpositive(__m512 x) {
+  x = _mm512_max_ps(x, _mm512_set1_ps(-160.f));
+  const __m512 n = _mm512_roundscale_ps(x, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+  const __m512 f = _mm512_sub_ps(x, n);
+  __m512 p = _mm512_set1_ps(1.5403530393381606e-4f);  // ln2^6 / 6!
+  p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(1.3333558146428443e-3f));
+  p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(9.618129107628477e-3f));
+  p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(5.550410866482158e-2f));
+  p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(0.2402265069591007f));
+  p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(0.6931471805599453f));
+  p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(1.f));
+  return _mm512_scalef_ps(p, n);
+}
+
+inline __mmask16 tail16(int64_t n) { return n >= 16 ? 0xffff : static_cast<__mmask16>((1u << n) - 1); }
+inline __mmask32 tail32(int64_t n) { return n >= 32 ? 0xffffffffu : static_cast<__mmask32>((1u << n) - 1); }
+
+struct RowsProblem {
+  int64_t B, Sq, Sk, H, Hkv, D;
+  int64_t bq, bk;  // queries per task; keys per block (a multiple of kNBlock)
+  int64_t Dp;      // the QK^T reduction length: D, rounded up to even for VNNI pairs
+  int64_t bkp;     // the PV reduction length per block: bk (a multiple of 64, so even)
+  int64_t nkb;     // key blocks
+  float scale2;    // scale * log2(e): scores go straight to the log2 domain
+  bool causal;
+  const bool* mask;
+  int64_t mask_s0, mask_s1;
+};
+
+// K^T of key block (b, hk, jb) as brgemm's B operand, [Dp words][bk]: a word is one float32, or the VNNI
+// pair (d, d+1) of a 16-bit type, which is two adjacent elements of a key row. Either way the block is a
+// 32-bit transpose of the key rows, done with gathers; keys past the end and the pad dimension are zero.
+template <typename scalar_t>
+void pack_k_block(const RowsProblem& p, const scalar_t* krow0, int64_t ks1, int64_t nk, scalar_t* dst) {
+  constexpr bool kF32 = std::is_same_v<scalar_t, float>;
+  const int64_t full_words = kF32 ? p.D : p.D / 2;  // words made of two real elements
+  const int64_t words = kF32 ? p.D : p.Dp / 2;
+  int32_t* out = reinterpret_cast<int32_t*>(dst);
+  const bool word_rows = kF32 || ks1 % 2 == 0;  // rows start on a word boundary: gather words
+  const int64_t stride_words = kF32 ? ks1 : ks1 / 2;
+  const __m512i lane = _mm512_set_epi32(15, 14, 13, 12, 11, 10, 9, 8, 7, 6, 5, 4, 3, 2, 1, 0);
+  const __m512i idx = _mm512_mullo_epi32(lane, _mm512_set1_epi32(static_cast<int32_t>(stride_words)));
+  for (int64_t j = 0; j < p.bk; j += 16) {
+    const int64_t rows = std::clamp<int64_t>(nk - j, 0, 16);
+    const __mmask16 m = tail16(rows);
+    if (word_rows && rows > 0) {
+      const int32_t* base = reinterpret_cast<const int32_t*>(krow0 + j * ks1);
+      for (int64_t w = 0; w < full_words; ++w)
+        _mm512_storeu_si512(out + w * p.bk + j,
+                            _mm512_mask_i32gather_epi32(_mm512_setzero_si512(), m, idx, base + w, 4));
+    } else {
+      for (int64_t w = 0; w < full_words; ++w) _mm512_storeu_si512(out + w * p.bk + j, _mm512_setzero_si512());
+      for (int64_t r = 0; r < rows; ++r) {
+        const scalar_t* row = krow0 + (j + r) * ks1;
+        for (int64_t w = 0; w < full_words; ++w) {
+          scalar_t* pair = dst + (w * p.bk + j + r) * 2;
+          pair[0] = row[2 * w];
+          pair[1] = row[2 * w + 1];
+        }
+      }
+    }
+    if (words > full_words) {  // odd D (16-bit types): the last word pairs element D-1 with a zero
+      for (int64_t r = 0; r < 16; ++r) {
+        scalar_t* pair = dst + (full_words * p.bk + j + r) * 2;
+        pair[0] = r < rows ? krow0[(j + r) * ks1 + p.D - 1] : scalar_t(0.f);
+        pair[1] = scalar_t(0.f);
+      }
+    }
+  }
+}
+
+// V of key block (b, hk, jb) as brgemm's B operand of P V: [bk][D] float32 rows, or for 16-bit types VNNI
+// [bk / 2][D][2] (keys 2r and 2r+1 interleaved), zero past the last key.
+template <typename scalar_t>
+void pack_v_block(const RowsProblem& p, const scalar_t* vrow0, int64_t vs1, int64_t nk, scalar_t* dst) {
+  const int64_t D = p.D;
+  if constexpr (std::is_same_v<scalar_t, float>) {
+    for (int64_t j = 0; j < p.bkp; ++j) {
+      if (j < nk) std::memcpy(dst + j * D, vrow0 + j * vs1, D * sizeof(float));
+      else std::memset(dst + j * D, 0, D * sizeof(float));
+    }
+  } else {
+    // Lanes 0..31 of the result interleave elements 0..15 of rows a and b; lanes 32..63 elements 16..31.
+    const __m512i lo = _mm512_set_epi16(47, 15, 46, 14, 45, 13, 44, 12, 43, 11, 42, 10, 41, 9, 40, 8, 39, 7, 38,
+                                        6, 37, 5, 36, 4, 35, 3, 34, 2, 33, 1, 32, 0);
+    const __m512i hi = _mm512_add_epi16(lo, _mm512_set1_epi16(16));
+    for (int64_t r = 0; r < p.bkp / 2; ++r) {
+      const int64_t ja = 2 * r;
+      const auto* ra = reinterpret_cast<const uint16_t*>(vrow0 + ja * vs1);
+      const auto* rb = reinterpret_cast<const uint16_t*>(vrow0 + (ja + 1) * vs1);
+      auto* o = reinterpret_cast<uint16_t*>(dst + r * D * 2);
+      for (int64_t d = 0; d < D; d += 32) {
+        const int64_t n = std::min<int64_t>(32, D - d);
+        const __mmask32 m = tail32(n);
+        const __m512i xa = ja < nk ? _mm512_maskz_loadu_epi16(m, ra + d) : _mm512_setzero_si512();
+        const __m512i xb = ja + 1 < nk ? _mm512_maskz_loadu_epi16(m, rb + d) : _mm512_setzero_si512();
+        _mm512_mask_storeu_epi16(o + 2 * d, tail32(2 * n), _mm512_permutex2var_epi16(xa, lo, xb));
+        if (2 * n > 32) _mm512_mask_storeu_epi16(o + 2 * d + 32, tail32(2 * n - 32), _mm512_permutex2var_epi16(xa, hi, xb));
+      }
+    }
+  }
+}
+
+// Per-thread scratch.
+template <typename scalar_t>
+struct RowsScratch {
+  static constexpr bool kF32 = std::is_same_v<scalar_t, float>;
+  at::Tensor s_, o_, p_, q_, bias_;
+  float *s, *o, *bias;  // S [bq][bk] (float32 P in place), O [bq][D], per-key mask bias [bk] (0 or -inf)
+  scalar_t *pb, *qpad;  // P as brgemm's A for 16-bit types [bq][bkp]; Q padded to Dp columns (odd D)
+  std::vector<float> m, l;
+  explicit RowsScratch(const RowsProblem& p)
+      : s_(at::empty({p.bq * p.bk}, at::kFloat)), o_(at::empty({p.bq * p.D}, at::kFloat)),
+        p_(at::empty({kF32 ? 0 : p.bq * p.bkp}, c10::CppTypeToScalarType<scalar_t>::value)),
+        q_(at::empty({p.Dp != p.D ? p.bq * p.Dp : 0}, c10::CppTypeToScalarType<scalar_t>::value)),
+        bias_(at::empty({p.bk}, at::kFloat)), m(p.bq), l(p.bq) {
+    s = s_.data_ptr<float>(), o = o_.data_ptr<float>(), bias = bias_.data_ptr<float>();
+    pb = p_.data_ptr<scalar_t>(), qpad = q_.data_ptr<scalar_t>();
+  }
+};
+
+// Online softmax of one row of S for keys [0, n): scales to the log2 domain (adding the mask bias),
+// updates the row's max m and sum l, writes P (float32 in place, or 16-bit into prow, zero up to bkp) and
+// returns the factor 2^(m_old - m_new) that rescales the row's O.
+template <typename scalar_t>
+inline float softmax_row(float* row, int64_t n, int64_t bkp, const float* bias, float scale2, float& m, float& l,
+                         scalar_t* prow) {
+  const __m512 vs = _mm512_set1_ps(scale2);
+  __m512 vmax = _mm512_set1_ps(kNegInf);
+  for (int64_t j = 0; j < n; j += 16) {
+    const __mmask16 t = tail16(n - j);
+    __m512 x = _mm512_mul_ps(_mm512_maskz_loadu_ps(t, row + j), vs);
+    if (bias) x = _mm512_add_ps(x, _mm512_maskz_loadu_ps(t, bias + j));
+    _mm512_mask_storeu_ps(row + j, t, x);
+    vmax = _mm512_mask_max_ps(vmax, t, vmax, x);
+  }
+  const float m_new = std::max(m, _mm512_reduce_max_ps(vmax));
+  // A row that has seen no visible key keeps m = -inf; exponentiate against 0 so that its scores (-inf)
+  // give 0 rather than NaN from (-inf) - (-inf).
+  const float m_use = m_new == kNegInf ? 0.f : m_new;
+  const __m512 vm = _mm512_set1_ps(m_use);
+  __m512 sum = _mm512_setzero_ps();
+  for (int64_t j = 0; j < n; j += 16) {
+    const __mmask16 t = tail16(n - j);
+    const __m512 e = _mm512_maskz_mov_ps(t, exp2_nonpositive(_mm512_sub_ps(_mm512_maskz_loadu_ps(t, row + j), vm)));
+    sum = _mm512_add_ps(sum, e);
+    if constexpr (std::is_same_v<scalar_t, float>) {
+      _mm512_mask_storeu_ps(row + j, t, e);
+    } else if constexpr (std::is_same_v<scalar_t, at::BFloat16>) {
+      _mm256_mask_storeu_epi16(prow + j, t, (__m256i)_mm512_cvtneps_pbh(e));
+    } else {
+      _mm256_mask_storeu_epi16(prow + j, t, _mm512_cvtps_ph(e, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC));
+    }
+  }
+  if constexpr (!std::is_same_v<scalar_t, float>) std::fill(prow + n, prow + bkp, scalar_t(0.f));
+  const float alpha = m == kNegInf ? 0.f : std::exp2(m - m_use);
+  l = l * alpha + _mm512_reduce_add_ps(sum);
+  m = m_new;
+  return alpha;
+}
+
+template <typename scalar_t, typename out_t>
+void attend_rows(const RowsProblem& p, const scalar_t* q, const int64_t* qs, const scalar_t* kpack,
+                 const scalar_t* vpack, int64_t b, int64_t h, int64_t i0, RowsScratch<scalar_t>& w,
+                 const Sink<out_t>& sink) {
+  constexpr bool kF32 = std::is_same_v<scalar_t, float>;
+  const int64_t D = p.D, nq = std::min(p.bq, p.Sq - i0), hk = h / (p.H / p.Hkv);
+  const int64_t off = p.Sk - p.Sq;  // causal: query i sees key j iff j <= i + off
+  const scalar_t* qa = q + b * qs[0] + i0 * qs[1] + h * qs[2];
+  int64_t lda = qs[1];
+  if (p.Dp != D) {  // odd D, 16-bit: brgemm's VNNI reduction needs an even length; pad Q with a zero column
+    for (int64_t i = 0; i < nq; ++i) {
+      std::copy_n(qa + i * qs[1], D, w.qpad + i * p.Dp);
+      w.qpad[i * p.Dp + D] = scalar_t(0.f);
+    }
+    qa = w.qpad, lda = p.Dp;
+  }
+  std::fill_n(w.m.data(), nq, kNegInf);
+  std::fill_n(w.l.data(), nq, 0.f);
+  int64_t j_end = p.Sk;
+  if (p.causal) j_end = std::clamp<int64_t>(i0 + nq + off, 0, p.Sk);
+  const bool* mask = p.mask ? p.mask + b * p.mask_s0 : nullptr;
+  bool first = true;
+  for (int64_t jb = 0; jb * p.bk < j_end; ++jb) {
+    const int64_t j0 = jb * p.bk, nk = std::min(p.bk, j_end - j0);
+    const float* bias = nullptr;
+    if (mask) {
+      int64_t visible = 0;
+      for (int64_t j = 0; j < nk; ++j) {
+        const bool keep = mask[(j0 + j) * p.mask_s1];
+        w.bias[j] = keep ? 0.f : kNegInf;
+        visible += keep;
+      }
+      if (visible == 0) continue;
+      if (visible < nk) bias = w.bias;
+    }
+    const int64_t blk = (b * p.Hkv + hk) * p.nkb + jb;
+    const scalar_t* kb = kpack + blk * p.Dp * p.bk;
+    const int64_t ncols = (nk + kNBlock - 1) / kNBlock * kNBlock;
+    for (int64_t n = 0; n < ncols; n += kNBlock)
+      cpublas::brgemm(nq, kNBlock, p.Dp, lda, p.bk, p.bk, false, qa, kb + n * (kF32 ? 1 : 2), w.s + n, !kF32);
+    for (int64_t i = 0; i < nq; ++i) {
+      // causal: query i0 + i sees keys j0 + j <= i0 + i + off
+      const int64_t n = p.causal ? std::clamp<int64_t>(i0 + i + off - j0 + 1, 0, nk) : nk;
+      const float alpha = softmax_row<scalar_t>(w.s + i * p.bk, n, p.bkp, bias, p.scale2, w.m[i], w.l[i],
+                                                kF32 ? nullptr : w.pb + i * p.bkp);
+      if constexpr (kF32) std::fill(w.s + i * p.bk + n, w.s + i * p.bk + nk, 0.f);
+      if (!first && alpha != 1.f) {
+        float* orow = w.o + i * D;
+        const __m512 va = _mm512_set1_ps(alpha);
+        for (int64_t d = 0; d < D; d += 16) {
+          const __mmask16 t = tail16(D - d);
+          _mm512_mask_storeu_ps(orow + d, t, _mm512_mul_ps(_mm512_maskz_loadu_ps(t, orow + d), va));
+        }
+      }
+    }
+    const scalar_t* vb = vpack + blk * p.bkp * D;
+    // O's columns in blocks of 64 where D splits evenly, else in one call (a narrow tail block, 8 columns
+    // for D = 72, runs far below the kernel's rate).
+    const int64_t pv_block = D % kNBlock == 0 ? kNBlock : D;
+    for (int64_t n = 0; n < D; n += pv_block) {
+      const int64_t cols = std::min(pv_block, D - n);
+      if constexpr (kF32)
+        cpublas::brgemm(nq, cols, nk, p.bk, D, D, !first, w.s, vb + n, w.o + n, false);
+      else
+        cpublas::brgemm(nq, cols, p.bkp, p.bkp, D, D, !first, w.pb, vb + 2 * n, w.o + n, true);
+    }
+    first = false;
+  }
+  for (int64_t i = 0; i < nq; ++i) {
+    // l = 0 (no visible key: the whole block, or this row under causal masking) makes the sink write
+    // zeros or keep an accumulator's state, without reading the O row.
+    if (first) sink.write(b, h, i0 + i, w.o, 1, kNegInf, 0.f, D);
+    else sink.write(b, h, i0 + i, w.o + i * D, 1, w.m[i] * kLn2, w.l[i], D);
+  }
+}
+
+template <typename scalar_t, typename out_t>
+void run_rows(const RowsProblem& p, const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
+              const at::Tensor& out, const at::Tensor& lse, bool accumulate) {
+  constexpr bool kF32 = std::is_same_v<scalar_t, float>;
+  const auto dtype = c10::CppTypeToScalarType<scalar_t>::value;
+  at::Tensor kpack = at::empty({p.B * p.Hkv * p.nkb * p.Dp * p.bk}, q.options().dtype(dtype));
+  at::Tensor vpack = at::empty({p.B * p.Hkv * p.nkb * p.bkp * p.D}, q.options().dtype(dtype));
+  scalar_t* kp = kpack.data_ptr<scalar_t>();
+  scalar_t* vp = vpack.data_ptr<scalar_t>();
+  const scalar_t* kd = k.const_data_ptr<scalar_t>();
+  const scalar_t* vd = v.const_data_ptr<scalar_t>();
+  at::parallel_for(0, p.B * p.Hkv * p.nkb, 1, [&](int64_t begin, int64_t end) {
+    for (int64_t t = begin; t < end; ++t) {
+      const int64_t b = t / (p.Hkv * p.nkb), hk = (t / p.nkb) % p.Hkv, j0 = (t % p.nkb) * p.bk;
+      const int64_t nk = std::min(p.bk, p.Sk - j0);
+      pack_k_block(p, kd + b * k.stride(0) + j0 * k.stride(1) + hk * k.stride(2), k.stride(1), nk,
+                   kp + t * p.Dp * p.bk);
+      pack_v_block(p, vd + b * v.stride(0) + j0 * v.stride(1) + hk * v.stride(2), v.stride(1), nk,
+                   vp + t * p.bkp * p.D);
+    }
+  });
+  const Sink<out_t> sink{out.mutable_data_ptr<out_t>(), {out.stride(0), out.stride(1), out.stride(2)},
+                         lse.mutable_data_ptr<float>(), {lse.stride(0), lse.stride(1), lse.stride(2)},
+                         accumulate};
+  const int64_t qs[3] = {q.stride(0), q.stride(1), q.stride(2)};
+  const scalar_t* qd = q.const_data_ptr<scalar_t>();
+  const int64_t nqb = (p.Sq + p.bq - 1) / p.bq;
+  at::parallel_for(0, p.B * p.H * nqb, 1, [&](int64_t begin, int64_t end) {
+    RowsScratch<scalar_t> w(p);
+    for (int64_t t = begin; t < end; ++t) {
+      const int64_t bh = t / nqb, r = t % nqb;
+      // Causal: interleave first and last query blocks so each thread's contiguous range is balanced.
+      const int64_t qb = p.causal ? ((r % 2 == 0) ? r / 2 : nqb - 1 - r / 2) : r;
+      attend_rows<scalar_t, out_t>(p, qd, qs, kp, vp, bh / p.H, bh % p.H, qb * p.bq, w, sink);
+    }
+    cpublas::brgemm_release(!kF32);
+  });
+}
+
+}  // namespace
+
+// Whether flash_fwd_brgemm runs inputs of this dtype here: oneDNN's micro-kernel for 16-bit types needs
+// AMX tiles of the type (could_pack tells); float32 runs on the AVX-512 FMAs.
+bool brgemm_runs(at::ScalarType dtype) { return dtype == at::kFloat || cpublas::could_pack(dtype); }
+
+// As flash_fwd_panels (flash_attn_fwd.h): the forward into checked, allocated out/lse, or the fused ring
+// step into them when `accumulate`.
+void flash_fwd_brgemm(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, const at::Tensor& out,
+                      const at::Tensor& lse, double scale, bool causal, const std::optional<at::Tensor>& kv_mask,
+                      bool accumulate) {
+  const bool f32_dtype = q.scalar_type() == at::kFloat;
+  RowsProblem p{};
+  p.B = q.size(0), p.Sq = q.size(1), p.Sk = k.size(1), p.H = q.size(2), p.Hkv = k.size(2), p.D = q.size(3);
+  // Measured with torch's block sizes as the starting point: 256 queries x 512 keys per step for long
+  // sequences; shorter query sequences get smaller blocks so that every thread has tasks.
+  p.bq = p.Sq >= 768 ? 256 : p.Sq >= 192 ? 64 : 32;
+  const int64_t threads = at::get_num_threads();
+  while (p.bq > 32 && p.B * p.H * ((p.Sq + p.bq - 1) / p.bq) < 2 * threads) p.bq /= 2;
+  p.bk = std::min<int64_t>(512, (std::max<int64_t>(p.Sk, 1) + kNBlock - 1) / kNBlock * kNBlock);
+  p.bkp = p.bk;
+  p.Dp = f32_dtype ? p.D : (p.D + 1) / 2 * 2;
+  p.nkb = (p.Sk + p.bk - 1) / p.bk;
+  p.scale2 = static_cast<float>(scale) * kLog2e;
+  p.causal = causal;
+  if (kv_mask.has_value()) {
+    p.mask = kv_mask->const_data_ptr<bool>();
+    p.mask_s0 = kv_mask->stride(0);
+    p.mask_s1 = kv_mask->stride(1);
+  }
+  const bool f32_out = out.scalar_type() == at::kFloat;
+  switch (q.scalar_type()) {
+    case at::kFloat: run_rows<float, float>(p, q, k, v, out, lse, accumulate); break;
+    case at::kHalf:
+      f32_out ? run_rows<at::Half, float>(p, q, k, v, out, lse, accumulate)
+              : run_rows<at::Half, at::Half>(p, q, k, v, out, lse, accumulate);
+      break;
+    default:
+      f32_out ? run_rows<at::BFloat16, float>(p, q, k, v, out, lse, accumulate)
+              : run_rows<at::BFloat16, at::BFloat16>(p, q, k, v, out, lse, accumulate);
+      break;
+  }
+}
+
+}  // namespace cp_attention::cpu::CPA_ISA
