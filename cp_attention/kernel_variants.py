@@ -108,12 +108,18 @@ def resolve(backend: str) -> tuple[str, str]:
     return engine, DEFAULTS[engine] if kernel is None else kernel
 
 
+# The CPU forward's kernels (csrc/cpu/dispatch.cpp): "default" chooses between the other two.
+CPU_VARIANTS = ("default", "panels", "brgemm")
+
+
 def check_variant(op: str, engine: str, variant: str) -> None:
-    """ValueError unless `variant` is a kernel name the engine's ops take; "cpu" takes only "default". The
-    messages are the C++ ops' own (csrc/checks.h, csrc/cuda/flash_attn_fwd.cu)."""
+    """ValueError unless `variant` is a kernel name the engine's ops take: on the CPU "default", "panels" or
+    "brgemm" (whether this CPU runs brgemm is the real kernel's to say). The messages are the C++ ops' own
+    (csrc/cpu/dispatch.cpp, csrc/cuda/flash_attn_fwd.cu)."""
     if engine == "cpu":
-        if variant != "default":
-            raise ValueError(f"{op}: variant must be 'default' on the CPU (its only kernel), got '{variant}'")
+        if variant not in CPU_VARIANTS:
+            raise ValueError(f"{op}: variant must be 'default', 'panels' or 'brgemm' on the CPU, "
+                             f"got '{variant}'")
         return
     names = kernel_names(engine)
     if variant not in names:

@@ -242,15 +242,28 @@ def test_flash_bench_names_kernels_explicitly(monkeypatch):
     monkeypatch.setattr(bench_flash_fwd.cp_attention, "flash_attn_acc_",
                         lambda *a, backend, **kw: seen.append(("api_acc", backend)))
     environ = dict(os.environ)
-    for name in ("cuda", "cuda_sm90", "triton_tma", "cuda_sm90_cp", "cuda_tma_free"):
+    names = ("cuda", "cuda_sm90", "triton_tma", "cuda_sm90_cp", "cuda_tma_free", "cpu_panels", "cpu_brgemm")
+    for name in names:
         bench_flash_fwd.forward_fn(name, None, None, None, 0.1)()
         bench_flash_fwd.fused_fn(name, None, None, None, None, None, 0.1)()
     assert seen == [("api", "cuda"), ("api_acc", "cuda"), ("api", "cuda_sm90"), ("api_acc", "cuda_sm90"),
                     ("api", "triton_tma"), ("api_acc", "triton_tma"), ("op", "sm90"), ("op_acc", "sm90"),
-                    ("op", "sm90_tma_no_pingpong"), ("op_acc", "sm90_tma_no_pingpong")]
+                    ("op", "sm90_tma_no_pingpong"), ("op_acc", "sm90_tma_no_pingpong"), ("op", "panels"),
+                    ("op_acc", "panels"), ("op", "brgemm"), ("op_acc", "brgemm")]
     assert dict(os.environ) == environ
-    # On the CPU the default list holds our CPU backend alone: no opt-in variant.
-    assert bench_flash_fwd.default_backends(torch.device("cpu")) == ["cpu"]
+
+
+def test_flash_bench_times_both_cpu_kernels_where_they_run(monkeypatch):
+    # Our CPU backend ("default"), and beside it the two kernels it chooses between: the panel kernel
+    # always, the brgemm kernel on the CPUs that run it (the AMX copy).
+    monkeypatch.syspath_prepend(os.path.join(ROOT, "benchmarks"))
+    import bench_flash_fwd
+
+    import cp_attention
+
+    names = bench_flash_fwd.default_backends(torch.device("cpu"))
+    amx = cp_attention.build_info()["cpu_isa"] == "amx"
+    assert names == ["cpu", "cpu_panels"] + (["cpu_brgemm"] if amx else [])
 
 
 def test_measure_rows_stops_at_sigterm(monkeypatch):

@@ -126,13 +126,13 @@ def test_unknown_backend_lists_the_opt_in_ones():
 
 
 def test_kernel_argument_errors_match_between_fake_and_real():
-    # On the CPU only "default" names a kernel; the fake kernels (what torch.compile traces) say the same
-    # as the C++ op, and on "cuda" they list the CUDA op's names.
+    # On the CPU "default", "panels" and "brgemm" name kernels; the fake kernels (what torch.compile
+    # traces) say the same as the C++ op, and on "cuda" they list the CUDA op's names.
     q = torch.randn(1, 3, 2, 8)
     with pytest.raises(ValueError) as real:
         torch.ops.cp_attention.flash_attn_fwd(q, q, q, None, False, None, "mma")
     assert str(real.value).splitlines()[0] == (
-        "cp_attention.flash_attn_fwd: variant must be 'default' on the CPU (its only kernel), got 'mma'")
+        "cp_attention.flash_attn_fwd: variant must be 'default', 'panels' or 'brgemm' on the CPU, got 'mma'")
     with FakeTensorMode():
         fq = torch.empty(1, 3, 2, 8)
         with pytest.raises(ValueError) as fake:

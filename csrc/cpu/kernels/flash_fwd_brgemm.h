@@ -139,12 +139,12 @@ struct RowsScratch {
   at::Tensor s_, o_, p_, q_, bias_;
   float *s, *o, *bias;  // S [bq][bk] (float32 P in place), O [bq][D], per-key mask bias [bk] (0 or -inf)
   scalar_t *pb, *qpad;  // P as brgemm's A for 16-bit types [bq][bkp]; Q padded to Dp columns (odd D)
-  std::vector<float> m, l;
+  std::vector<float> m, l, coef;
   explicit RowsScratch(const RowsProblem& p)
       : s_(at::empty({p.bq * p.bk}, at::kFloat)), o_(at::empty({p.bq * p.D}, at::kFloat)),
         p_(at::empty({kF32 ? 0 : p.bq * p.bkp}, c10::CppTypeToScalarType<scalar_t>::value)),
         q_(at::empty({p.Dp != p.D ? p.bq * p.Dp : 0}, c10::CppTypeToScalarType<scalar_t>::value)),
-        bias_(at::empty({p.bk}, at::kFloat)), m(p.bq), l(p.bq) {
+        bias_(at::empty({p.bk}, at::kFloat)), m(p.bq), l(p.bq), coef(4 * p.bq) {
     s = s_.data_ptr<float>(), o = o_.data_ptr<float>(), bias = bias_.data_ptr<float>();
     pb = p_.data_ptr<scalar_t>(), qpad = q_.data_ptr<scalar_t>();
   }
@@ -188,6 +188,78 @@ inline float softmax_row(float* row, int64_t n, int64_t bkp, const float* bias, 
   l = l * alpha + _mm512_reduce_add_ps(sum);
   m = m_new;
   return alpha;
+}
+
+// The fused ring step reads the state's rows in the epilogue, from memory (a ring step's state is far
+// bigger than the caches). Their lines are prefetched during the key loop instead, a share per key block,
+// so the epilogue finds them in L2.
+template <typename out_t>
+inline void prefetch_state_rows(const Sink<out_t>& sink, int64_t b, int64_t h, int64_t i0, int64_t nq, int64_t D,
+                                int64_t jb, int64_t nkb) {
+  constexpr int64_t kLine = 64 / static_cast<int64_t>(sizeof(out_t));
+  const int64_t per = (nq + nkb - 1) / nkb;
+  for (int64_t i = jb * per; i < std::min(nq, (jb + 1) * per); ++i) {
+    const out_t* orow = sink.out + b * sink.os[0] + (i0 + i) * sink.os[1] + h * sink.os[2];
+    for (int64_t d = 0; d < D; d += kLine) __builtin_prefetch(orow + d, 1, 2);
+  }
+}
+
+// The epilogue of one query block: rows [i0, i0 + nq) of (out, lse) from the block's unnormalized O
+// [nq][D], running max m (log2 domain) and sum l, written fresh or merged into the state (Sink's rule,
+// docs/design.md, "Merging partial results"). The per-row exp/log work runs 16 rows at a time and the
+// rows 16 floats at a time: done row by row in scalar code it cost several % of a fused ring step.
+template <typename out_t>
+void write_block(const Sink<out_t>& sink, int64_t b, int64_t h, int64_t i0, int64_t nq, const float* o,
+                 int64_t D, const float* m, const float* l, float* coef) {
+  float *old = coef, *ca = coef + nq, *cb = coef + 2 * nq, *lse_new = coef + 3 * nq;
+  float* lse = sink.lse + b * sink.ls[0] + h * sink.ls[1] + i0 * sink.ls[2];
+  for (int64_t i = 0; i < nq; ++i) old[i] = sink.accumulate ? lse[i * sink.ls[2]] : kNegInf;
+  const Vec ln2(kLn2), neg_inf(kNegInf), zero(0.f), one(1.f);
+  for (int64_t i = 0; i < nq; i += Vec::size()) {
+    const int64_t n = std::min<int64_t>(Vec::size(), nq - i);
+    const Vec lv = Vec::loadu(l + i, n), vold = Vec::loadu(old + i, n);
+    // A row that saw no key has l = 0, so lnew = -inf: it keeps the state (ca = 1, cb = 0), or stays empty.
+    const Vec lnew = Vec::blendv(at::vec::fmadd(Vec::loadu(m + i, n), ln2, lv.log()), neg_inf, lv == zero);
+    const Vec mx = at::vec::maximum(vold, lnew);
+    const Vec mx_use = Vec::blendv(mx, zero, mx == neg_inf);
+    const Vec wa = (vold - mx_use).exp(), wb = (lnew - mx_use).exp(), sum = wa + wb;
+    const Vec inv = Vec::blendv(one / sum, zero, sum == zero);
+    (wa * inv).store(ca + i, n);
+    Vec::blendv(wb * inv / lv, zero, lv == zero).store(cb + i, n);  // also normalizes O by its sum l
+    Vec::blendv(mx + sum.log(), neg_inf, sum == zero).store(lse_new + i, n);
+  }
+  for (int64_t i = 0; i < nq; ++i) {
+    out_t* orow = sink.out + b * sink.os[0] + (i0 + i) * sink.os[1] + h * sink.os[2];
+    // cb = 0: nothing of this block's O counts (a row that saw no key, whose O may be uninitialized).
+    static constexpr float kZeros[kMaxHeadDim] = {};
+    const float* src = cb[i] != 0.f ? o + i * D : kZeros;
+    lse[i * sink.ls[2]] = lse_new[i];
+    const bool keep_old = old[i] != kNegInf;  // else the old out is not read: it may be garbage
+    const Vec va(ca[i]), vb(cb[i]);
+    int64_t d = 0;
+    if constexpr (std::is_same_v<out_t, float>) {
+      for (; d + Vec::size() <= D; d += Vec::size()) {
+        Vec x = Vec::loadu(src + d) * vb;
+        if (keep_old) x = at::vec::fmadd(Vec::loadu(orow + d), va, x);
+        x.store(orow + d);
+      }
+    } else {  // 32 values at a time: one full vector of the 16-bit type
+      using VT = at::vec::Vectorized<out_t>;
+      for (; d + VT::size() <= D; d += VT::size()) {
+        Vec x0 = Vec::loadu(src + d) * vb, x1 = Vec::loadu(src + d + Vec::size()) * vb;
+        if (keep_old) {
+          auto [o0, o1] = at::vec::convert_to_float<out_t>(VT::loadu(orow + d));
+          x0 = at::vec::fmadd(o0, va, x0);
+          x1 = at::vec::fmadd(o1, va, x1);
+        }
+        at::vec::convert_from_float<out_t>(x0, x1).store(orow + d);
+      }
+    }
+    for (; d < D; ++d) {
+      const float x = src[d] * cb[i] + (keep_old ? static_cast<float>(orow[d]) * ca[i] : 0.f);
+      orow[d] = static_cast<out_t>(x);
+    }
+  }
 }
 
 template <typename scalar_t, typename out_t>
@@ -245,6 +317,7 @@ void attend_rows(const RowsProblem& p, const scalar_t* q, const int64_t* qs, con
         }
       }
     }
+    if (sink.accumulate) prefetch_state_rows(sink, b, h, i0, nq, D, jb, p.nkb);
     const scalar_t* vb = vpack + blk * p.bkp * D;
     // O's columns in blocks of 64 where D splits evenly, else in one call (a narrow tail block, 8 columns
     // for D = 72, runs far below the kernel's rate).
@@ -258,12 +331,8 @@ void attend_rows(const RowsProblem& p, const scalar_t* q, const int64_t* qs, con
     }
     first = false;
   }
-  for (int64_t i = 0; i < nq; ++i) {
-    // l = 0 (no visible key: the whole block, or this row under causal masking) makes the sink write
-    // zeros or keep an accumulator's state, without reading the O row.
-    if (first) sink.write(b, h, i0 + i, w.o, 1, kNegInf, 0.f, D);
-    else sink.write(b, h, i0 + i, w.o + i * D, 1, w.m[i] * kLn2, w.l[i], D);
-  }
+  if (first) std::fill_n(w.l.data(), nq, 0.f);  // no visible key at all: O was never written
+  write_block(sink, b, h, i0, nq, w.o, D, w.m.data(), w.l.data(), w.coef.data());
 }
 
 template <typename scalar_t, typename out_t>
