@@ -285,6 +285,23 @@ void run(const Problem& p, const at::Tensor& q, const at::Tensor& k, const at::T
 
 }  // namespace
 
+// Calls f.template operator()<scalar_t, out_t>() with q's element type and out's: q's, or float32 (an
+// accumulating state of half inputs). The dtypes were checked by the caller.
+template <typename F>
+void with_fwd_types(const at::Tensor& q, const at::Tensor& out, F&& f) {
+  const bool f32_out = out.scalar_type() == at::kFloat;
+  switch (q.scalar_type()) {
+    case at::kFloat: f.template operator()<float, float>(); break;
+    case at::kHalf:
+      f32_out ? f.template operator()<at::Half, float>() : f.template operator()<at::Half, at::Half>();
+      break;
+    default:
+      f32_out ? f.template operator()<at::BFloat16, float>()
+              : f.template operator()<at::BFloat16, at::BFloat16>();
+      break;
+  }
+}
+
 // The forward into out/lse (allocated and checked by the caller, cpu/dispatch.cpp): written fresh, or
 // merged into them when `accumulate` (the fused ring step). out is q's dtype or, when accumulating, float32.
 void flash_fwd_panels(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, const at::Tensor& out,
@@ -292,18 +309,9 @@ void flash_fwd_panels(const at::Tensor& q, const at::Tensor& k, const at::Tensor
                       bool accumulate) {
   const AttnDims d{q.size(0), q.size(1), k.size(1), q.size(2), k.size(2), q.size(3)};
   const Problem p = make_problem(d, scale, causal, kv_mask);
-  const bool f32 = out.scalar_type() == at::kFloat;
-  switch (q.scalar_type()) {
-    case at::kFloat: run<float, float>(p, q, k, v, out, lse, accumulate); break;
-    case at::kHalf:
-      f32 ? run<at::Half, float>(p, q, k, v, out, lse, accumulate)
-          : run<at::Half, at::Half>(p, q, k, v, out, lse, accumulate);
-      break;
-    default:
-      f32 ? run<at::BFloat16, float>(p, q, k, v, out, lse, accumulate)
-          : run<at::BFloat16, at::BFloat16>(p, q, k, v, out, lse, accumulate);
-      break;
-  }
+  with_fwd_types(q, out, [&]<typename scalar_t, typename out_t>() {
+    run<scalar_t, out_t>(p, q, k, v, out, lse, accumulate);
+  });
 }
 
 }  // namespace cp_attention::cpu::CPA_ISA

@@ -404,18 +404,9 @@ void flash_fwd_brgemm(const at::Tensor& q, const at::Tensor& k, const at::Tensor
     p.mask_s0 = kv_mask->stride(0);
     p.mask_s1 = kv_mask->stride(1);
   }
-  const bool f32_out = out.scalar_type() == at::kFloat;
-  switch (q.scalar_type()) {
-    case at::kFloat: run_rows<float, float>(p, q, k, v, out, lse, accumulate); break;
-    case at::kHalf:
-      f32_out ? run_rows<at::Half, float>(p, q, k, v, out, lse, accumulate)
-              : run_rows<at::Half, at::Half>(p, q, k, v, out, lse, accumulate);
-      break;
-    default:
-      f32_out ? run_rows<at::BFloat16, float>(p, q, k, v, out, lse, accumulate)
-              : run_rows<at::BFloat16, at::BFloat16>(p, q, k, v, out, lse, accumulate);
-      break;
-  }
+  with_fwd_types(q, out, [&]<typename scalar_t, typename out_t>() {
+    run_rows<scalar_t, out_t>(p, q, k, v, out, lse, accumulate);
+  });
 }
 
 }  // namespace cp_attention::cpu::CPA_ISA
