@@ -33,6 +33,8 @@ CASES = [
     (3, 40, 70, 6, 2, 72, False, "empty_batch", True, 0.3),
     (1, 20, 150, 2, 2, 128, True, "random", True, None),
     (1, 9, 17, 2, 1, 256, False, None, False, None),
+    # Several blocks of queries and keys, with tails (the AMX kernel's blocks: 128 queries, 64 keys).
+    (1, 300, 200, 2, 1, 64, True, "random", True, None),
 ]
 CASE_IDS = ["B{}-Sq{}-Sk{}-H{}-Hkv{}-D{}-causal{}-mask{}-strided{}-scale{}".format(*c) for c in CASES]
 

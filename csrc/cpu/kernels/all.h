@@ -12,6 +12,7 @@ static_assert(at::vec::Vectorized<float>::size() == CPA_VEC_FLOATS,
 #include "cpu/kernels/flash_attn_fwd.h"
 #include "cpu/kernels/merge_attn_states.h"
 #ifdef CPA_WITH_BRGEMM
+#include "cpu/kernels/flash_bwd_brgemm.h"
 #include "cpu/kernels/flash_fwd_brgemm.h"
 #endif
 

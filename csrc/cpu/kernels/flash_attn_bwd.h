@@ -27,6 +27,18 @@
 #include "cpu/kernels/vec_tiles.h"
 
 namespace cp_attention::cpu::CPA_ISA {
+
+#ifdef CPA_WITH_BRGEMM
+// The AMX copy's backward for 16-bit inputs (flash_bwd_brgemm.h).
+template <typename scalar_t>
+bool bwd_brgemm_runs(const AttnDims& d);
+template <typename scalar_t>
+void run_bwd_brgemm(const AttnDims& d, const at::Tensor& dout, const at::Tensor& q, const at::Tensor& k,
+                    const at::Tensor& v, const at::Tensor& lse, const at::Tensor& delta, bool delta_from_p,
+                    double scale, bool causal, const std::optional<at::Tensor>& kv_mask, const at::Tensor& dq,
+                    const at::Tensor& dk, const at::Tensor& dv);
+#endif
+
 namespace {
 
 constexpr int64_t kBlock = 64;  // queries or keys per block
@@ -383,6 +395,8 @@ void bwd_head(const BwdF32& p, const Rows<scalar_t>& q, const Rows<scalar_t>& k,
   for (int64_t i = 0; i < Sq; ++i) std::copy_n(dqf + i * Dp, D, dq + ((b * Sq + i) * p.H + h) * D);
 }
 
+void sum_gqa_heads(const AttnDims& d, const float* dkp, const float* dvp, const at::Tensor& dk, const at::Tensor& dv);
+
 // float32, float16 and bfloat16: dq, dk, dv are the float32 outputs; delta as run_bwd prepared it.
 template <typename scalar_t>
 void run_bwd_f32(const AttnDims& d, const at::Tensor& dout, const at::Tensor& q, const at::Tensor& k,
@@ -408,7 +422,12 @@ void run_bwd_f32(const AttnDims& d, const at::Tensor& dout, const at::Tensor& q,
     for (int64_t t = begin; t < end; ++t)
       bwd_head<scalar_t>(p, qr, kr, vr, doutr, dqp, dkp, dvp, dkv_heads, t / d.H, t % d.H, w);
   });
-  if (!gqa) return;
+  if (gqa) sum_gqa_heads(d, dkp, dvp, dk, dv);
+}
+
+// dk, dv [B, Sk, Hkv, D] float32 from the per-query-head dK, dV [B, Sk, H, D]: summed over each kv head's
+// group of query heads, in head order.
+void sum_gqa_heads(const AttnDims& d, const float* dkp, const float* dvp, const at::Tensor& dk, const at::Tensor& dv) {
   const int64_t group = d.H / d.Hkv;
   float *dk_out = dk.mutable_data_ptr<float>(), *dv_out = dv.mutable_data_ptr<float>();
   at::parallel_for(0, d.B * d.Sk * d.Hkv, 64, [&](int64_t begin, int64_t end) {
@@ -462,6 +481,12 @@ void run_bwd(const AttnDims& d, const at::Tensor& dout, const at::Tensor& q, con
     });
   }
   if constexpr (std::is_same_v<acc_t, float>) {
+#ifdef CPA_WITH_BRGEMM
+    if (bwd_brgemm_runs<scalar_t>(d)) {
+      run_bwd_brgemm<scalar_t>(d, dout, q, k, v, lse_a, delta, delta_from_p, scale, causal, kv_mask, dq, dk, dv);
+      return;
+    }
+#endif
     run_bwd_f32<scalar_t>(d, dout, q, k, v, lse_a, delta, delta_from_p, scale, causal, kv_mask, dq, dk, dv);
     return;
   }
