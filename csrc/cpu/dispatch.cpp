@@ -131,9 +131,10 @@ void merge_attn_states_inplace_cpu(const at::Tensor& out, const at::Tensor& lse,
 }  // namespace
 
 const KernelTable& kernels() {
-  const int i = std::min(widest_supported(), g_limit.load(std::memory_order_relaxed));
-  for (int j = i; j > 0; --j)
-    if (kCopies[j].table() != nullptr && kCopies[j].cpu_has()) return *kCopies[j].table();
+  // Each copy's ISA contains the narrower ones', so every built copy up to the widest supported runs here:
+  // no CPU feature is asked again (this runs on every op call).
+  for (int j = std::min(widest_supported(), g_limit.load(std::memory_order_relaxed)); j > 0; --j)
+    if (kCopies[j].table() != nullptr) return *kCopies[j].table();
   return *kCopies[0].table();
 }
 

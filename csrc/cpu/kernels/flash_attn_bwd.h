@@ -397,14 +397,17 @@ void bwd_head(const BwdF32& p, const Rows<scalar_t>& q, const Rows<scalar_t>& k,
 
 void sum_gqa_heads(const AttnDims& d, const float* dkp, const float* dvp, const at::Tensor& dk, const at::Tensor& dv);
 
-// float32, float16 and bfloat16: dq, dk, dv are the float32 outputs; delta as run_bwd prepared it.
-template <typename scalar_t>
-void run_bwd_f32(const AttnDims& d, const at::Tensor& dout, const at::Tensor& q, const at::Tensor& k,
-                 const at::Tensor& v, const at::Tensor& lse, const at::Tensor& delta, bool delta_from_p, double scale,
-                 bool causal, const std::optional<at::Tensor>& kv_mask, const at::Tensor& dq, const at::Tensor& dk,
-                 const at::Tensor& dv) {
-  BwdF32 p{d.B, d.Sq, d.Sk, d.H, d.Hkv, d.D, round_up(d.D, kTileCols), static_cast<float>(scale), causal, nullptr,
-           0, 0, lse.const_data_ptr<float>(), delta.mutable_data_ptr<float>(), delta_from_p};
+// The task loop every float32-accumulating backward kernel shares: one task per (b, h), each writing dq's
+// rows of its head and dK, dV of its kv head (with GQA: of its query head, into [B, Sk, H, D] buffers summed
+// over the group afterwards). thread_tasks(p, qr, kr, vr, doutr, dq, dk, dv, dkv_heads, begin, end) runs
+// the tasks [begin, end) of one thread; Dp is the padded head dim of its buffers.
+template <typename scalar_t, typename ThreadTasks>
+void for_each_bwd_head(const AttnDims& d, const at::Tensor& dout, const at::Tensor& q, const at::Tensor& k,
+                       const at::Tensor& v, const at::Tensor& lse, const at::Tensor& delta, bool delta_from_p,
+                       double scale, bool causal, const std::optional<at::Tensor>& kv_mask, const at::Tensor& dq,
+                       const at::Tensor& dk, const at::Tensor& dv, int64_t Dp, ThreadTasks&& thread_tasks) {
+  BwdF32 p{d.B, d.Sq, d.Sk, d.H, d.Hkv, d.D, Dp, static_cast<float>(scale), causal, nullptr, 0, 0,
+           lse.const_data_ptr<float>(), delta.mutable_data_ptr<float>(), delta_from_p};
   if (kv_mask.has_value()) {
     p.mask = kv_mask->const_data_ptr<bool>();
     p.mask_s0 = kv_mask->stride(0);
@@ -412,17 +415,30 @@ void run_bwd_f32(const AttnDims& d, const at::Tensor& dout, const at::Tensor& q,
   }
   const Rows<scalar_t> qr(q), kr(k), vr(v), doutr(dout);
   const bool gqa = d.H != d.Hkv;
-  // With GQA, per query head dK, dV ([B, Sk, H, D]), summed below; else each task owns its rows of dk, dv.
   const at::Tensor dk_h = gqa ? at::empty({d.B, d.Sk, d.H, d.D}, dk.options()) : dk;
   const at::Tensor dv_h = gqa ? at::empty({d.B, d.Sk, d.H, d.D}, dv.options()) : dv;
   float *dqp = dq.mutable_data_ptr<float>(), *dkp = dk_h.mutable_data_ptr<float>(), *dvp = dv_h.mutable_data_ptr<float>();
   const int64_t dkv_heads = gqa ? d.H : d.Hkv;
   at::parallel_for(0, d.B * d.H, 1, [&](int64_t begin, int64_t end) {
-    BwdScratch w(d.Sq, p.Dp);
-    for (int64_t t = begin; t < end; ++t)
-      bwd_head<scalar_t>(p, qr, kr, vr, doutr, dqp, dkp, dvp, dkv_heads, t / d.H, t % d.H, w);
+    thread_tasks(p, qr, kr, vr, doutr, dqp, dkp, dvp, dkv_heads, begin, end);
   });
   if (gqa) sum_gqa_heads(d, dkp, dvp, dk, dv);
+}
+
+// float32, float16 and bfloat16: dq, dk, dv are the float32 outputs; delta as run_bwd prepared it.
+template <typename scalar_t>
+void run_bwd_f32(const AttnDims& d, const at::Tensor& dout, const at::Tensor& q, const at::Tensor& k,
+                 const at::Tensor& v, const at::Tensor& lse, const at::Tensor& delta, bool delta_from_p, double scale,
+                 bool causal, const std::optional<at::Tensor>& kv_mask, const at::Tensor& dq, const at::Tensor& dk,
+                 const at::Tensor& dv) {
+  for_each_bwd_head<scalar_t>(
+      d, dout, q, k, v, lse, delta, delta_from_p, scale, causal, kv_mask, dq, dk, dv, round_up(d.D, kTileCols),
+      [&](const BwdF32& p, const auto& qr, const auto& kr, const auto& vr, const auto& doutr, float* dqp,
+          float* dkp, float* dvp, int64_t dkv_heads, int64_t begin, int64_t end) {
+        BwdScratch w(d.Sq, p.Dp);
+        for (int64_t t = begin; t < end; ++t)
+          bwd_head<scalar_t>(p, qr, kr, vr, doutr, dqp, dkp, dvp, dkv_heads, t / d.H, t % d.H, w);
+      });
 }
 
 // dk, dv [B, Sk, Hkv, D] float32 from the per-query-head dK, dV [B, Sk, H, D]: summed over each kv head's

@@ -224,26 +224,15 @@ void run_bwd_brgemm(const AttnDims& d, const at::Tensor& dout, const at::Tensor&
                     const at::Tensor& v, const at::Tensor& lse, const at::Tensor& delta, bool delta_from_p,
                     double scale, bool causal, const std::optional<at::Tensor>& kv_mask, const at::Tensor& dq,
                     const at::Tensor& dk, const at::Tensor& dv) {
-  BwdF32 p{d.B, d.Sq, d.Sk, d.H, d.Hkv, d.D, d.D, static_cast<float>(scale), causal, nullptr, 0, 0,
-           lse.const_data_ptr<float>(), delta.mutable_data_ptr<float>(), delta_from_p};
-  if (kv_mask.has_value()) {
-    p.mask = kv_mask->const_data_ptr<bool>();
-    p.mask_s0 = kv_mask->stride(0);
-    p.mask_s1 = kv_mask->stride(1);
-  }
-  const Rows<scalar_t> qr(q), kr(k), vr(v), doutr(dout);
-  const bool gqa = d.H != d.Hkv;
-  const at::Tensor dk_h = gqa ? at::empty({d.B, d.Sk, d.H, d.D}, dk.options()) : dk;
-  const at::Tensor dv_h = gqa ? at::empty({d.B, d.Sk, d.H, d.D}, dv.options()) : dv;
-  float *dqp = dq.mutable_data_ptr<float>(), *dkp = dk_h.mutable_data_ptr<float>(), *dvp = dv_h.mutable_data_ptr<float>();
-  const int64_t dkv_heads = gqa ? d.H : d.Hkv;
-  at::parallel_for(0, d.B * d.H, 1, [&](int64_t begin, int64_t end) {
-    BwdBrScratch<scalar_t> w(round_up(d.Sq, kBQ), d.D);
-    for (int64_t t = begin; t < end; ++t)
-      bwd_head_brgemm<scalar_t>(p, qr, kr, vr, doutr, dqp, dkp, dvp, dkv_heads, t / d.H, t % d.H, w);
-    cpublas::brgemm_release(true);
-  });
-  if (gqa) sum_gqa_heads(d, dkp, dvp, dk, dv);
+  for_each_bwd_head<scalar_t>(
+      d, dout, q, k, v, lse, delta, delta_from_p, scale, causal, kv_mask, dq, dk, dv, d.D,
+      [&](const BwdF32& p, const auto& qr, const auto& kr, const auto& vr, const auto& doutr, float* dqp,
+          float* dkp, float* dvp, int64_t dkv_heads, int64_t begin, int64_t end) {
+        BwdBrScratch<scalar_t> w(round_up(d.Sq, kBQ), d.D);
+        for (int64_t t = begin; t < end; ++t)
+          bwd_head_brgemm<scalar_t>(p, qr, kr, vr, doutr, dqp, dkp, dvp, dkv_heads, t / d.H, t % d.H, w);
+        cpublas::brgemm_release(true);
+      });
 }
 
 }  // namespace cp_attention::cpu::CPA_ISA
