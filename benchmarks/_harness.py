@@ -17,6 +17,7 @@ import re
 import signal
 import statistics
 import subprocess
+import sys
 import time
 from collections.abc import Callable, Sequence
 from pathlib import Path
@@ -233,6 +234,16 @@ def _cpu_model() -> str:
     return platform.processor() or platform.machine() or "cpu"
 
 
+def _cpu_flags() -> set[str]:
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("flags"):
+                return set(line.split(":", 1)[1].split())
+    except OSError:
+        pass
+    return set()
+
+
 def device_name(device: torch.device | str = "cpu") -> str:
     device = torch.device(device)
     if device.type == "cuda":
@@ -284,7 +295,8 @@ def _cpu_mhz() -> float | None:
 # float32 FLOPs of two FMA units at the vector width (a "generic" build still gets SSE2's 4 lanes), and for
 # 16-bit types the AMX tile unit's 1024 multiply-adds where the "amx" copy runs.
 _FP32_FLOPS_PER_CYCLE = {"generic": 2 * 2 * 4, "avx2": 2 * 2 * 8, "avx512": 2 * 2 * 16, "amx": 2 * 2 * 16}
-_AMX_FLOPS_PER_CYCLE = 2 * 1024
+# One AMX unit per core: a 16 x 16 x 32 tile product (2 x 8192 FLOPs) every 16 cycles.
+_AMX_FLOPS_PER_CYCLE = 1024
 
 
 def cpu_peak_gflops(threads: int | None = None) -> dict | None:
@@ -298,9 +310,11 @@ def cpu_peak_gflops(threads: int | None = None) -> dict | None:
     isa = info["cpu_isa"]
     threads = threads or torch.get_num_threads()
     fp32 = threads * _FP32_FLOPS_PER_CYCLE[isa] * mhz / 1e3
-    half = threads * _AMX_FLOPS_PER_CYCLE * mhz / 1e3 if isa == "amx" else fp32
-    return {"float32": fp32, "bfloat16": half, "float16": half, "threads": threads, "mhz": mhz, "isa": isa,
-            "formula": "threads x FLOPs/cycle (2 FMA units x lanes x 2, or AMX 2 x 1024) x clock"}
+    bf16 = threads * _AMX_FLOPS_PER_CYCLE * mhz / 1e3 if isa == "amx" else fp32
+    # float16 reaches the tiles only with AMX-FP16; elsewhere it computes in float32.
+    fp16 = bf16 if isa == "amx" and "amx_fp16" in _cpu_flags() else fp32
+    return {"float32": fp32, "bfloat16": bf16, "float16": fp16, "threads": threads, "mhz": mhz, "isa": isa,
+            "formula": "threads x FLOPs/cycle (2 FMA units x lanes x 2, or AMX 1024) x clock"}
 
 
 def environment(device: torch.device | str = "cpu") -> dict:
@@ -315,6 +329,8 @@ def environment(device: torch.device | str = "cpu") -> dict:
         "cpu_count": os.cpu_count(),
         "torch_threads": torch.get_num_threads(),
         "cpu_peak_gflops": cpu_peak_gflops() if device.type == "cpu" else None,
+        # Set by --cpu-isa: the run held this CPU to a narrower ISA, standing in for a CPU that has no more.
+        "stand_in_cpu_isa": _stand_in_isa,
         # Other work on the machine (a compiler, a second benchmark) skews CPU timings badly.
         "busy_cpus_at_start": _busy_at_start,
         "versions": _versions(),
@@ -481,11 +497,41 @@ def make_parser(description: str) -> argparse.ArgumentParser:
     p.add_argument("--launch-overhead", action="store_true",
                    help="on GPUs, time each call with a sync (host launch overhead included) instead of "
                         "GPU time of calls queued back to back")
+    p.add_argument("--cpu-isa", choices=sorted(_STAND_IN), default=None,
+                   help="time both sides as on a CPU whose widest ISA is this one: our kernels held to that "
+                        "copy, torch's and oneDNN's to theirs (no AMX, no AVX-512 for avx2). A stand-in run "
+                        "on this CPU, recorded as such, not a measurement of such a CPU")
     return p
+
+
+# --cpu-isa: (ATEN_CPU_CAPABILITY, what torch.backends.cpu.get_cpu_capability() says, ONEDNN_MAX_CPU_ISA).
+_STAND_IN = {"avx2": ("avx2", "AVX2", "AVX2"), "avx512": ("avx512", "AVX512", "AVX512_CORE_BF16")}
+_stand_in_isa: str | None = None
+
+
+def _hold_to_isa(isa: str) -> None:
+    """Holds torch, oneDNN and our dispatch to `isa`. torch and oneDNN read their limits once, from the
+    environment, so the script runs again under it (os.execv) unless it already is."""
+    global _stand_in_isa
+    aten, aten_name, onednn = _STAND_IN[isa]
+    if os.environ.get("ATEN_CPU_CAPABILITY") != aten or os.environ.get("ONEDNN_MAX_CPU_ISA") != onednn:
+        os.environ["ATEN_CPU_CAPABILITY"] = aten
+        os.environ["ONEDNN_MAX_CPU_ISA"] = onednn
+        sys.stdout.flush()
+        os.execv(sys.executable, [sys.executable, *sys.argv])
+    got = torch.backends.cpu.get_cpu_capability()
+    if got != aten_name:
+        raise SystemExit(f"--cpu-isa {isa}: torch runs its {got} kernels here, expected {aten_name}")
+    from cp_attention import _C
+
+    _C._limit_cpu_isa(isa)
+    _stand_in_isa = isa
 
 
 def apply_common(args: argparse.Namespace) -> None:
     """Applies the shared flags that change process state (thread count) and warns about a busy machine."""
     if args.threads is not None:
         torch.set_num_threads(args.threads)
+    if getattr(args, "cpu_isa", None):
+        _hold_to_isa(args.cpu_isa)
     warn_if_busy()

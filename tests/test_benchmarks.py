@@ -15,9 +15,20 @@ import time
 import pytest
 import torch
 
+import cp_attention
 from cp_attention import kernel_variants as kv
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def _cpu_flags() -> set[str]:
+    with open("/proc/cpuinfo") as f:
+        for line in f:
+            if line.startswith("flags"):
+                return set(line.split(":", 1)[1].split())
+    return set()
+
+
 QUICK_BENCHMARKS = ["bench_flash_fwd.py", "bench_a2a_pack.py", "bench_merge.py", "bench_host_overhead.py"]
 
 
@@ -351,3 +362,20 @@ def test_flash_bwd_benchmark_quick_mode_runs():
         f"bench_flash_bwd.py --quick failed:\n{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}")
     for column in ("torch f+b ms", "torch bwd ms", "ours bwd peak MB", "---"):
         assert column in proc.stdout, f"no {column!r} in bench_flash_bwd.py --quick:\n{proc.stdout[-2000:]}"
+
+
+def test_cpu_isa_stand_in_holds_both_sides(tmp_path):
+    # --cpu-isa avx2 reruns the benchmark with torch and oneDNN held to AVX2 and our dispatch to the avx2
+    # copy, and records it: the JSON names the stand-in, our copy and the AVX2 peak (no AMX figure).
+    if "avx2" not in cp_attention.build_info()["cpu_isas"] or "avx2" not in _cpu_flags():
+        pytest.skip("no avx2 copy, or a CPU without AVX2")
+    script = os.path.join(ROOT, "benchmarks", "bench_flash_fwd.py")
+    proc = subprocess.run([sys.executable, script, "--quick", "--no-acc", "--cpu-isa", "avx2", "--out-dir",
+                           str(tmp_path)], capture_output=True, text=True, timeout=300, cwd=ROOT)
+    assert proc.returncode == 0, f"{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}"
+    (result,) = tmp_path.glob("flash_fwd-*.json")
+    env = json.loads(result.read_text())["environment"]
+    assert env["stand_in_cpu_isa"] == "avx2"
+    assert env["build_info"]["cpu_isa"] == "avx2"
+    peak = env["cpu_peak_gflops"]
+    assert peak["isa"] == "avx2" and peak["bfloat16"] == peak["float32"], peak

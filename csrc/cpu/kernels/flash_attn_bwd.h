@@ -257,6 +257,23 @@ struct BwdScratch {
         bias(make_buffer(kBwdKeys)), sum(make_buffer(Sq)) {}
 };
 
+// A gradient output [B, S, heads, D] (contiguous) that the float32-accumulating kernels write rows of
+// float32 into: float32 outputs take them as they are, 16-bit outputs get them rounded once, so a
+// backward of 16-bit inputs never holds float32 copies of dq, dk and dv.
+struct GradRows {
+  void* p;
+  at::ScalarType dtype;
+  explicit GradRows(const at::Tensor& t) : p(t.data_ptr()), dtype(t.scalar_type()) {}
+  // n floats into the output from element `offset` on.
+  void put(int64_t offset, const float* src, int64_t n) const {
+    switch (dtype) {
+      case at::kFloat: std::copy_n(src, n, static_cast<float*>(p) + offset); break;
+      case at::kBFloat16: at::vec::convert(src, static_cast<at::BFloat16*>(p) + offset, n); break;
+      default: at::vec::convert(src, static_cast<at::Half*>(p) + offset, n); break;
+    }
+  }
+};
+
 struct BwdF32 {
   int64_t B, Sq, Sk, H, Hkv, D, Dp;
   float scale;
@@ -335,7 +352,7 @@ inline void probs_block(const BwdF32& p, BwdScratch& w, const float* delta, int6
 // at head hk (dkv_heads = Hkv) or, with GQA, at head h of the per-head buffers (dkv_heads = H).
 template <typename scalar_t>
 void bwd_head(const BwdF32& p, const Rows<scalar_t>& q, const Rows<scalar_t>& k, const Rows<scalar_t>& v,
-              const Rows<scalar_t>& dout, float* dq, float* dk, float* dv, int64_t dkv_heads, int64_t b, int64_t h,
+              const Rows<scalar_t>& dout, const GradRows& dq, const GradRows& dk, const GradRows& dv, int64_t dkv_heads, int64_t b, int64_t h,
               BwdScratch& w) {
   const int64_t D = p.D, Dp = p.Dp, Sq = p.Sq, hk = h / (p.H / p.Hkv), off = p.Sk - p.Sq;
   const int64_t dkv_h = dkv_heads == p.H ? h : hk;
@@ -388,14 +405,14 @@ void bwd_head(const BwdF32& p, const Rows<scalar_t>& q, const Rows<scalar_t>& k,
     }
     for (int64_t j = 0; j < nk; ++j) {
       const int64_t o = ((b * p.Sk + j0 + j) * dkv_heads + dkv_h) * D;
-      std::copy_n(dkf + j * Dp, D, dk + o);
-      std::copy_n(dvf + j * Dp, D, dv + o);
+      dk.put(o, dkf + j * Dp, D);
+      dv.put(o, dvf + j * Dp, D);
     }
   }
-  for (int64_t i = 0; i < Sq; ++i) std::copy_n(dqf + i * Dp, D, dq + ((b * Sq + i) * p.H + h) * D);
+  for (int64_t i = 0; i < Sq; ++i) dq.put(((b * Sq + i) * p.H + h) * D, dqf + i * Dp, D);
 }
 
-void sum_gqa_heads(const AttnDims& d, const float* dkp, const float* dvp, const at::Tensor& dk, const at::Tensor& dv);
+void sum_gqa_heads(const AttnDims& d, const float* dkp, const float* dvp, const GradRows& dk, const GradRows& dv);
 
 // The task loop every float32-accumulating backward kernel shares: one task per (b, h), each writing dq's
 // rows of its head and dK, dV of its kv head (with GQA: of its query head, into [B, Sk, H, D] buffers summed
@@ -415,17 +432,17 @@ void for_each_bwd_head(const AttnDims& d, const at::Tensor& dout, const at::Tens
   }
   const Rows<scalar_t> qr(q), kr(k), vr(v), doutr(dout);
   const bool gqa = d.H != d.Hkv;
-  const at::Tensor dk_h = gqa ? at::empty({d.B, d.Sk, d.H, d.D}, dk.options()) : dk;
-  const at::Tensor dv_h = gqa ? at::empty({d.B, d.Sk, d.H, d.D}, dv.options()) : dv;
-  float *dqp = dq.mutable_data_ptr<float>(), *dkp = dk_h.mutable_data_ptr<float>(), *dvp = dv_h.mutable_data_ptr<float>();
+  const at::Tensor dk_h = gqa ? at::empty({d.B, d.Sk, d.H, d.D}, dk.options().dtype(at::kFloat)) : dk;
+  const at::Tensor dv_h = gqa ? at::empty({d.B, d.Sk, d.H, d.D}, dv.options().dtype(at::kFloat)) : dv;
+  const GradRows dqw(dq), dkw(dk_h), dvw(dv_h);
   const int64_t dkv_heads = gqa ? d.H : d.Hkv;
   at::parallel_for(0, d.B * d.H, 1, [&](int64_t begin, int64_t end) {
-    thread_tasks(p, qr, kr, vr, doutr, dqp, dkp, dvp, dkv_heads, begin, end);
+    thread_tasks(p, qr, kr, vr, doutr, dqw, dkw, dvw, dkv_heads, begin, end);
   });
-  if (gqa) sum_gqa_heads(d, dkp, dvp, dk, dv);
+  if (gqa) sum_gqa_heads(d, dk_h.const_data_ptr<float>(), dv_h.const_data_ptr<float>(), GradRows(dk), GradRows(dv));
 }
 
-// float32, float16 and bfloat16: dq, dk, dv are the float32 outputs; delta as run_bwd prepared it.
+// float32, float16 and bfloat16: dq, dk, dv the gradients in the inputs' dtype; delta as run_bwd prepared it.
 template <typename scalar_t>
 void run_bwd_f32(const AttnDims& d, const at::Tensor& dout, const at::Tensor& q, const at::Tensor& k,
                  const at::Tensor& v, const at::Tensor& lse, const at::Tensor& delta, bool delta_from_p, double scale,
@@ -433,33 +450,35 @@ void run_bwd_f32(const AttnDims& d, const at::Tensor& dout, const at::Tensor& q,
                  const at::Tensor& dv) {
   for_each_bwd_head<scalar_t>(
       d, dout, q, k, v, lse, delta, delta_from_p, scale, causal, kv_mask, dq, dk, dv, round_up(d.D, kTileCols),
-      [&](const BwdF32& p, const auto& qr, const auto& kr, const auto& vr, const auto& doutr, float* dqp,
-          float* dkp, float* dvp, int64_t dkv_heads, int64_t begin, int64_t end) {
+      [&](const BwdF32& p, const auto& qr, const auto& kr, const auto& vr, const auto& doutr, const GradRows& dqw,
+          const GradRows& dkw, const GradRows& dvw, int64_t dkv_heads, int64_t begin, int64_t end) {
         BwdScratch w(d.Sq, p.Dp);
         for (int64_t t = begin; t < end; ++t)
-          bwd_head<scalar_t>(p, qr, kr, vr, doutr, dqp, dkp, dvp, dkv_heads, t / d.H, t % d.H, w);
+          bwd_head<scalar_t>(p, qr, kr, vr, doutr, dqw, dkw, dvw, dkv_heads, t / d.H, t % d.H, w);
       });
 }
 
-// dk, dv [B, Sk, Hkv, D] float32 from the per-query-head dK, dV [B, Sk, H, D]: summed over each kv head's
+// dk, dv [B, Sk, Hkv, D] from the per-query-head float32 dK, dV [B, Sk, H, D]: summed over each kv head's
 // group of query heads, in head order.
-void sum_gqa_heads(const AttnDims& d, const float* dkp, const float* dvp, const at::Tensor& dk, const at::Tensor& dv) {
+void sum_gqa_heads(const AttnDims& d, const float* dkp, const float* dvp, const GradRows& dk, const GradRows& dv) {
   const int64_t group = d.H / d.Hkv;
-  float *dk_out = dk.mutable_data_ptr<float>(), *dv_out = dv.mutable_data_ptr<float>();
   at::parallel_for(0, d.B * d.Sk * d.Hkv, 64, [&](int64_t begin, int64_t end) {
+    std::vector<float> ak(d.D), av(d.D);
     for (int64_t r = begin; r < end; ++r) {  // r = (b * Sk + j) * Hkv + hk; its query heads hk * group + g
       const int64_t bj = r / d.Hkv, hk = r % d.Hkv;
       const float* sk = dkp + (bj * d.H + hk * group) * d.D;
       const float* sv = dvp + (bj * d.H + hk * group) * d.D;
       for (int64_t x = 0; x < d.D; ++x) {
-        float ak = 0.f, av = 0.f;
+        float k_sum = 0.f, v_sum = 0.f;
         for (int64_t g = 0; g < group; ++g) {
-          ak += sk[g * d.D + x];
-          av += sv[g * d.D + x];
+          k_sum += sk[g * d.D + x];
+          v_sum += sv[g * d.D + x];
         }
-        dk_out[r * d.D + x] = ak;
-        dv_out[r * d.D + x] = av;
+        ak[x] = k_sum;
+        av[x] = v_sum;
       }
+      dk.put(r * d.D, ak.data(), d.D);
+      dv.put(r * d.D, av.data(), d.D);
     }
   });
 }
@@ -563,12 +582,15 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> flash_attn_bwd_cpu(
   constexpr const char* op = "cp_attention.flash_attn_bwd";
   const AttnDims d = check_attn_inputs(op, q, k, v, kv_mask, /*allow_double=*/true);
   check_bwd_inputs(op, d, dout, q, out, lse, dlse);
-  const bool f64 = q.scalar_type() == at::kDouble;
-  const auto acc = q.options().dtype(f64 ? at::kDouble : at::kFloat);
-  at::Tensor dq = at::zeros({d.B, d.Sq, d.H, d.D}, acc);
-  at::Tensor dk = at::zeros({d.B, d.Sk, d.Hkv, d.D}, acc);
-  at::Tensor dv = at::zeros({d.B, d.Sk, d.Hkv, d.D}, acc);
-  if (q.numel() > 0 && k.numel() > 0) {
+  // Gradients in q's dtype: the float32-accumulating kernels round their rows once as they write them.
+  const auto acc = q.options();
+  // The kernels write every element; with no query or no key, the gradients are zero.
+  const bool run = q.numel() > 0 && k.numel() > 0;
+  const auto make = [&](at::IntArrayRef size) { return run ? at::empty(size, acc) : at::zeros(size, acc); };
+  at::Tensor dq = make({d.B, d.Sq, d.H, d.D});
+  at::Tensor dk = make({d.B, d.Sk, d.Hkv, d.D});
+  at::Tensor dv = make({d.B, d.Sk, d.Hkv, d.D});
+  if (run) {
     const double s = scale.has_value() ? *scale : 1.0 / std::sqrt(static_cast<double>(d.D));
     switch (q.scalar_type()) {
       case at::kDouble: run_bwd<double, double>(d, dout, q, k, v, out, lse, dlse, s, causal, kv_mask, dq, dk, dv); break;
@@ -577,7 +599,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> flash_attn_bwd_cpu(
       default: run_bwd<at::BFloat16, float>(d, dout, q, k, v, out, lse, dlse, s, causal, kv_mask, dq, dk, dv); break;
     }
   }
-  return {dq.to(q.scalar_type()), dk.to(q.scalar_type()), dv.to(q.scalar_type())};
+  return {dq, dk, dv};
 }
 
 }  // namespace

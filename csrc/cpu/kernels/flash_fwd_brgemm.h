@@ -52,13 +52,15 @@ struct RowsProblem {
   int64_t Dp;      // the QK^T reduction length: D, rounded up to even for VNNI pairs
   int64_t bkp;     // the PV reduction length per block: bk (a multiple of 64, so even)
   int64_t nkb;     // key blocks
+  int64_t ldk;     // row stride of packed K^T, in words (bk + pad; bk in the backward's use)
+  int64_t lds;     // row stride of the scores S and of P, in elements (bk + pad)
   float scale2;    // scale * log2(e): scores go straight to the log2 domain
   bool causal;
   const bool* mask;
   int64_t mask_s0, mask_s1;
 };
 
-// K^T of key block (b, hk, jb) as brgemm's B operand, [Dp words][bk]: a word is one float32, or the VNNI
+// K^T of key block (b, hk, jb) as brgemm's B operand, [Dp words][ldk]: a word is one float32, or the VNNI
 // pair (d, d+1) of a 16-bit type, which is two adjacent elements of a key row. Either way the block is a
 // 32-bit transpose of the key rows, done with gathers; keys past the end and the pad dimension are zero.
 template <typename scalar_t>
@@ -77,14 +79,14 @@ void pack_k_block(const RowsProblem& p, const scalar_t* krow0, int64_t ks1, int6
     if (word_rows && rows > 0) {
       const int32_t* base = reinterpret_cast<const int32_t*>(krow0 + j * ks1);
       for (int64_t w = 0; w < full_words; ++w)
-        _mm512_storeu_si512(out + w * p.bk + j,
+        _mm512_storeu_si512(out + w * p.ldk + j,
                             _mm512_mask_i32gather_epi32(_mm512_setzero_si512(), m, idx, base + w, 4));
     } else {
-      for (int64_t w = 0; w < full_words; ++w) _mm512_storeu_si512(out + w * p.bk + j, _mm512_setzero_si512());
+      for (int64_t w = 0; w < full_words; ++w) _mm512_storeu_si512(out + w * p.ldk + j, _mm512_setzero_si512());
       for (int64_t r = 0; r < rows; ++r) {
         const scalar_t* row = krow0 + (j + r) * ks1;
         for (int64_t w = 0; w < full_words; ++w) {
-          scalar_t* pair = dst + (w * p.bk + j + r) * 2;
+          scalar_t* pair = dst + (w * p.ldk + j + r) * 2;
           pair[0] = row[2 * w];
           pair[1] = row[2 * w + 1];
         }
@@ -92,7 +94,7 @@ void pack_k_block(const RowsProblem& p, const scalar_t* krow0, int64_t ks1, int6
     }
     if (words > full_words) {  // odd D (16-bit types): the last word pairs element D-1 with a zero
       for (int64_t r = 0; r < 16; ++r) {
-        scalar_t* pair = dst + (full_words * p.bk + j + r) * 2;
+        scalar_t* pair = dst + (full_words * p.ldk + j + r) * 2;
         pair[0] = r < rows ? krow0[(j + r) * ks1 + p.D - 1] : scalar_t(0.f);
         pair[1] = scalar_t(0.f);
       }
@@ -141,8 +143,8 @@ struct RowsScratch {
   scalar_t *pb, *qpad;  // P as brgemm's A for 16-bit types [bq][bkp]; Q padded to Dp columns (odd D)
   std::vector<float> m, l, coef;
   explicit RowsScratch(const RowsProblem& p)
-      : s_(at::empty({p.bq * p.bk}, at::kFloat)), o_(at::empty({p.bq * p.D}, at::kFloat)),
-        p_(at::empty({kF32 ? 0 : p.bq * p.bkp}, c10::CppTypeToScalarType<scalar_t>::value)),
+      : s_(at::empty({p.bq * p.lds}, at::kFloat)), o_(at::empty({p.bq * p.D}, at::kFloat)),
+        p_(at::empty({kF32 ? 0 : p.bq * p.lds}, c10::CppTypeToScalarType<scalar_t>::value)),
         q_(at::empty({p.Dp != p.D ? p.bq * p.Dp : 0}, c10::CppTypeToScalarType<scalar_t>::value)),
         bias_(at::empty({p.bk}, at::kFloat)), m(p.bq), l(p.bq), coef(4 * p.bq) {
     s = s_.data_ptr<float>(), o = o_.data_ptr<float>(), bias = bias_.data_ptr<float>();
@@ -298,16 +300,16 @@ void attend_rows(const RowsProblem& p, const scalar_t* q, const int64_t* qs, con
       if (visible < nk) bias = w.bias;
     }
     const int64_t blk = (b * p.Hkv + hk) * p.nkb + jb;
-    const scalar_t* kb = kpack + blk * p.Dp * p.bk;
+    const scalar_t* kb = kpack + blk * p.Dp * p.ldk;
     const int64_t ncols = (nk + kNBlock - 1) / kNBlock * kNBlock;
     for (int64_t n = 0; n < ncols; n += kNBlock)
-      cpublas::brgemm(nq, kNBlock, p.Dp, lda, p.bk, p.bk, false, qa, kb + n * (kF32 ? 1 : 2), w.s + n, !kF32);
+      cpublas::brgemm(nq, kNBlock, p.Dp, lda, p.ldk, p.lds, false, qa, kb + n * (kF32 ? 1 : 2), w.s + n, !kF32);
     for (int64_t i = 0; i < nq; ++i) {
       // causal: query i0 + i sees keys j0 + j <= i0 + i + off
       const int64_t n = p.causal ? std::clamp<int64_t>(i0 + i + off - j0 + 1, 0, nk) : nk;
-      const float alpha = softmax_row<scalar_t>(w.s + i * p.bk, n, p.bkp, bias, p.scale2, w.m[i], w.l[i],
-                                                kF32 ? nullptr : w.pb + i * p.bkp);
-      if constexpr (kF32) std::fill(w.s + i * p.bk + n, w.s + i * p.bk + nk, 0.f);
+      const float alpha = softmax_row<scalar_t>(w.s + i * p.lds, n, p.bkp, bias, p.scale2, w.m[i], w.l[i],
+                                                kF32 ? nullptr : w.pb + i * p.lds);
+      if constexpr (kF32) std::fill(w.s + i * p.lds + n, w.s + i * p.lds + nk, 0.f);
       if (!first && alpha != 1.f) {
         float* orow = w.o + i * D;
         const __m512 va = _mm512_set1_ps(alpha);
@@ -325,9 +327,9 @@ void attend_rows(const RowsProblem& p, const scalar_t* q, const int64_t* qs, con
     for (int64_t n = 0; n < D; n += pv_block) {
       const int64_t cols = std::min(pv_block, D - n);
       if constexpr (kF32)
-        cpublas::brgemm(nq, cols, nk, p.bk, D, D, !first, w.s, vb + n, w.o + n, false);
+        cpublas::brgemm(nq, cols, nk, p.lds, D, D, !first, w.s, vb + n, w.o + n, false);
       else
-        cpublas::brgemm(nq, cols, p.bkp, p.bkp, D, D, !first, w.pb, vb + 2 * n, w.o + n, true);
+        cpublas::brgemm(nq, cols, p.bkp, p.lds, D, D, !first, w.pb, vb + 2 * n, w.o + n, true);
     }
     first = false;
   }
@@ -340,7 +342,7 @@ void run_rows(const RowsProblem& p, const at::Tensor& q, const at::Tensor& k, co
               const at::Tensor& out, const at::Tensor& lse, bool accumulate) {
   constexpr bool kF32 = std::is_same_v<scalar_t, float>;
   const auto dtype = c10::CppTypeToScalarType<scalar_t>::value;
-  at::Tensor kpack = at::empty({p.B * p.Hkv * p.nkb * p.Dp * p.bk}, q.options().dtype(dtype));
+  at::Tensor kpack = at::empty({p.B * p.Hkv * p.nkb * p.Dp * p.ldk}, q.options().dtype(dtype));
   at::Tensor vpack = at::empty({p.B * p.Hkv * p.nkb * p.bkp * p.D}, q.options().dtype(dtype));
   scalar_t* kp = kpack.data_ptr<scalar_t>();
   scalar_t* vp = vpack.data_ptr<scalar_t>();
@@ -351,7 +353,7 @@ void run_rows(const RowsProblem& p, const at::Tensor& q, const at::Tensor& k, co
       const int64_t b = t / (p.Hkv * p.nkb), hk = (t / p.nkb) % p.Hkv, j0 = (t % p.nkb) * p.bk;
       const int64_t nk = std::min(p.bk, p.Sk - j0);
       pack_k_block(p, kd + b * k.stride(0) + j0 * k.stride(1) + hk * k.stride(2), k.stride(1), nk,
-                   kp + t * p.Dp * p.bk);
+                   kp + t * p.Dp * p.ldk);
       pack_v_block(p, vd + b * v.stride(0) + j0 * v.stride(1) + hk * v.stride(2), v.stride(1), nk,
                    vp + t * p.bkp * p.D);
     }
@@ -395,6 +397,9 @@ void flash_fwd_brgemm(const at::Tensor& q, const at::Tensor& k, const at::Tensor
   while (p.bq > 32 && p.B * p.H * ((p.Sq + p.bq - 1) / p.bq) < 2 * threads) p.bq /= 2;
   p.bk = std::min<int64_t>(512, (std::max<int64_t>(p.Sk, 1) + kNBlock - 1) / kNBlock * kNBlock);
   p.bkp = p.bk;
+  // Rows padded by 64 bytes: at a row stride of 2 KiB (bk = 512) the products' rows share cache sets.
+  p.ldk = p.bk + 16;
+  p.lds = p.bk + 32;
   p.Dp = f32_dtype ? p.D : (p.D + 1) / 2 * 2;
   p.nkb = (p.Sk + p.bk - 1) / p.bk;
   p.scale2 = static_cast<float>(scale) * kLog2e;
