@@ -499,13 +499,17 @@ def make_parser(description: str) -> argparse.ArgumentParser:
                         "GPU time of calls queued back to back")
     p.add_argument("--cpu-isa", choices=sorted(_STAND_IN), default=None,
                    help="time both sides as on a CPU whose widest ISA is this one: our kernels held to that "
-                        "copy, torch's and oneDNN's to theirs (no AMX, no AVX-512 for avx2). A stand-in run "
-                        "on this CPU, recorded as such, not a measurement of such a CPU")
+                        "copy, torch's, oneDNN's and MKL's to theirs (no AMX, no AVX-512 for avx2). A "
+                        "stand-in run on this CPU, recorded as such, not a measurement of such a CPU")
     return p
 
 
-# --cpu-isa: (ATEN_CPU_CAPABILITY, what torch.backends.cpu.get_cpu_capability() says, ONEDNN_MAX_CPU_ISA).
-_STAND_IN = {"avx2": ("avx2", "AVX2", "AVX2"), "avx512": ("avx512", "AVX512", "AVX512_CORE_BF16")}
+# --cpu-isa: (ATEN_CPU_CAPABILITY, what torch.backends.cpu.get_cpu_capability() says, ONEDNN_MAX_CPU_ISA,
+# MKL_ENABLE_INSTRUCTIONS): torch's own kernels, oneDNN's (bf16 GEMMs, brgemm) and MKL's (fp32 GEMMs).
+_STAND_IN = {
+    "avx2": ("avx2", "AVX2", "AVX2", "AVX2"),
+    "avx512": ("avx512", "AVX512", "AVX512_CORE_BF16", "AVX512"),
+}
 _stand_in_isa: str | None = None
 
 
@@ -513,10 +517,11 @@ def _hold_to_isa(isa: str) -> None:
     """Holds torch, oneDNN and our dispatch to `isa`. torch and oneDNN read their limits once, from the
     environment, so the script runs again under it (os.execv) unless it already is."""
     global _stand_in_isa
-    aten, aten_name, onednn = _STAND_IN[isa]
-    if os.environ.get("ATEN_CPU_CAPABILITY") != aten or os.environ.get("ONEDNN_MAX_CPU_ISA") != onednn:
-        os.environ["ATEN_CPU_CAPABILITY"] = aten
-        os.environ["ONEDNN_MAX_CPU_ISA"] = onednn
+    want = dict(zip(("ATEN_CPU_CAPABILITY", "ONEDNN_MAX_CPU_ISA", "MKL_ENABLE_INSTRUCTIONS"),
+                    (_STAND_IN[isa][0], *_STAND_IN[isa][2:])))
+    aten_name = _STAND_IN[isa][1]
+    if any(os.environ.get(k) != v for k, v in want.items()):
+        os.environ.update(want)
         sys.stdout.flush()
         os.execv(sys.executable, [sys.executable, *sys.argv])
     got = torch.backends.cpu.get_cpu_capability()

@@ -352,8 +352,8 @@ inline void probs_block(const BwdF32& p, BwdScratch& w, const float* delta, int6
 // at head hk (dkv_heads = Hkv) or, with GQA, at head h of the per-head buffers (dkv_heads = H).
 template <typename scalar_t>
 void bwd_head(const BwdF32& p, const Rows<scalar_t>& q, const Rows<scalar_t>& k, const Rows<scalar_t>& v,
-              const Rows<scalar_t>& dout, const GradRows& dq, const GradRows& dk, const GradRows& dv, int64_t dkv_heads, int64_t b, int64_t h,
-              BwdScratch& w) {
+              const Rows<scalar_t>& dout, const GradRows& dq, const GradRows& dk, const GradRows& dv,
+              int64_t dkv_heads, int64_t b, int64_t h, BwdScratch& w) {
   const int64_t D = p.D, Dp = p.Dp, Sq = p.Sq, hk = h / (p.H / p.Hkv), off = p.Sk - p.Sq;
   const int64_t dkv_h = dkv_heads == p.H ? h : hk;
   float *qf = w.qf.get(), *dof = w.dof.get(), *dqf = w.dqf.get(), *lse = w.lse.get();

@@ -4,9 +4,9 @@
 // results (dq, dk, dv written through GradRows; per-head dK, dV summed over a GQA group afterwards).
 //
 // One task per (b, h); keys in blocks of 128 (outer), queries in blocks of 128 (inner): of the block sizes
-// timed, the five products ran fastest at 128 x 128. Keys are the rows of
-// every per-block matrix, so that P^T and dS^T, which two of the five products take as their A operand,
-// come out of the element-wise pass as stored, with the queries on the vector axis:
+// timed, the five products ran fastest at 128 x 128. Keys are the rows of every per-block matrix, so that
+// P^T and dS^T, which two of the five products take as their A operand, come out of the element-wise pass
+// as stored, with the queries on the vector axis:
 //   S^T = K_j Q_i^T, dP^T = V_j dO_i^T                       (A: K_j, V_j rows as stored)
 //   P^T = 2^(scale2 S^T - lse2), dS^T = scale P^T (dP^T - Delta)
 //   dV_j += P^T dO_i, dK_j += dS^T Q_i, dQ_i^T += K_j^T dS^T  (dQ kept transposed, [D][kBQ] per query block)
@@ -45,7 +45,8 @@ inline void store_split(__m512 x, scalar_t* hi, scalar_t* lo) {
 // Per-thread buffers of one head (Sqp = Sq rounded up to kBQ; D even), 64-byte aligned.
 template <typename scalar_t>
 struct BwdBrScratch {
-  BufferOf<scalar_t> qt, dot, qv, dov;  // Q^T, dO^T per query block (VNNI [D/2][kBQ][2]); Q, dO (VNNI [kBQ/2][D][2])
+  BufferOf<scalar_t> qt, dot, qv, dov;  // Q^T, dO^T per query block (VNNI [D/2][kBQ][2]);
+                                        // Q, dO (VNNI [kBQ/2][D][2])
   BufferOf<scalar_t> kt;                // K_j^T [D][kBK] plain rows (A of dQ^T)
   BufferOf<scalar_t> pt, dst, dsv;      // P^T, dS^T [kBK][kBQ]; dS^T as VNNI [kBK/2][kBQ][2] (B of dQ^T)
   BufferOf<scalar_t> dstl, dsvl;        // the same of what rounding dS to the dtype left over (x - hi)
@@ -54,12 +55,13 @@ struct BwdBrScratch {
                                         // put its rows in the same cache sets: 1.6x slower products)
   Buffer lse2, delta, sum;              // per query [Sqp]
   BwdBrScratch(int64_t Sqp, int64_t D)
-      : qt(make_buffer<scalar_t>(Sqp * D)), dot(make_buffer<scalar_t>(Sqp * D)), qv(make_buffer<scalar_t>(Sqp * D)),
-        dov(make_buffer<scalar_t>(Sqp * D)), kt(make_buffer<scalar_t>(D * kBK)), pt(make_buffer<scalar_t>(kBK * kBQ)),
-        dst(make_buffer<scalar_t>(kBK * kBQ)), dsv(make_buffer<scalar_t>(kBK * kBQ)),
-        dstl(make_buffer<scalar_t>(kBK * kBQ)), dsvl(make_buffer<scalar_t>(kBK * kBQ)), s(make_buffer(kBK * kBQ)),
-        dp(make_buffer(kBK * kBQ)), dkf(make_buffer(kBK * D)), dvf(make_buffer(kBK * D)), dqt(make_buffer(D * Sqp)),
-        lse2(make_buffer(Sqp)), delta(make_buffer(Sqp)), sum(make_buffer(Sqp)) {}
+      : qt(make_buffer<scalar_t>(Sqp * D)), dot(make_buffer<scalar_t>(Sqp * D)),
+        qv(make_buffer<scalar_t>(Sqp * D)), dov(make_buffer<scalar_t>(Sqp * D)), kt(make_buffer<scalar_t>(D * kBK)),
+        pt(make_buffer<scalar_t>(kBK * kBQ)), dst(make_buffer<scalar_t>(kBK * kBQ)),
+        dsv(make_buffer<scalar_t>(kBK * kBQ)), dstl(make_buffer<scalar_t>(kBK * kBQ)),
+        dsvl(make_buffer<scalar_t>(kBK * kBQ)), s(make_buffer(kBK * kBQ)), dp(make_buffer(kBK * kBQ)),
+        dkf(make_buffer(kBK * D)), dvf(make_buffer(kBK * D)), dqt(make_buffer(D * Sqp)), lse2(make_buffer(Sqp)),
+        delta(make_buffer(Sqp)), sum(make_buffer(Sqp)) {}
 };
 
 // The element-wise pass of one (key block, query block): key rows r < nk, query lanes. Masked keys (bias
@@ -124,8 +126,8 @@ void probs_rows(const BwdF32& p, BwdBrScratch<scalar_t>& w, const float* bias, i
 
 template <typename scalar_t>
 void bwd_head_brgemm(const BwdF32& p, const Rows<scalar_t>& q, const Rows<scalar_t>& k, const Rows<scalar_t>& v,
-                     const Rows<scalar_t>& dout, const GradRows& dq, const GradRows& dk, const GradRows& dv, int64_t dkv_heads, int64_t b,
-                     int64_t h, BwdBrScratch<scalar_t>& w) {
+                     const Rows<scalar_t>& dout, const GradRows& dq, const GradRows& dk, const GradRows& dv,
+                     int64_t dkv_heads, int64_t b, int64_t h, BwdBrScratch<scalar_t>& w) {
   const int64_t D = p.D, Sq = p.Sq, Sqp = round_up(Sq, kBQ), hk = h / (p.H / p.Hkv), off = p.Sk - p.Sq;
   const int64_t dkv_h = dkv_heads == p.H ? h : hk;
   RowsProblem rp{};  // the forward's packers, for blocks of kBQ query rows
