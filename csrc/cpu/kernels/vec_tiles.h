@@ -65,6 +65,8 @@ inline void micro_tile(int64_t K, const float* A, int64_t a_rs, int64_t a_ks, co
     CPA_TILE_ROWS(CPA_LOAD)
 #undef CPA_LOAD
   }
+  // Unrolled, so that the loop's own counter and address updates do not compete with the FMAs.
+#pragma GCC unroll 4
   for (int64_t k = 0; k < K; ++k) {
     const Vec b0 = Vec::loadu(B + k * ldb);
     const Vec b1 = Vec::loadu(B + k * ldb + kVecLen);
