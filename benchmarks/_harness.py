@@ -224,24 +224,23 @@ def geomean(values: Sequence[float]) -> float:
 
 
 # ------------------------------------------------------------------------------------- environment
-def _cpu_model() -> str:
+def _cpuinfo(field: str) -> str | None:
+    """The value of the first /proc/cpuinfo line for `field` ("model name", "flags", "cpu MHz"), or None."""
     try:
         for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
+            if line.startswith(field):
                 return line.split(":", 1)[1].strip()
     except OSError:
         pass
-    return platform.processor() or platform.machine() or "cpu"
+    return None
+
+
+def _cpu_model() -> str:
+    return _cpuinfo("model name") or platform.processor() or platform.machine() or "cpu"
 
 
 def _cpu_flags() -> set[str]:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("flags"):
-                return set(line.split(":", 1)[1].split())
-    except OSError:
-        pass
-    return set()
+    return set((_cpuinfo("flags") or "").split())
 
 
 def device_name(device: torch.device | str = "cpu") -> str:
@@ -283,12 +282,9 @@ def _build_info() -> dict | str | None:
 
 def _cpu_mhz() -> float | None:
     try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("cpu MHz"):
-                return float(line.split(":", 1)[1])
-    except (OSError, ValueError):
-        pass
-    return None
+        return float(_cpuinfo("cpu MHz"))
+    except (TypeError, ValueError):  # no such line, or not a number
+        return None
 
 
 # Per core and cycle, by the ISA copy of our CPU kernels that runs (cp_attention.build_info()["cpu_isa"]):
@@ -504,22 +500,22 @@ def make_parser(description: str) -> argparse.ArgumentParser:
     return p
 
 
-# --cpu-isa: (ATEN_CPU_CAPABILITY, what torch.backends.cpu.get_cpu_capability() says, ONEDNN_MAX_CPU_ISA,
-# MKL_ENABLE_INSTRUCTIONS): torch's own kernels, oneDNN's (bf16 GEMMs, brgemm) and MKL's (fp32 GEMMs).
+# --cpu-isa: the environment that holds torch's own kernels, oneDNN's (bf16 GEMMs, brgemm) and MKL's (fp32
+# GEMMs) to an ISA, and what torch.backends.cpu.get_cpu_capability() then says.
 _STAND_IN = {
-    "avx2": ("avx2", "AVX2", "AVX2", "AVX2"),
-    "avx512": ("avx512", "AVX512", "AVX512_CORE_BF16", "AVX512"),
+    "avx2": ({"ATEN_CPU_CAPABILITY": "avx2", "ONEDNN_MAX_CPU_ISA": "AVX2", "MKL_ENABLE_INSTRUCTIONS": "AVX2"},
+             "AVX2"),
+    "avx512": ({"ATEN_CPU_CAPABILITY": "avx512", "ONEDNN_MAX_CPU_ISA": "AVX512_CORE_BF16",
+                "MKL_ENABLE_INSTRUCTIONS": "AVX512"}, "AVX512"),
 }
 _stand_in_isa: str | None = None
 
 
 def _hold_to_isa(isa: str) -> None:
-    """Holds torch, oneDNN and our dispatch to `isa`. torch and oneDNN read their limits once, from the
+    """Holds torch, oneDNN, MKL and our dispatch to `isa`. The libraries read their limits once, from the
     environment, so the script runs again under it (os.execv) unless it already is."""
     global _stand_in_isa
-    want = dict(zip(("ATEN_CPU_CAPABILITY", "ONEDNN_MAX_CPU_ISA", "MKL_ENABLE_INSTRUCTIONS"),
-                    (_STAND_IN[isa][0], *_STAND_IN[isa][2:])))
-    aten_name = _STAND_IN[isa][1]
+    want, aten_name = _STAND_IN[isa]
     if any(os.environ.get(k) != v for k, v in want.items()):
         os.environ.update(want)
         sys.stdout.flush()

@@ -43,11 +43,16 @@ class Target(NamedTuple):
         return f"{self.device}-{self.backend}" + (f"[{self.cpu_isa}]" if self.cpu_isa else "")
 
 
-def narrower_cpu_isas() -> list[str]:
-    """The ISA copies of our CPU kernels below the one this CPU runs, all of which it can run too."""
+def runnable_cpu_isas() -> list[str]:
+    """The ISA copies of our CPU kernels this CPU can run: the one dispatch picks and those below it."""
     info = cp_attention.build_info()
     built = list(info["cpu_isas"])
-    return built[: built.index(info["cpu_isa"])]
+    return built[: built.index(info["cpu_isa"]) + 1]
+
+
+def narrower_cpu_isas() -> list[str]:
+    """The ISA copies of our CPU kernels below the one this CPU runs, all of which it can run too."""
+    return runnable_cpu_isas()[:-1]
 
 
 def cpu_targets() -> list[Target]:

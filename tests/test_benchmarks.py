@@ -14,19 +14,11 @@ import time
 
 import pytest
 import torch
+from conftest import runnable_cpu_isas
 
-import cp_attention
 from cp_attention import kernel_variants as kv
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-
-
-def _cpu_flags() -> set[str]:
-    with open("/proc/cpuinfo") as f:
-        for line in f:
-            if line.startswith("flags"):
-                return set(line.split(":", 1)[1].split())
-    return set()
 
 
 QUICK_BENCHMARKS = ["bench_flash_fwd.py", "bench_a2a_pack.py", "bench_merge.py", "bench_host_overhead.py"]
@@ -367,7 +359,7 @@ def test_flash_bwd_benchmark_quick_mode_runs():
 def test_cpu_isa_stand_in_holds_both_sides(tmp_path):
     # --cpu-isa avx2 reruns the benchmark with torch and oneDNN held to AVX2 and our dispatch to the avx2
     # copy, and records it: the JSON names the stand-in, our copy and the AVX2 peak (no AMX figure).
-    if "avx2" not in cp_attention.build_info()["cpu_isas"] or "avx2" not in _cpu_flags():
+    if "avx2" not in runnable_cpu_isas():
         pytest.skip("no avx2 copy, or a CPU without AVX2")
     script = os.path.join(ROOT, "benchmarks", "bench_flash_fwd.py")
     proc = subprocess.run([sys.executable, script, "--quick", "--no-acc", "--cpu-isa", "avx2", "--out-dir",

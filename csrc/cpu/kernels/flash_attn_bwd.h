@@ -263,13 +263,16 @@ struct BwdScratch {
 struct GradRows {
   void* p;
   at::ScalarType dtype;
-  explicit GradRows(const at::Tensor& t) : p(t.data_ptr()), dtype(t.scalar_type()) {}
+  explicit GradRows(const at::Tensor& t) : p(t.data_ptr()), dtype(t.scalar_type()) {
+    TORCH_CHECK(dtype == at::kFloat || dtype == at::kBFloat16 || dtype == at::kHalf,
+                "GradRows: float32, bfloat16 or float16 gradients, got ", dtype);
+  }
   // n floats into the output from element `offset` on.
   void put(int64_t offset, const float* src, int64_t n) const {
     switch (dtype) {
       case at::kFloat: std::copy_n(src, n, static_cast<float*>(p) + offset); break;
       case at::kBFloat16: at::vec::convert(src, static_cast<at::BFloat16*>(p) + offset, n); break;
-      default: at::vec::convert(src, static_cast<at::Half*>(p) + offset, n); break;
+      default: at::vec::convert(src, static_cast<at::Half*>(p) + offset, n); break;  // kHalf (checked)
     }
   }
 };
@@ -583,10 +586,11 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> flash_attn_bwd_cpu(
   const AttnDims d = check_attn_inputs(op, q, k, v, kv_mask, /*allow_double=*/true);
   check_bwd_inputs(op, d, dout, q, out, lse, dlse);
   // Gradients in q's dtype: the float32-accumulating kernels round their rows once as they write them.
-  const auto acc = q.options();
   // The kernels write every element; with no query or no key, the gradients are zero.
   const bool run = q.numel() > 0 && k.numel() > 0;
-  const auto make = [&](at::IntArrayRef size) { return run ? at::empty(size, acc) : at::zeros(size, acc); };
+  const auto make = [&](at::IntArrayRef size) {
+    return run ? at::empty(size, q.options()) : at::zeros(size, q.options());
+  };
   at::Tensor dq = make({d.B, d.Sq, d.H, d.D});
   at::Tensor dk = make({d.B, d.Sk, d.Hkv, d.D});
   at::Tensor dv = make({d.B, d.Sk, d.Hkv, d.D});

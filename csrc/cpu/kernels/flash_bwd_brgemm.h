@@ -11,8 +11,8 @@
 //   P^T = 2^(scale2 S^T - lse2), dS^T = scale P^T (dP^T - Delta)
 //   dV_j += P^T dO_i, dK_j += dS^T Q_i, dQ_i^T += K_j^T dS^T  (dQ kept transposed, [D][kBQ] per query block)
 // P is rounded to the inputs' dtype for dV += P^T dO, as GPU kernels do; dS goes into dK and dQ as two
-// 16-bit parts (store_split), which keeps those within the float32 math path's error bound. Delta comes as the float32
-// kernel's does (run_bwd): for half inputs a first sweep sums p * dp exactly.
+// 16-bit parts (store_split), which keeps those within the float32 math path's error bound. Delta comes as
+// the float32 kernel's does (run_bwd): for half inputs a first sweep sums p * dp exactly.
 #include "cpu/kernels/flash_fwd_brgemm.h"
 
 namespace cp_attention::cpu::CPA_ISA {
