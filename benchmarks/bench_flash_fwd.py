@@ -119,12 +119,12 @@ def shapes_for(quick: bool, device: torch.device) -> list[Shape]:
 # the cp.async wgmma kernel, "cuda_tma_free" the TMA one without the turns (what the turns buy).
 OP_VARIANTS = {"cuda_sm90_cp": "sm90", "cuda_tma_free": "sm90_tma_no_pingpong"}
 # On the CPU, the two forward kernels that "default" chooses between (csrc/cpu/dispatch.cpp): the panel
-# kernel of the CPU's ISA copy and, on CPUs with AMX, the oneDNN brgemm kernel.
+# kernel of the CPU's ISA copy and, on CPUs with AVX2 or more, the oneDNN brgemm kernel.
 CPU_VARIANTS = {"cpu_panels": "panels", "cpu_brgemm": "brgemm"}
 
 
 def cpu_variant_runs(variant: str) -> bool:
-    """Whether the CPU op takes this variant on this machine (brgemm needs AMX)."""
+    """Whether the CPU op takes this variant on this machine (brgemm needs AVX2)."""
     q = torch.zeros(1, 1, 1, 16)
     try:
         ops.flash_attn_fwd(q, q, q, 1.0, False, None, variant)

@@ -234,7 +234,7 @@ def flash_attn(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, scale: floa
         kv_mask: bool [B, Sk], True = attend (a key-padding mask).
         return_lse: also return the LSE.
         backend: "auto" (fastest available for the device and inputs: auto_backend), "cpu" (our C++ kernel,
-            the widest ISA copy this CPU has: AMX/oneDNN brgemm, AVX-512, AVX2 or generic), "cuda" (our
+            the widest ISA copy this CPU has: AMX, AVX-512, AVX2 or generic), "cuda" (our
             CUDA kernel that a GPU run has shown right: float16/bfloat16 on tensor cores by mma.sync, float32
             on a simple kernel), "triton" (our Triton kernel with its pointer-load tiles: CUDA, or the CPU
             under TRITON_INTERPRET=1), "aten" (torch's best LSE-returning kernel, normalized to this

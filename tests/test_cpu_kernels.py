@@ -7,6 +7,8 @@ Every copy this CPU can run also passes the whole attention, chunking, merge and
 
 from __future__ import annotations
 
+import contextlib
+import math
 import re
 import shutil
 import subprocess
@@ -14,7 +16,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import make_kv_mask, narrower_cpu_isas, randn
+from conftest import make_kv_mask, narrower_cpu_isas, randn, runnable_cpu_isas
 from reference import check_attention, merge_math_path, same_dtype_math_path
 
 import cp_attention
@@ -46,9 +48,20 @@ def _expected_isa(flags: set[str]) -> str:
     return "amx" if amx else "avx512" if avx512 else "avx2" if avx2 else "generic"
 
 
-def _variants() -> list[str]:
-    """The forward variants this CPU runs: brgemm only on the AMX copy."""
-    return ["default", "panels"] + (["brgemm"] if cp_attention.build_info()["cpu_isa"] == "amx" else [])
+def _copy_variants() -> list:
+    """(ISA copy, forward variant) for every copy this CPU runs: brgemm is in every copy but the generic one
+    (float32 there; 16-bit types on the AMX copy only)."""
+    return [pytest.param(isa, v, id=f"{isa}-{v}") for isa in runnable_cpu_isas()
+            for v in ["default", "panels"] + (["brgemm"] if isa != "generic" else [])]
+
+
+@contextlib.contextmanager
+def _copy(isa: str):
+    _C._limit_cpu_isa(isa)
+    try:
+        yield
+    finally:
+        _C._limit_cpu_isa("")
 
 
 @pytest.mark.skipif(not Path("/proc/cpuinfo").exists(), reason="needs /proc/cpuinfo to know the CPU")
@@ -87,21 +100,21 @@ def test_unknown_variant_is_rejected():
             call()
 
 
-def test_brgemm_variant_needs_the_amx_copy():
-    q = torch.zeros(1, 4, 2, 8)
-    if cp_attention.build_info()["cpu_isa"] != "amx":
-        with pytest.raises(ValueError, match=r"variant 'brgemm' needs a CPU with AMX tiles"):
-            ops.flash_attn_fwd(q, q, q, None, False, None, "brgemm")
-        return
-    ops.flash_attn_fwd(q, q, q, None, False, None, "brgemm")
-    _C._limit_cpu_isa("avx512")
-    try:
-        with pytest.raises(ValueError, match=r"variant 'brgemm' needs a CPU with AMX tiles and AVX512-BF16 "
-                                             r"\(amx_tile, amx_bf16, avx512_bf16\); this CPU runs the "
-                                             r"'avx512' kernels"):
-            ops.flash_attn_fwd(q, q, q, None, False, None, "brgemm")
-    finally:
-        _C._limit_cpu_isa("")
+@pytest.mark.parametrize("isa", runnable_cpu_isas())
+def test_brgemm_variant_is_in_every_copy_but_the_generic_one(isa):
+    # Every dtype: on AMX tiles of the type where the amx copy has them, else on float32 products.
+    with _copy(isa):
+        for dtype in DTYPES:
+            q = torch.ones(1, 4, 2, 8, dtype=dtype)
+            if isa == "generic":
+                with pytest.raises(ValueError, match=r"variant 'brgemm' needs a CPU with AVX2 \(avx2, fma, "
+                                                     r"f16c\); this CPU runs the 'generic' kernels"):
+                    ops.flash_attn_fwd(q, q, q, None, False, None, "brgemm")
+            else:
+                out, lse = ops.flash_attn_fwd(q, q, q, None, False, None, "brgemm")
+                # Four equal scores of 8 / sqrt(8): the mean of V, and lse = sqrt(8) + log(4).
+                assert torch.equal(out, q)
+                torch.testing.assert_close(lse, torch.full_like(lse, math.sqrt(8) + math.log(4)))
 
 
 def _inputs(case, dtype, seed):
@@ -113,36 +126,28 @@ def _inputs(case, dtype, seed):
     return q, k, v, kv_mask, causal
 
 
-def _runs(variant: str, dtype: torch.dtype) -> bool:
-    try:
-        ops.flash_attn_fwd(torch.zeros(1, 1, 1, 2, dtype=dtype), torch.zeros(1, 1, 1, 2, dtype=dtype),
-                           torch.zeros(1, 1, 1, 2, dtype=dtype), None, False, None, variant)
-    except ValueError:
-        return False
-    return True
-
-
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
-@pytest.mark.parametrize("variant", _variants())
+@pytest.mark.parametrize("isa,variant", _copy_variants())
 @pytest.mark.parametrize("case", CASES, ids=CASE_IDS)
-def test_variant_forward_matches_reference(case, variant, dtype):
-    if not _runs(variant, dtype):
-        pytest.skip(f"variant {variant!r} has no {dtype} kernel on this CPU (oneDNN's brgemm needs AMX tiles "
-                    "of the type)")
-    q, k, v, kv_mask, causal = _inputs(case, dtype, seed=sum(case[:6]))
-    out, lse = ops.flash_attn_fwd(q, k, v, None, causal, kv_mask, variant)
+def test_variant_forward_matches_reference(case, isa, variant, dtype):
+    with _copy(isa):
+        q, k, v, kv_mask, causal = _inputs(case, dtype, seed=sum(case[:6]))
+        out, lse = ops.flash_attn_fwd(q, k, v, None, causal, kv_mask, variant)
     check_attention(out, lse, q, k, v, causal=causal, kv_mask=kv_mask)
 
 
 @pytest.mark.parametrize("state_dtype", ["float32", "q"])
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
-@pytest.mark.parametrize("variant", _variants())
+@pytest.mark.parametrize("isa,variant", _copy_variants())
 @pytest.mark.parametrize("case", [c for c in CASES if not c[6]], ids=[i for c, i in zip(CASES, CASE_IDS)
                                                                        if not c[6]])
-def test_variant_fused_step_matches_reference(case, variant, dtype, state_dtype):
+def test_variant_fused_step_matches_reference(case, isa, variant, dtype, state_dtype):
     # Three chunks of keys (one empty) merged into a NaN-poisoned empty state: the whole attention.
-    if not _runs(variant, dtype):
-        pytest.skip(f"variant {variant!r} has no {dtype} kernel on this CPU")
+    with _copy(isa):
+        _fused_step_matches_reference(case, isa, variant, dtype, state_dtype)
+
+
+def _fused_step_matches_reference(case, isa, variant, dtype, state_dtype):
     q, k, v, kv_mask, _ = _inputs(case, dtype, seed=3 + sum(case[:6]))
     B, Sq, Sk, H, Hkv, D = case[:6]
     sdt = torch.float32 if state_dtype == "float32" else dtype

@@ -59,23 +59,24 @@ int widest_supported() {
 }
 
 // Which forward "default" runs where the brgemm kernel can: it outran the panel kernel and torch's CPU
-// flash attention in float32 and bfloat16, side by side in benchmarks/bench_flash_fwd.py on an AMX Xeon
-// (benchmarks/results/flash_fwd-intel-*.json). float16 needs AMX-FP16, which no machine it ran on had: opt-in.
-bool brgemm_by_default(at::ScalarType dtype) { return dtype == at::kFloat || dtype == at::kBFloat16; }
+// flash attention side by side in benchmarks/bench_flash_fwd.py (benchmarks/results/flash_fwd-intel-*.json):
+// bfloat16 on AMX tiles on an AMX Xeon; float32, and 16-bit inputs on float32 products, there and with that
+// Xeon held to AVX-512 and to AVX2. float16 on AMX-FP16 tiles has run on no machine yet: opt-in.
+bool brgemm_by_default(const KernelTable& t, at::ScalarType dtype) {
+  return !(dtype == at::kHalf && t.brgemm_tiles(dtype));
+}
 
 FwdFn pick_fwd(const char* op, c10::string_view variant, at::ScalarType dtype) {
   const KernelTable& t = kernels();
   if (variant == "default") {
-    if (t.fwd_brgemm != nullptr && brgemm_by_default(dtype) && t.brgemm_runs(dtype)) return t.fwd_brgemm;
+    if (t.fwd_brgemm != nullptr && brgemm_by_default(t, dtype)) return t.fwd_brgemm;
     return t.fwd_panels;
   }
   if (variant == "panels") return t.fwd_panels;
   if (variant == "brgemm") {
     TORCH_CHECK_VALUE(t.fwd_brgemm != nullptr, op,
-                      ": variant 'brgemm' needs a CPU with AMX tiles and AVX512-BF16 (amx_tile, amx_bf16, "
-                      "avx512_bf16); this CPU runs the '", t.isa, "' kernels");
-    TORCH_CHECK_VALUE(t.brgemm_runs(dtype), op, ": variant 'brgemm' has no ", dtype,
-                      " kernel on this CPU (oneDNN's brgemm needs AMX tiles of that type); use 'panels'");
+                      ": variant 'brgemm' needs a CPU with AVX2 (avx2, fma, f16c); this CPU runs the '", t.isa,
+                      "' kernels");
     return t.fwd_brgemm;
   }
   TORCH_CHECK_VALUE(false, op, ": variant must be 'default', 'panels' or 'brgemm' on the CPU, got '", variant,

@@ -7,6 +7,7 @@
 #define CPU_CAPABILITY_AVX512
 #define CPA_VEC_FLOATS 16
 #define CPA_WITH_BRGEMM
+#define CPA_WITH_AMX
 // GCC's target pragma does not define the ISA's feature macros, which Sleef's header (under at::vec)
 // reads to declare its vector functions: define them for this copy.
 #define __AVX__ 1

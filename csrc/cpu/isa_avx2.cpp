@@ -6,6 +6,7 @@
 #define CPU_CAPABILITY AVX2
 #define CPU_CAPABILITY_AVX2
 #define CPA_VEC_FLOATS 8
+#define CPA_WITH_BRGEMM
 // GCC's target pragma does not define the ISA's feature macros, which Sleef's header (under at::vec)
 // reads to declare its vector functions: define them for this copy.
 #define __AVX__ 1

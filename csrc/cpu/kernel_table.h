@@ -27,8 +27,8 @@ using MergeInplaceFn = void (*)(const at::Tensor& out, const at::Tensor& lse, co
 struct KernelTable {
   const char* isa;                          // "generic", "avx2", "avx512" or "amx"
   FwdFn fwd_panels;                         // queries on the vector axis (kernels/flash_attn_fwd.h)
-  FwdFn fwd_brgemm;                         // oneDNN brgemm (kernels/flash_fwd_brgemm.h); AMX copy only
-  bool (*brgemm_runs)(at::ScalarType);      // whether fwd_brgemm takes this dtype here; AMX copy only
+  FwdFn fwd_brgemm;                         // oneDNN brgemm (kernels/flash_fwd_brgemm.h); not in generic
+  bool (*brgemm_tiles)(at::ScalarType);     // whether fwd_brgemm runs this dtype on AMX tiles here
   BwdFn bwd;
   MergeFn merge;
   MergeInplaceFn merge_inplace;

@@ -1,5 +1,7 @@
 // The body of every cpu/isa_*.cpp, after it has defined CPA_ISA (the namespace of its copy), CPU_CAPABILITY
-// (at::vec's), CPA_VEC_FLOATS (the float32 lanes of that vector) and, for its ISA, a `#pragma GCC target`.
+// (at::vec's), CPA_VEC_FLOATS (the float32 lanes of that vector) and, for its ISA, a `#pragma GCC target`;
+// CPA_WITH_BRGEMM adds the brgemm forward (float32 on AVX2 and up) and CPA_WITH_AMX its 16-bit types and
+// the AMX backward.
 #pragma once
 
 #include <ATen/cpu/vec/functional.h>
@@ -11,8 +13,10 @@ static_assert(at::vec::Vectorized<float>::size() == CPA_VEC_FLOATS,
 #include "cpu/kernels/flash_attn_bwd.h"
 #include "cpu/kernels/flash_attn_fwd.h"
 #include "cpu/kernels/merge_attn_states.h"
-#ifdef CPA_WITH_BRGEMM
+#ifdef CPA_WITH_AMX
 #include "cpu/kernels/flash_bwd_brgemm.h"
+#endif
+#ifdef CPA_WITH_BRGEMM
 #include "cpu/kernels/flash_fwd_brgemm.h"
 #endif
 
@@ -25,7 +29,7 @@ const KernelTable* table() {
                              &flash_fwd_panels,
 #ifdef CPA_WITH_BRGEMM
                              &flash_fwd_brgemm,
-                             &brgemm_runs,
+                             &brgemm_tiles,
 #else
                              nullptr,
                              nullptr,

@@ -28,7 +28,7 @@
 
 namespace cp_attention::cpu::CPA_ISA {
 
-#ifdef CPA_WITH_BRGEMM
+#ifdef CPA_WITH_AMX
 // The AMX copy's backward for 16-bit inputs (flash_bwd_brgemm.h).
 template <typename scalar_t>
 bool bwd_brgemm_runs(const AttnDims& d);
@@ -519,7 +519,7 @@ void run_bwd(const AttnDims& d, const at::Tensor& dout, const at::Tensor& q, con
     });
   }
   if constexpr (std::is_same_v<acc_t, float>) {
-#ifdef CPA_WITH_BRGEMM
+#ifdef CPA_WITH_AMX
     if (bwd_brgemm_runs<scalar_t>(d)) {
       run_bwd_brgemm<scalar_t>(d, dout, q, k, v, lse_a, delta, delta_from_p, scale, causal, kv_mask, dq, dk, dv);
       return;

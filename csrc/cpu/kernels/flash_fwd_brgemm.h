@@ -1,8 +1,11 @@
 #pragma once
 // Flash-attention forward on oneDNN's batch-reduce GEMM micro-kernel (at::native::cpublas::brgemm, the one
-// torch's own CPU flash attention calls): AMX tiles for bfloat16/float16 where the CPU has them, AVX-512
-// FMAs for float32. Compiled in the AMX translation unit only (cpu/isa_amx.cpp: AVX-512 with BF16), and
-// called only where oneDNN reports AMX (brgemm_runs), so its AVX-512 softmax always has the ISA it needs.
+// torch's own CPU flash attention calls). Two routes for the products:
+// - float32 products on oneDNN's FMA kernels for AVX2 or AVX-512, in the avx2, avx512 and amx copies. 16-bit
+//   inputs take this route too where there are no AMX tiles of their type: K, V and each block of Q are
+//   converted to float32 as they are packed (K and V packs then take twice the memory of K and V).
+// - 16-bit products on AMX tiles, in the amx copy only (CPA_WITH_AMX), where oneDNN reports tiles of the
+//   type (brgemm_tiles).
 //
 // Queries are rows here (the panel kernel of flash_attn_fwd.h puts them on the vector axis): one task is
 // (batch, head, block of bq queries); per block of bk keys it computes S = Q K^T with brgemm, the online
@@ -25,26 +28,64 @@ namespace cpublas = at::native::cpublas;
 constexpr float kLog2e = 1.4426950408889634f;
 constexpr float kLn2 = 0.6931471805599453f;
 constexpr int64_t kNBlock = 64;  // brgemm output columns per call: oneDNN's AMX kernels favour N <= 64
+#ifdef CPA_WITH_AMX
+constexpr bool kWith16Bit = true;
+#else
+constexpr bool kWith16Bit = false;
+#endif
 
-// 2^x for x <= 0, with 2^-inf = 0. x = n + f with n = round(x), |f| <= 1/2; 2^f from its degree-6 Taylor
-// polynomial (relative error about 1e-7 on that interval), scaled by 2^n with vscalefps. Clamping x at -160
-// sends masked scores (-inf) to exactly 0 (2^-160 is below the smallest float32) instead of NaN.
-inline __m512 exp2_nonpositive(__m512 x) {
-  x = _mm512_max_ps(x, _mm512_set1_ps(-160.f));
-  const __m512 n = _mm512_roundscale_ps(x, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
-  const __m512 f = _mm512_sub_ps(x, n);
-  __m512 p = _mm512_set1_ps(1.5403530393381606e-4f);  // ln2^6 / 6!
-  p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(1.3333558146428443e-3f));
-  p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(9.618129107628477e-3f));
-  p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(5.550410866482158e-2f));
-  p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(0.2402265069591007f));
-  p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(0.6931471805599453f));
-  p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(1.f));
-  return _mm512_scalef_ps(p, n);
+// 2^f for |f| <= 1/2 from its degree-6 Taylor polynomial (relative error about 1e-7 on that interval).
+inline Vec exp2_reduced(const Vec& f) {
+  Vec p(1.5403530393381606e-4f);  // ln2^6 / 6!
+  p = at::vec::fmadd(p, f, Vec(1.3333558146428443e-3f));
+  p = at::vec::fmadd(p, f, Vec(9.618129107628477e-3f));
+  p = at::vec::fmadd(p, f, Vec(5.550410866482158e-2f));
+  p = at::vec::fmadd(p, f, Vec(0.2402265069591007f));
+  p = at::vec::fmadd(p, f, Vec(0.6931471805599453f));
+  return at::vec::fmadd(p, f, Vec(1.f));
 }
 
+// 2^x for x <= 0, with 2^-inf = 0: x = n + f with n = round(x), 2^f from exp2_reduced, scaled by 2^n.
+// Masked scores (-inf) give exactly 0, not NaN.
+#if CPA_VEC_FLOATS == 16
+// AVX-512 scales by 2^n with vscalefps; clamping x at -160 sends -inf to 0 (2^-160 is below every float32).
+inline Vec exp2_nonpositive(const Vec& xv) {
+  const __m512 x = _mm512_max_ps(xv, _mm512_set1_ps(-160.f));
+  const __m512 n = _mm512_roundscale_ps(x, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+  return Vec(_mm512_scalef_ps(exp2_reduced(Vec(_mm512_sub_ps(x, n))), n));
+}
+inline Vec max_raw(const Vec& a, const Vec& b) { return Vec(_mm512_max_ps(a, b)); }
+inline float reduce_max(const Vec& v) { return _mm512_reduce_max_ps(v); }
+inline float reduce_add(const Vec& v) { return _mm512_reduce_add_ps(v); }
+#else
+// AVX2 builds 2^n in the exponent bits, for n >= -126 (a normal float); x below -126 gives 0 (2^x < 2^-126
+// is a denormal, negligible beside the row's maximum term, 1).
+inline Vec exp2_nonpositive(const Vec& xv) {
+  const __m256 lo = _mm256_set1_ps(-126.f);
+  const __m256 tiny = _mm256_cmp_ps(xv, lo, _CMP_LT_OQ);
+  const __m256 x = _mm256_max_ps(xv, lo);
+  const __m256 n = _mm256_round_ps(x, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+  const __m256i bits = _mm256_slli_epi32(_mm256_add_epi32(_mm256_cvtps_epi32(n), _mm256_set1_epi32(127)), 23);
+  const __m256 y = _mm256_mul_ps(exp2_reduced(Vec(_mm256_sub_ps(x, n))), _mm256_castsi256_ps(bits));
+  return Vec(_mm256_andnot_ps(tiny, y));
+}
+inline Vec max_raw(const Vec& a, const Vec& b) { return Vec(_mm256_max_ps(a, b)); }
+inline float reduce_max(const Vec& v) {
+  const __m128 h = _mm_max_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
+  const __m128 q = _mm_max_ps(h, _mm_movehl_ps(h, h));
+  return _mm_cvtss_f32(_mm_max_ss(q, _mm_movehdup_ps(q)));
+}
+inline float reduce_add(const Vec& v) {
+  const __m128 h = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
+  const __m128 q = _mm_add_ps(h, _mm_movehl_ps(h, h));
+  return _mm_cvtss_f32(_mm_add_ss(q, _mm_movehdup_ps(q)));
+}
+#endif
+
+#ifdef CPA_WITH_AMX
 inline __mmask16 tail16(int64_t n) { return n >= 16 ? 0xffff : static_cast<__mmask16>((1u << n) - 1); }
 inline __mmask32 tail32(int64_t n) { return n >= 32 ? 0xffffffffu : static_cast<__mmask32>((1u << n) - 1); }
+#endif
 
 struct RowsProblem {
   int64_t B, Sq, Sk, H, Hkv, D;
@@ -62,57 +103,75 @@ struct RowsProblem {
 
 // K^T of key block (b, hk, jb) as brgemm's B operand, [Dp words][ldk]: a word is one float32, or the VNNI
 // pair (d, d+1) of a 16-bit type, which is two adjacent elements of a key row. Either way the block is a
-// 32-bit transpose of the key rows, done with gathers; keys past the end and the pad dimension are zero.
-template <typename scalar_t>
-void pack_k_block(const RowsProblem& p, const scalar_t* krow0, int64_t ks1, int64_t nk, scalar_t* dst) {
-  constexpr bool kF32 = std::is_same_v<scalar_t, float>;
-  const int64_t full_words = kF32 ? p.D : p.D / 2;  // words made of two real elements
-  const int64_t words = kF32 ? p.D : p.Dp / 2;
-  int32_t* out = reinterpret_cast<int32_t*>(dst);
-  const bool word_rows = kF32 || ks1 % 2 == 0;  // rows start on a word boundary: gather words
-  const int64_t stride_words = kF32 ? ks1 : ks1 / 2;
-  const __m512i lane = _mm512_set_epi32(15, 14, 13, 12, 11, 10, 9, 8, 7, 6, 5, 4, 3, 2, 1, 0);
-  const __m512i idx = _mm512_mullo_epi32(lane, _mm512_set1_epi32(static_cast<int32_t>(stride_words)));
-  for (int64_t j = 0; j < p.bk; j += 16) {
-    const int64_t rows = std::clamp<int64_t>(nk - j, 0, 16);
-    const __mmask16 m = tail16(rows);
-    if (word_rows && rows > 0) {
-      const int32_t* base = reinterpret_cast<const int32_t*>(krow0 + j * ks1);
-      for (int64_t w = 0; w < full_words; ++w)
-        _mm512_storeu_si512(out + w * p.ldk + j,
-                            _mm512_mask_i32gather_epi32(_mm512_setzero_si512(), m, idx, base + w, 4));
-    } else {
-      for (int64_t w = 0; w < full_words; ++w) _mm512_storeu_si512(out + w * p.ldk + j, _mm512_setzero_si512());
-      for (int64_t r = 0; r < rows; ++r) {
-        const scalar_t* row = krow0 + (j + r) * ks1;
-        for (int64_t w = 0; w < full_words; ++w) {
-          scalar_t* pair = dst + (w * p.ldk + j + r) * 2;
-          pair[0] = row[2 * w];
-          pair[1] = row[2 * w + 1];
+// 32-bit transpose of the key rows (with gathers on AVX-512 where nothing is converted); keys past the end
+// and the pad dimension are zero.
+template <typename src_t, typename mm_t>
+void pack_k_block(const RowsProblem& p, const src_t* krow0, int64_t ks1, int64_t nk, mm_t* dst) {
+#if CPA_VEC_FLOATS == 16
+  if constexpr (std::is_same_v<src_t, mm_t>) {
+    constexpr bool kF32 = std::is_same_v<mm_t, float>;
+    const int64_t full_words = kF32 ? p.D : p.D / 2;  // words made of two real elements
+    const int64_t words = kF32 ? p.D : p.Dp / 2;
+    int32_t* out = reinterpret_cast<int32_t*>(dst);
+    const bool word_rows = kF32 || ks1 % 2 == 0;  // rows start on a word boundary: gather words
+    const int64_t stride_words = kF32 ? ks1 : ks1 / 2;
+    const __m512i lane = _mm512_set_epi32(15, 14, 13, 12, 11, 10, 9, 8, 7, 6, 5, 4, 3, 2, 1, 0);
+    const __m512i idx = _mm512_mullo_epi32(lane, _mm512_set1_epi32(static_cast<int32_t>(stride_words)));
+    for (int64_t j = 0; j < p.bk; j += 16) {
+      const int64_t rows = std::clamp<int64_t>(nk - j, 0, 16);
+      const __mmask16 m = rows >= 16 ? 0xffff : static_cast<__mmask16>((1u << rows) - 1);
+      if (word_rows && rows > 0) {
+        const int32_t* base = reinterpret_cast<const int32_t*>(krow0 + j * ks1);
+        for (int64_t w = 0; w < full_words; ++w)
+          _mm512_storeu_si512(out + w * p.ldk + j,
+                              _mm512_mask_i32gather_epi32(_mm512_setzero_si512(), m, idx, base + w, 4));
+      } else {
+        for (int64_t w = 0; w < full_words; ++w) _mm512_storeu_si512(out + w * p.ldk + j, _mm512_setzero_si512());
+        for (int64_t r = 0; r < rows; ++r) {
+          const src_t* row = krow0 + (j + r) * ks1;
+          for (int64_t w = 0; w < full_words; ++w) {
+            mm_t* pair = dst + (w * p.ldk + j + r) * 2;
+            pair[0] = row[2 * w];
+            pair[1] = row[2 * w + 1];
+          }
+        }
+      }
+      if (words > full_words) {  // odd D (16-bit types): the last word pairs element D-1 with a zero
+        for (int64_t r = 0; r < 16; ++r) {
+          mm_t* pair = dst + (full_words * p.ldk + j + r) * 2;
+          pair[0] = r < rows ? krow0[(j + r) * ks1 + p.D - 1] : mm_t(0.f);
+          pair[1] = mm_t(0.f);
         }
       }
     }
-    if (words > full_words) {  // odd D (16-bit types): the last word pairs element D-1 with a zero
-      for (int64_t r = 0; r < 16; ++r) {
-        scalar_t* pair = dst + (full_words * p.ldk + j + r) * 2;
-        pair[0] = r < rows ? krow0[(j + r) * ks1 + p.D - 1] : scalar_t(0.f);
-        pair[1] = scalar_t(0.f);
+  } else
+#endif
+  {
+    static_assert(std::is_same_v<mm_t, float>, "16-bit products are built into the amx copy only");
+    for (int64_t j = 0; j < p.bk; j += 8) {  // 8 keys at a time: 32 contiguous bytes of each packed row
+      const int64_t rows = std::clamp<int64_t>(nk - j, 0, 8);
+      for (int64_t d = 0; d < p.D; ++d) {
+        float* o = dst + d * p.ldk + j;
+        for (int64_t r = 0; r < 8; ++r) o[r] = r < rows ? static_cast<float>(krow0[(j + r) * ks1 + d]) : 0.f;
       }
     }
   }
 }
 
-// V of key block (b, hk, jb) as brgemm's B operand of P V: [bk][D] float32 rows, or for 16-bit types VNNI
-// [bk / 2][D][2] (keys 2r and 2r+1 interleaved), zero past the last key.
-template <typename scalar_t>
-void pack_v_block(const RowsProblem& p, const scalar_t* vrow0, int64_t vs1, int64_t nk, scalar_t* dst) {
+// V of key block (b, hk, jb) as brgemm's B operand of P V: [bk][D] float32 rows, or for 16-bit products
+// VNNI [bk / 2][D][2] (keys 2r and 2r+1 interleaved), zero past the last key.
+template <typename src_t, typename mm_t>
+void pack_v_block(const RowsProblem& p, const src_t* vrow0, int64_t vs1, int64_t nk, mm_t* dst) {
   const int64_t D = p.D;
-  if constexpr (std::is_same_v<scalar_t, float>) {
+  if constexpr (std::is_same_v<mm_t, float>) {
     for (int64_t j = 0; j < p.bkp; ++j) {
-      if (j < nk) std::memcpy(dst + j * D, vrow0 + j * vs1, D * sizeof(float));
-      else std::memset(dst + j * D, 0, D * sizeof(float));
+      if (j >= nk) std::memset(dst + j * D, 0, D * sizeof(float));
+      else if constexpr (std::is_same_v<src_t, float>) std::memcpy(dst + j * D, vrow0 + j * vs1, D * sizeof(float));
+      else for (int64_t d = 0; d < D; ++d) dst[j * D + d] = static_cast<float>(vrow0[j * vs1 + d]);
     }
   } else {
+#ifdef CPA_WITH_AMX
+    static_assert(std::is_same_v<src_t, mm_t>);
     // Lanes 0..31 of the result interleave elements 0..15 of rows a and b; lanes 32..63 elements 16..31.
     const __m512i lo = _mm512_set_epi16(47, 15, 46, 14, 45, 13, 44, 12, 43, 11, 42, 10, 41, 9, 40, 8, 39, 7, 38,
                                         6, 37, 5, 36, 4, 35, 3, 34, 2, 33, 1, 32, 0);
@@ -131,26 +190,48 @@ void pack_v_block(const RowsProblem& p, const scalar_t* vrow0, int64_t vs1, int6
         if (2 * n > 32) _mm512_mask_storeu_epi16(o + 2 * d + 32, tail32(2 * n - 32), _mm512_permutex2var_epi16(xa, hi, xb));
       }
     }
+#else
+    static_assert(std::is_same_v<mm_t, float>, "16-bit products are built into the amx copy only");
+#endif
   }
 }
 
-// Per-thread scratch.
-template <typename scalar_t>
+// Per-thread scratch; mm_t is the products' input type.
+template <typename scalar_t, typename mm_t>
 struct RowsScratch {
-  static constexpr bool kF32 = std::is_same_v<scalar_t, float>;
+  static constexpr bool kF32 = std::is_same_v<mm_t, float>;
   at::Tensor s_, o_, p_, q_, bias_;
   float *s, *o, *bias;  // S [bq][bk] (float32 P in place), O [bq][D], per-key mask bias [bk] (0 or -inf)
-  scalar_t *pb, *qpad;  // P as brgemm's A for 16-bit types [bq][bkp]; Q padded to Dp columns (odd D)
+  mm_t *pb, *qpad;      // P as brgemm's A for 16-bit products [bq][bkp]; Q as A, converted or padded [bq][Dp]
   std::vector<float> m, l, coef;
   explicit RowsScratch(const RowsProblem& p)
       : s_(at::empty({p.bq * p.lds}, at::kFloat)), o_(at::empty({p.bq * p.D}, at::kFloat)),
-        p_(at::empty({kF32 ? 0 : p.bq * p.lds}, c10::CppTypeToScalarType<scalar_t>::value)),
-        q_(at::empty({p.Dp != p.D ? p.bq * p.Dp : 0}, c10::CppTypeToScalarType<scalar_t>::value)),
+        p_(at::empty({kF32 ? 0 : p.bq * p.lds}, c10::CppTypeToScalarType<mm_t>::value)),
+        q_(at::empty({p.Dp != p.D || !std::is_same_v<scalar_t, mm_t> ? p.bq * p.Dp : 0},
+                     c10::CppTypeToScalarType<mm_t>::value)),
         bias_(at::empty({p.bk}, at::kFloat)), m(p.bq), l(p.bq), coef(4 * p.bq) {
     s = s_.data_ptr<float>(), o = o_.data_ptr<float>(), bias = bias_.data_ptr<float>();
-    pb = p_.data_ptr<scalar_t>(), qpad = q_.data_ptr<scalar_t>();
+    pb = p_.data_ptr<mm_t>(), qpad = q_.data_ptr<mm_t>();
   }
 };
+
+// P's values e[0, count) of one row: float32 in place in the row of S, or rounded to the 16-bit type.
+template <typename scalar_t>
+inline void store_p(const Vec& e, float* row, scalar_t* prow, int64_t count) {
+  if constexpr (std::is_same_v<scalar_t, float>) {
+    e.store(row, count);
+  } else {
+#ifdef CPA_WITH_AMX
+    const __mmask16 t = tail16(count);
+    if constexpr (std::is_same_v<scalar_t, at::BFloat16>)
+      _mm256_mask_storeu_epi16(prow, t, (__m256i)_mm512_cvtneps_pbh(e));
+    else
+      _mm256_mask_storeu_epi16(prow, t, _mm512_cvtps_ph(e, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC));
+#else
+    static_assert(std::is_same_v<scalar_t, float>, "the 16-bit brgemm forward is built into the amx copy only");
+#endif
+  }
+}
 
 // Online softmax of one row of S for keys [0, n): scales to the log2 domain (adding the mask bias),
 // updates the row's max m and sum l, writes P (float32 in place, or 16-bit into prow, zero up to bkp) and
@@ -158,36 +239,32 @@ struct RowsScratch {
 template <typename scalar_t>
 inline float softmax_row(float* row, int64_t n, int64_t bkp, const float* bias, float scale2, float& m, float& l,
                          scalar_t* prow) {
-  const __m512 vs = _mm512_set1_ps(scale2);
-  __m512 vmax = _mm512_set1_ps(kNegInf);
-  for (int64_t j = 0; j < n; j += 16) {
-    const __mmask16 t = tail16(n - j);
-    __m512 x = _mm512_mul_ps(_mm512_maskz_loadu_ps(t, row + j), vs);
-    if (bias) x = _mm512_add_ps(x, _mm512_maskz_loadu_ps(t, bias + j));
-    _mm512_mask_storeu_ps(row + j, t, x);
-    vmax = _mm512_mask_max_ps(vmax, t, vmax, x);
+  constexpr int64_t V = Vec::size();
+  const Vec vs(scale2), neg_inf(kNegInf);
+  Vec vmax = neg_inf;
+  for (int64_t j = 0; j < n; j += V) {
+    const int64_t c = std::min(V, n - j);
+    Vec x = Vec::loadu(row + j, c) * vs;
+    if (bias) x = x + Vec::loadu(bias + j, c);
+    x.store(row + j, c);
+    vmax = max_raw(vmax, c == V ? x : Vec::set(neg_inf, x, c));
   }
-  const float m_new = std::max(m, _mm512_reduce_max_ps(vmax));
+  const float m_new = std::max(m, reduce_max(vmax));
   // A row that has seen no visible key keeps m = -inf; exponentiate against 0 so that its scores (-inf)
   // give 0 rather than NaN from (-inf) - (-inf).
   const float m_use = m_new == kNegInf ? 0.f : m_new;
-  const __m512 vm = _mm512_set1_ps(m_use);
-  __m512 sum = _mm512_setzero_ps();
-  for (int64_t j = 0; j < n; j += 16) {
-    const __mmask16 t = tail16(n - j);
-    const __m512 e = _mm512_maskz_mov_ps(t, exp2_nonpositive(_mm512_sub_ps(_mm512_maskz_loadu_ps(t, row + j), vm)));
-    sum = _mm512_add_ps(sum, e);
-    if constexpr (std::is_same_v<scalar_t, float>) {
-      _mm512_mask_storeu_ps(row + j, t, e);
-    } else if constexpr (std::is_same_v<scalar_t, at::BFloat16>) {
-      _mm256_mask_storeu_epi16(prow + j, t, (__m256i)_mm512_cvtneps_pbh(e));
-    } else {
-      _mm256_mask_storeu_epi16(prow + j, t, _mm512_cvtps_ph(e, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC));
-    }
+  const Vec vm(m_use);
+  Vec sum(0.f);
+  for (int64_t j = 0; j < n; j += V) {
+    const int64_t c = std::min(V, n - j);
+    Vec e = exp2_nonpositive(Vec::loadu(row + j, c) - vm);
+    if (c < V) e = Vec::set(Vec(0.f), e, c);
+    sum = sum + e;
+    store_p<scalar_t>(e, row + j, prow + j, c);
   }
   if constexpr (!std::is_same_v<scalar_t, float>) std::fill(prow + n, prow + bkp, scalar_t(0.f));
   const float alpha = m == kNegInf ? 0.f : std::exp2(m - m_use);
-  l = l * alpha + _mm512_reduce_add_ps(sum);
+  l = l * alpha + reduce_add(sum);
   m = m_new;
   return alpha;
 }
@@ -264,21 +341,27 @@ void write_block(const Sink<out_t>& sink, int64_t b, int64_t h, int64_t i0, int6
   }
 }
 
-template <typename scalar_t, typename out_t>
-void attend_rows(const RowsProblem& p, const scalar_t* q, const int64_t* qs, const scalar_t* kpack,
-                 const scalar_t* vpack, int64_t b, int64_t h, int64_t i0, RowsScratch<scalar_t>& w,
-                 const Sink<out_t>& sink) {
-  constexpr bool kF32 = std::is_same_v<scalar_t, float>;
+template <typename scalar_t, typename mm_t, typename out_t>
+void attend_rows(const RowsProblem& p, const scalar_t* q, const int64_t* qs, const mm_t* kpack, const mm_t* vpack,
+                 int64_t b, int64_t h, int64_t i0, RowsScratch<scalar_t, mm_t>& w, const Sink<out_t>& sink) {
+  constexpr bool kF32 = std::is_same_v<mm_t, float>;
   const int64_t D = p.D, nq = std::min(p.bq, p.Sq - i0), hk = h / (p.H / p.Hkv);
   const int64_t off = p.Sk - p.Sq;  // causal: query i sees key j iff j <= i + off
-  const scalar_t* qa = q + b * qs[0] + i0 * qs[1] + h * qs[2];
+  const scalar_t* q0 = q + b * qs[0] + i0 * qs[1] + h * qs[2];
+  const mm_t* qa;
   int64_t lda = qs[1];
-  if (p.Dp != D) {  // odd D, 16-bit: brgemm's VNNI reduction needs an even length; pad Q with a zero column
+  if constexpr (!std::is_same_v<scalar_t, mm_t>) {  // 16-bit inputs on float32 products: convert the block
+    for (int64_t i = 0; i < nq; ++i)
+      for (int64_t d = 0; d < D; ++d) w.qpad[i * D + d] = static_cast<float>(q0[i * qs[1] + d]);
+    qa = w.qpad, lda = D;
+  } else if (p.Dp != D) {  // odd D, 16-bit products: VNNI reduces in pairs; pad Q with a zero column
     for (int64_t i = 0; i < nq; ++i) {
-      std::copy_n(qa + i * qs[1], D, w.qpad + i * p.Dp);
-      w.qpad[i * p.Dp + D] = scalar_t(0.f);
+      std::copy_n(q0 + i * qs[1], D, w.qpad + i * p.Dp);
+      w.qpad[i * p.Dp + D] = mm_t(0.f);
     }
     qa = w.qpad, lda = p.Dp;
+  } else {
+    qa = q0;
   }
   std::fill_n(w.m.data(), nq, kNegInf);
   std::fill_n(w.l.data(), nq, 0.f);
@@ -300,27 +383,27 @@ void attend_rows(const RowsProblem& p, const scalar_t* q, const int64_t* qs, con
       if (visible < nk) bias = w.bias;
     }
     const int64_t blk = (b * p.Hkv + hk) * p.nkb + jb;
-    const scalar_t* kb = kpack + blk * p.Dp * p.ldk;
+    const mm_t* kb = kpack + blk * p.Dp * p.ldk;
     const int64_t ncols = (nk + kNBlock - 1) / kNBlock * kNBlock;
     for (int64_t n = 0; n < ncols; n += kNBlock)
       cpublas::brgemm(nq, kNBlock, p.Dp, lda, p.ldk, p.lds, false, qa, kb + n * (kF32 ? 1 : 2), w.s + n, !kF32);
     for (int64_t i = 0; i < nq; ++i) {
       // causal: query i0 + i sees keys j0 + j <= i0 + i + off
       const int64_t n = p.causal ? std::clamp<int64_t>(i0 + i + off - j0 + 1, 0, nk) : nk;
-      const float alpha = softmax_row<scalar_t>(w.s + i * p.lds, n, p.bkp, bias, p.scale2, w.m[i], w.l[i],
+      const float alpha = softmax_row<mm_t>(w.s + i * p.lds, n, p.bkp, bias, p.scale2, w.m[i], w.l[i],
                                                 kF32 ? nullptr : w.pb + i * p.lds);
       if constexpr (kF32) std::fill(w.s + i * p.lds + n, w.s + i * p.lds + nk, 0.f);
       if (!first && alpha != 1.f) {
         float* orow = w.o + i * D;
-        const __m512 va = _mm512_set1_ps(alpha);
-        for (int64_t d = 0; d < D; d += 16) {
-          const __mmask16 t = tail16(D - d);
-          _mm512_mask_storeu_ps(orow + d, t, _mm512_mul_ps(_mm512_maskz_loadu_ps(t, orow + d), va));
+        const Vec va(alpha);
+        for (int64_t d = 0; d < D; d += Vec::size()) {
+          const int64_t c = std::min<int64_t>(Vec::size(), D - d);
+          (Vec::loadu(orow + d, c) * va).store(orow + d, c);
         }
       }
     }
     if (sink.accumulate) prefetch_state_rows(sink, b, h, i0, nq, D, jb, p.nkb);
-    const scalar_t* vb = vpack + blk * p.bkp * D;
+    const mm_t* vb = vpack + blk * p.bkp * D;
     // O's columns in blocks of 64 where D splits evenly, else in one call (a narrow tail block, 8 columns
     // for D = 72, runs far below the kernel's rate).
     const int64_t pv_block = D % kNBlock == 0 ? kNBlock : D;
@@ -337,15 +420,15 @@ void attend_rows(const RowsProblem& p, const scalar_t* q, const int64_t* qs, con
   write_block(sink, b, h, i0, nq, w.o, D, w.m.data(), w.l.data(), w.coef.data());
 }
 
-template <typename scalar_t, typename out_t>
+template <typename scalar_t, typename mm_t, typename out_t>
 void run_rows(const RowsProblem& p, const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
               const at::Tensor& out, const at::Tensor& lse, bool accumulate) {
-  constexpr bool kF32 = std::is_same_v<scalar_t, float>;
-  const auto dtype = c10::CppTypeToScalarType<scalar_t>::value;
+  constexpr bool kF32 = std::is_same_v<mm_t, float>;
+  const auto dtype = c10::CppTypeToScalarType<mm_t>::value;
   at::Tensor kpack = at::empty({p.B * p.Hkv * p.nkb * p.Dp * p.ldk}, q.options().dtype(dtype));
   at::Tensor vpack = at::empty({p.B * p.Hkv * p.nkb * p.bkp * p.D}, q.options().dtype(dtype));
-  scalar_t* kp = kpack.data_ptr<scalar_t>();
-  scalar_t* vp = vpack.data_ptr<scalar_t>();
+  mm_t* kp = kpack.data_ptr<mm_t>();
+  mm_t* vp = vpack.data_ptr<mm_t>();
   const scalar_t* kd = k.const_data_ptr<scalar_t>();
   const scalar_t* vd = v.const_data_ptr<scalar_t>();
   at::parallel_for(0, p.B * p.Hkv * p.nkb, 1, [&](int64_t begin, int64_t end) {
@@ -365,12 +448,12 @@ void run_rows(const RowsProblem& p, const at::Tensor& q, const at::Tensor& k, co
   const scalar_t* qd = q.const_data_ptr<scalar_t>();
   const int64_t nqb = (p.Sq + p.bq - 1) / p.bq;
   at::parallel_for(0, p.B * p.H * nqb, 1, [&](int64_t begin, int64_t end) {
-    RowsScratch<scalar_t> w(p);
+    RowsScratch<scalar_t, mm_t> w(p);
     for (int64_t t = begin; t < end; ++t) {
       const int64_t bh = t / nqb, r = t % nqb;
       // Causal: interleave first and last query blocks so each thread's contiguous range is balanced.
       const int64_t qb = p.causal ? ((r % 2 == 0) ? r / 2 : nqb - 1 - r / 2) : r;
-      attend_rows<scalar_t, out_t>(p, qd, qs, kp, vp, bh / p.H, bh % p.H, qb * p.bq, w, sink);
+      attend_rows<scalar_t, mm_t, out_t>(p, qd, qs, kp, vp, bh / p.H, bh % p.H, qb * p.bq, w, sink);
     }
     cpublas::brgemm_release(!kF32);
   });
@@ -378,16 +461,18 @@ void run_rows(const RowsProblem& p, const at::Tensor& q, const at::Tensor& k, co
 
 }  // namespace
 
-// Whether flash_fwd_brgemm runs inputs of this dtype here: oneDNN's micro-kernel for 16-bit types needs
-// AMX tiles of the type (could_pack tells); float32 runs on the AVX-512 FMAs.
-bool brgemm_runs(at::ScalarType dtype) { return dtype == at::kFloat || cpublas::could_pack(dtype); }
+// Whether flash_fwd_brgemm runs 16-bit inputs of this dtype on AMX tiles here (oneDNN's could_pack tells),
+// rather than on float32 products.
+bool brgemm_tiles(at::ScalarType dtype) {
+  return kWith16Bit && dtype != at::kFloat && cpublas::could_pack(dtype);
+}
 
 // As flash_fwd_panels (flash_attn_fwd.h): the forward into checked, allocated out/lse, or the fused ring
 // step into them when `accumulate`.
 void flash_fwd_brgemm(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, const at::Tensor& out,
                       const at::Tensor& lse, double scale, bool causal, const std::optional<at::Tensor>& kv_mask,
                       bool accumulate) {
-  const bool f32_dtype = q.scalar_type() == at::kFloat;
+  const bool tiles = brgemm_tiles(q.scalar_type());
   RowsProblem p{};
   p.B = q.size(0), p.Sq = q.size(1), p.Sk = k.size(1), p.H = q.size(2), p.Hkv = k.size(2), p.D = q.size(3);
   // Measured with torch's block sizes as the starting point: 256 queries x 512 keys per step for long
@@ -400,7 +485,7 @@ void flash_fwd_brgemm(const at::Tensor& q, const at::Tensor& k, const at::Tensor
   // Rows padded by 64 bytes: at a row stride of 2 KiB (bk = 512) the products' rows share cache sets.
   p.ldk = p.bk + 16;
   p.lds = p.bk + 32;
-  p.Dp = f32_dtype ? p.D : (p.D + 1) / 2 * 2;
+  p.Dp = tiles ? (p.D + 1) / 2 * 2 : p.D;
   p.nkb = (p.Sk + p.bk - 1) / p.bk;
   p.scale2 = static_cast<float>(scale) * kLog2e;
   p.causal = causal;
@@ -410,7 +495,12 @@ void flash_fwd_brgemm(const at::Tensor& q, const at::Tensor& k, const at::Tensor
     p.mask_s1 = kv_mask->stride(1);
   }
   with_fwd_types(q, out, [&]<typename scalar_t, typename out_t>() {
-    run_rows<scalar_t, out_t>(p, q, k, v, out, lse, accumulate);
+    if constexpr (std::is_same_v<scalar_t, float> || !kWith16Bit) {
+      run_rows<scalar_t, float, out_t>(p, q, k, v, out, lse, accumulate);
+    } else {
+      if (tiles) run_rows<scalar_t, scalar_t, out_t>(p, q, k, v, out, lse, accumulate);
+      else run_rows<scalar_t, float, out_t>(p, q, k, v, out, lse, accumulate);
+    }
   });
 }
 
