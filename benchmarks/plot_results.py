@@ -46,7 +46,8 @@ def import_pyplot():
 
 
 def newest(results_dir: Path, pattern: str, device: str | None = None) -> tuple[Path, dict] | None:
-    """The newest result file matching `pattern` (by its recorded UTC date), optionally on one device type."""
+    """The newest result file matching `pattern` (by its recorded UTC date), optionally on one device type;
+    stand-in runs (`--cpu-isa`) are left out."""
     found = []
     for path in results_dir.glob(pattern):
         if path.name.endswith(".tmp.json"):
@@ -55,6 +56,8 @@ def newest(results_dir: Path, pattern: str, device: str | None = None) -> tuple[
         env = data.get("environment", {})
         if device is not None and env.get("device") != device:
             continue
+        if env.get("stand_in_cpu_isa"):
+            continue  # a --cpu-isa run: this CPU held to a narrower ISA, not a measurement of the machine
         found.append((env.get("date_utc", ""), path.name, path, data))
     if not found:
         return None

@@ -50,7 +50,7 @@ def _expected_isa(flags: set[str]) -> str:
 
 def _copy_variants() -> list:
     """(ISA copy, forward variant) for every copy this CPU runs: brgemm is in every copy but the generic one
-    (float32 there; 16-bit types on the AMX copy only)."""
+    (16-bit inputs on AMX tiles in the amx copy, else on float32 products)."""
     return [pytest.param(isa, v, id=f"{isa}-{v}") for isa in runnable_cpu_isas()
             for v in ["default", "panels"] + (["brgemm"] if isa != "generic" else [])]
 
