@@ -1,4 +1,4 @@
-// The CPU kernels compiled for AVX-512 with BF16, plus the oneDNN brgemm forward that runs on AMX tiles. cpu/dispatch.cpp runs this copy only on a CPU that has it.
+// The CPU kernels compiled for AVX-512 with BF16, the oneDNN brgemm forward with its AMX tiles for 16-bit inputs, and the AMX backward. cpu/dispatch.cpp runs this copy only on a CPU that has it.
 #include "cpu/isa_prelude.h"
 
 #if CP_ATTENTION_ISA_COPIES

@@ -1,4 +1,4 @@
-// The CPU kernels compiled for AVX-512 (F, BW, VL, DQ) with AVX2, FMA and F16C. cpu/dispatch.cpp runs this copy only on a CPU that has it.
+// The CPU kernels compiled for AVX-512 (F, BW, VL, DQ) with AVX2, FMA and F16C, the brgemm forward on float32 products included. cpu/dispatch.cpp runs this copy only on a CPU that has it.
 #include "cpu/isa_prelude.h"
 
 #if CP_ATTENTION_ISA_COPIES

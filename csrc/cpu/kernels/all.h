@@ -1,7 +1,7 @@
 // The body of every cpu/isa_*.cpp, after it has defined CPA_ISA (the namespace of its copy), CPU_CAPABILITY
 // (at::vec's), CPA_VEC_FLOATS (the float32 lanes of that vector) and, for its ISA, a `#pragma GCC target`;
-// CPA_WITH_BRGEMM adds the brgemm forward (float32 on AVX2 and up) and CPA_WITH_AMX its 16-bit types and
-// the AMX backward.
+// CPA_WITH_BRGEMM adds the brgemm forward (float32 products, AVX2 and up) and CPA_WITH_AMX its 16-bit
+// products on AMX tiles and the AMX backward.
 #pragma once
 
 #include <ATen/cpu/vec/functional.h>
