@@ -143,11 +143,6 @@ def test_variant_forward_matches_reference(case, isa, variant, dtype):
                                                                        if not c[6]])
 def test_variant_fused_step_matches_reference(case, isa, variant, dtype, state_dtype):
     # Three chunks of keys (one empty) merged into a NaN-poisoned empty state: the whole attention.
-    with _copy(isa):
-        _fused_step_matches_reference(case, isa, variant, dtype, state_dtype)
-
-
-def _fused_step_matches_reference(case, isa, variant, dtype, state_dtype):
     q, k, v, kv_mask, _ = _inputs(case, dtype, seed=3 + sum(case[:6]))
     B, Sq, Sk, H, Hkv, D = case[:6]
     sdt = torch.float32 if state_dtype == "float32" else dtype
@@ -157,7 +152,8 @@ def _fused_step_matches_reference(case, isa, variant, dtype, state_dtype):
     cuts = [0, Sk // 3, Sk // 3, Sk]
     for s, e in zip(cuts, cuts[1:]):
         mc = None if kv_mask is None else kv_mask[:, s:e]
-        ops.flash_attn_fwd_acc_(q, k[:, s:e], v[:, s:e], acc, acc_lse, None, False, mc, variant)
+        with _copy(isa):
+            ops.flash_attn_fwd_acc_(q, k[:, s:e], v[:, s:e], acc, acc_lse, None, False, mc, variant)
         part = same_dtype_math_path(q.float(), k[:, s:e].float(), v[:, s:e].float(), kv_mask=mc)
         base_out, base_lse = merge_math_path(*base, *part)
         base = base_out.to(sdt), base_lse

@@ -55,6 +55,7 @@ inline Vec exp2_nonpositive(const Vec& xv) {
   return Vec(_mm512_scalef_ps(exp2_reduced(Vec(_mm512_sub_ps(x, n))), n));
 }
 inline Vec max_raw(const Vec& a, const Vec& b) { return Vec(_mm512_max_ps(a, b)); }
+inline __mmask16 tail16(int64_t n) { return n >= 16 ? 0xffff : static_cast<__mmask16>((1u << n) - 1); }
 inline float reduce_max(const Vec& v) { return _mm512_reduce_max_ps(v); }
 inline float reduce_add(const Vec& v) { return _mm512_reduce_add_ps(v); }
 #else
@@ -83,7 +84,6 @@ inline float reduce_add(const Vec& v) {
 #endif
 
 #ifdef CPA_WITH_AMX
-inline __mmask16 tail16(int64_t n) { return n >= 16 ? 0xffff : static_cast<__mmask16>((1u << n) - 1); }
 inline __mmask32 tail32(int64_t n) { return n >= 32 ? 0xffffffffu : static_cast<__mmask32>((1u << n) - 1); }
 #endif
 
@@ -119,7 +119,7 @@ void pack_k_block(const RowsProblem& p, const src_t* krow0, int64_t ks1, int64_t
     const __m512i idx = _mm512_mullo_epi32(lane, _mm512_set1_epi32(static_cast<int32_t>(stride_words)));
     for (int64_t j = 0; j < p.bk; j += 16) {
       const int64_t rows = std::clamp<int64_t>(nk - j, 0, 16);
-      const __mmask16 m = rows >= 16 ? 0xffff : static_cast<__mmask16>((1u << rows) - 1);
+      const __mmask16 m = tail16(rows);
       if (word_rows && rows > 0) {
         const int32_t* base = reinterpret_cast<const int32_t*>(krow0 + j * ks1);
         for (int64_t w = 0; w < full_words; ++w)
@@ -495,12 +495,10 @@ void flash_fwd_brgemm(const at::Tensor& q, const at::Tensor& k, const at::Tensor
     p.mask_s1 = kv_mask->stride(1);
   }
   with_fwd_types(q, out, [&]<typename scalar_t, typename out_t>() {
-    if constexpr (std::is_same_v<scalar_t, float> || !kWith16Bit) {
-      run_rows<scalar_t, float, out_t>(p, q, k, v, out, lse, accumulate);
-    } else {
-      if (tiles) run_rows<scalar_t, scalar_t, out_t>(p, q, k, v, out, lse, accumulate);
-      else run_rows<scalar_t, float, out_t>(p, q, k, v, out, lse, accumulate);
+    if constexpr (!std::is_same_v<scalar_t, float> && kWith16Bit) {
+      if (tiles) return run_rows<scalar_t, scalar_t, out_t>(p, q, k, v, out, lse, accumulate);
     }
+    run_rows<scalar_t, float, out_t>(p, q, k, v, out, lse, accumulate);
   });
 }
 
