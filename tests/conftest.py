@@ -15,6 +15,7 @@ tests/test_triton.py; `TRITON_INTERPRET=1 pytest tests/test_flash_attn.py -k tri
 
 from __future__ import annotations
 
+import contextlib
 import os
 import sys
 from typing import NamedTuple
@@ -121,6 +122,13 @@ def cpu_isa_limit(request):
     if not isa:
         yield
         return
+    with cpu_isa(isa):
+        yield
+
+
+@contextlib.contextmanager
+def cpu_isa(isa: str):
+    """Our CPU kernels held to one ISA copy (a name from build_info()["cpu_isas"]) inside the block."""
     from cp_attention import _C
 
     _C._limit_cpu_isa(isa)

@@ -7,7 +7,6 @@ Every copy this CPU can run also passes the whole attention, chunking, merge and
 
 from __future__ import annotations
 
-import contextlib
 import math
 import re
 import shutil
@@ -16,7 +15,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import make_kv_mask, narrower_cpu_isas, randn, runnable_cpu_isas
+from conftest import cpu_isa, make_kv_mask, narrower_cpu_isas, randn, runnable_cpu_isas
 from reference import check_attention, merge_math_path, same_dtype_math_path
 
 import cp_attention
@@ -53,15 +52,6 @@ def _copy_variants() -> list:
     (16-bit inputs on AMX tiles in the amx copy, else on float32 products)."""
     return [pytest.param(isa, v, id=f"{isa}-{v}") for isa in runnable_cpu_isas()
             for v in ["default", "panels"] + (["brgemm"] if isa != "generic" else [])]
-
-
-@contextlib.contextmanager
-def _copy(isa: str):
-    _C._limit_cpu_isa(isa)
-    try:
-        yield
-    finally:
-        _C._limit_cpu_isa("")
 
 
 @pytest.mark.skipif(not Path("/proc/cpuinfo").exists(), reason="needs /proc/cpuinfo to know the CPU")
@@ -103,7 +93,7 @@ def test_unknown_variant_is_rejected():
 @pytest.mark.parametrize("isa", runnable_cpu_isas())
 def test_brgemm_variant_is_in_every_copy_but_the_generic_one(isa):
     # Every dtype: on AMX tiles of the type where the amx copy has them, else on float32 products.
-    with _copy(isa):
+    with cpu_isa(isa):
         for dtype in DTYPES:
             q = torch.ones(1, 4, 2, 8, dtype=dtype)
             if isa == "generic":
@@ -130,7 +120,7 @@ def _inputs(case, dtype, seed):
 @pytest.mark.parametrize("isa,variant", _copy_variants())
 @pytest.mark.parametrize("case", CASES, ids=CASE_IDS)
 def test_variant_forward_matches_reference(case, isa, variant, dtype):
-    with _copy(isa):
+    with cpu_isa(isa):
         q, k, v, kv_mask, causal = _inputs(case, dtype, seed=sum(case[:6]))
         out, lse = ops.flash_attn_fwd(q, k, v, None, causal, kv_mask, variant)
     check_attention(out, lse, q, k, v, causal=causal, kv_mask=kv_mask)
@@ -152,7 +142,7 @@ def test_variant_fused_step_matches_reference(case, isa, variant, dtype, state_d
     cuts = [0, Sk // 3, Sk // 3, Sk]
     for s, e in zip(cuts, cuts[1:]):
         mc = None if kv_mask is None else kv_mask[:, s:e]
-        with _copy(isa):
+        with cpu_isa(isa):
             ops.flash_attn_fwd_acc_(q, k[:, s:e], v[:, s:e], acc, acc_lse, None, False, mc, variant)
         part = same_dtype_math_path(q.float(), k[:, s:e].float(), v[:, s:e].float(), kv_mask=mc)
         base_out, base_lse = merge_math_path(*base, *part)
